@@ -1,0 +1,61 @@
+"""A small live plot of training loss and validation Dice (matplotlib in Qt)."""
+
+from __future__ import annotations
+
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+
+
+class TrainingPlot(FigureCanvasQTAgg):
+    """Loss (left axis, log scale) and validation Dice (right axis, 0..1) against step."""
+
+    def __init__(self, parent=None):
+        self.figure = Figure(figsize=(3.6, 2.2), tight_layout=True)
+        super().__init__(self.figure)
+        self.setParent(parent)
+        self.setMinimumHeight(170)
+        self.loss_steps: list[int] = []
+        self.loss: list[float] = []
+        self.dice_steps: list[int] = []
+        self.dice: list[float] = []
+        self.ax = self.figure.add_subplot(111)
+        self.ax_dice = self.ax.twinx()
+        (self._loss_line,) = self.ax.plot([], [], color="#0072B2", lw=1.2, label="loss")
+        (self._dice_line,) = self.ax_dice.plot([], [], color="#E69F00", marker="o", ms=3, lw=1.2,
+                                               label="val Dice")
+        self.ax.set_xlabel("step", fontsize=8)
+        self.ax.set_ylabel("loss", fontsize=8, color="#0072B2")
+        self.ax_dice.set_ylabel("val Dice", fontsize=8, color="#E69F00")
+        self.ax_dice.set_ylim(0, 1)
+        for a in (self.ax, self.ax_dice):
+            a.tick_params(labelsize=7)
+        self._dirty = False
+
+    def clear_data(self) -> None:
+        self.loss_steps, self.loss, self.dice_steps, self.dice = [], [], [], []
+        self._dirty = True
+        self.refresh()
+
+    def add_loss(self, step: int, loss: float) -> None:
+        self.loss_steps.append(int(step))
+        self.loss.append(float(loss))
+        self._dirty = True
+
+    def add_dice(self, step: int, dice: float) -> None:
+        self.dice_steps.append(int(step))
+        self.dice.append(float(dice))
+        self._dirty = True
+
+    def refresh(self) -> None:
+        """Redraw if data arrived since the last redraw (``draw_idle``: never blocks the caller)."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._loss_line.set_data(self.loss_steps, self.loss)
+        self._dice_line.set_data(self.dice_steps, self.dice)
+        if self.loss_steps:
+            self.ax.set_xlim(0, max(self.loss_steps + self.dice_steps + [1]))
+            lo, hi = min(self.loss), max(self.loss)
+            pad = 0.05 * (hi - lo) + 1e-6
+            self.ax.set_ylim(lo - pad, hi + pad)
+        self.draw_idle()

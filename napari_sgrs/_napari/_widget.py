@@ -1,0 +1,823 @@
+"""The "SGRS: train" panel: train in the background, review pseudo labels by synergy region, correct.
+
+Thin by design: the project folder, provenance, review ranking, commands and the background
+process live in :mod:`napari_sgrs.core.project`. Training and prediction run as ``sgrs``
+subprocesses; a QTimer polls their ``events.jsonl`` and exit codes, and prediction outputs
+are read in a worker thread, so nothing slow runs on the UI thread.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout,
+                            QGroupBox, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
+                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget,
+                            QVBoxLayout, QWidget)
+
+from napari_sgrs.core.errors import SGRSError
+from napari_sgrs.core.events import read_events
+from napari_sgrs.core.project import (IGNORE_INDEX, REGION_COLORS, REGION_NAMES, Job, Project,
+                                      ReviewQueue, TrainSettings, case_name, largest_region,
+                                      mark_unpainted_slices, predict_command, train_command)
+
+from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
+                      layer_data_from_volume, layer_meta, regions_colormap, sgrs_meta)
+
+POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
+AUTOSAVE_MS = 3000     # label edits since the last Accept are journaled this often
+STOP_GRACE_S = 30.0    # after Stop: wait this long for the checkpoint, then SIGTERM, then SIGKILL
+NO_LABEL = "(unlabeled)"
+METHODS = ("sgrs", "mean-teacher", "supervised")
+
+PARTIAL_HELP = (f"Partly labeled volumes: voxels with value {IGNORE_INDEX} are unannotated and "
+                "ignored by training (not taken as background). Label a few slices and tick the "
+                f"box to mark every axial slice without a painted voxel as {IGNORE_INDEX}.")
+
+
+def detect_gpu() -> str:
+    """A short description of the CUDA device, or '' without one (torch imported lazily)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    except Exception:  # noqa: BLE001 - a broken CUDA install must not break the panel
+        pass
+    return ""
+
+
+class SGRSTrainWidget(QWidget):
+    """Dock widget; every button has a method of the same meaning, which tests call directly."""
+
+    def __init__(self, napari_viewer, project: Project | None = None):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.project: Project | None = project
+        self.train_job: Job | None = None
+        self.predict_job: Job | None = None
+        self._predict_step = 0
+        self._pending_predict_step: int | None = None
+        self._events_offset = 0
+        self._error_shown = False
+        self._total = 0
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgrs-load")
+        self._load_future: Future | None = None
+        self.model_predictions: dict[str, np.ndarray] = {}  # case -> the prediction shown for editing
+        self.regions: dict[str, np.ndarray] = {}
+        self.queue = ReviewQueue()
+        self.current_case: str | None = None
+        self._dirty: set[str] = set()        # cases edited since the last Accept / autosave
+        self._watched: set[int] = set()
+        self.last_event: dict[str, Any] = {}
+        self._label_choice: dict[str, str] = {}  # image layer -> Labels layer the user picked
+        self.gpu = detect_gpu()
+        self._build_ui()
+
+        self.poll_timer = QTimer(self)
+        self.poll_timer.setInterval(POLL_MS)
+        self.poll_timer.timeout.connect(self.poll)
+        self.autosave_timer = QTimer(self)
+        self.autosave_timer.setInterval(AUTOSAVE_MS)
+        self.autosave_timer.timeout.connect(self.autosave)
+        self.autosave_timer.start()
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.viewer.layers.events.inserted.connect(self._watch_layer)
+        for layer in self.viewer.layers:
+            self._watch_layer(layer=layer)
+        self.refresh_table()
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        root = QVBoxLayout(self)
+
+        box = QGroupBox("Project")
+        lay = QHBoxLayout(box)
+        self.project_label = QLabel("no project (one is created on Start)")
+        self.project_label.setWordWrap(True)
+        self.new_button = QPushButton("New…")
+        self.open_button = QPushButton("Open project…")
+        self.new_button.clicked.connect(self._ask_new_project)
+        self.open_button.clicked.connect(self._ask_open_project)
+        lay.addWidget(self.project_label, 1)
+        lay.addWidget(self.new_button)
+        lay.addWidget(self.open_button)
+        root.addWidget(box)
+
+        box = QGroupBox("Data: image layers and their labels")
+        lay = QVBoxLayout(box)
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["use", "image", "label layer"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setMinimumHeight(120)
+        lay.addWidget(self.table)
+        row = QHBoxLayout()
+        self.folder_button = QPushButton("Load folder…")
+        self.folder_button.setToolTip("Open an images folder (and a labels folder) as layers")
+        self.folder_button.clicked.connect(self._ask_load_folder)
+        row.addWidget(self.folder_button)
+        row.addStretch(1)
+        lay.addLayout(row)
+        self.partial_check = QCheckBox(f"unpainted slices are unannotated ({IGNORE_INDEX})")
+        self.partial_check.setToolTip(PARTIAL_HELP)
+        lay.addWidget(self.partial_check)
+        help_label = QLabel(PARTIAL_HELP)
+        help_label.setWordWrap(True)
+        help_label.setStyleSheet("font-size: 10px; color: #aaa;")
+        lay.addWidget(help_label)
+        root.addWidget(box)
+
+        box = QGroupBox("Training")
+        form = QFormLayout(box)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(METHODS)
+        self.iterations_spin = QSpinBox()
+        self.iterations_spin.setRange(1, 1_000_000)
+        self.iterations_spin.setValue(2000)
+        patch = QHBoxLayout()
+        self.patch_spins = []
+        for _ in range(3):
+            spin = QSpinBox()
+            spin.setRange(16, 512)
+            spin.setSingleStep(16)
+            spin.setValue(96)
+            self.patch_spins.append(spin)
+            patch.addWidget(spin)
+        self.filters_spin = QSpinBox()
+        self.filters_spin.setRange(2, 64)
+        self.filters_spin.setValue(16)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu"] + (["cuda"] if self.gpu else []))
+        self.gpu_label = QLabel(f"GPU: {self.gpu}" if self.gpu else "no GPU detected: training runs on the CPU")
+        form.addRow("method", self.method_combo)
+        form.addRow("iterations", self.iterations_spin)
+        form.addRow("patch D H W", patch)
+        form.addRow("base filters", self.filters_spin)
+        form.addRow("device", self.device_combo)
+        form.addRow("", self.gpu_label)
+        buttons = QHBoxLayout()
+        self.start_button = QPushButton("Start")
+        self.stop_button = QPushButton("Stop")
+        self.resume_button = QPushButton("Resume")
+        self.start_button.clicked.connect(lambda: self._guard(self.start_training))
+        self.stop_button.clicked.connect(lambda: self._guard(self.stop_training))
+        self.resume_button.clicked.connect(lambda: self._guard(self.resume_training))
+        for b in (self.start_button, self.stop_button, self.resume_button):
+            buttons.addWidget(b)
+        form.addRow(buttons)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        form.addRow(self.progress)
+        self.status_label = QLabel("idle")
+        self.status_label.setWordWrap(True)
+        form.addRow(self.status_label)
+        from ._plot import TrainingPlot
+
+        self.plot = TrainingPlot(self)
+        form.addRow(self.plot)
+        root.addWidget(box)
+
+        box = QGroupBox("Review pseudo labels")
+        lay = QVBoxLayout(box)
+        legend = QHBoxLayout()
+        for value, name in REGION_NAMES.items():
+            swatch = QLabel(f"■ {name}")
+            swatch.setStyleSheet(f"color: {REGION_COLORS[value]}; font-weight: bold;")
+            swatch.setObjectName(f"legend_{name}")
+            legend.addWidget(swatch)
+        lay.addLayout(legend)
+        self.queue_list = QListWidget()
+        self.queue_list.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.queue_list.setMinimumHeight(90)
+        self.queue_list.itemDoubleClicked.connect(lambda item: self.show_case(item.data(Qt.UserRole), focus=True))
+        lay.addWidget(QLabel("worst first (share of inconsistent + disregarded voxels):"))
+        lay.addWidget(self.queue_list)
+        row = QHBoxLayout()
+        self.next_button = QPushButton("Next")
+        self.accept_button = QPushButton("Accept")
+        self.retrain_button = QPushButton("Retrain")
+        self.export_button = QPushButton("Export…")
+        self.next_button.clicked.connect(lambda: self._guard(self.next_case))
+        self.accept_button.clicked.connect(lambda: self._guard(self.accept_current))
+        self.retrain_button.clicked.connect(lambda: self._guard(self.retrain))
+        self.export_button.clicked.connect(lambda: self._guard(self._ask_export))
+        for b in (self.next_button, self.accept_button, self.retrain_button, self.export_button):
+            row.addWidget(b)
+        lay.addLayout(row)
+        self.export_selected_check = QCheckBox("export only the cases selected above")
+        lay.addWidget(self.export_selected_check)
+        root.addWidget(box)
+        root.addStretch(1)
+
+    def _guard(self, fn, *args):
+        """Run a button's action; a user error becomes a notification with its one-line message."""
+        try:
+            return fn(*args)
+        except SGRSError as exc:
+            show_error(str(exc))
+        return None
+
+    def _update_buttons(self) -> None:
+        training = self.train_job is not None and self.train_job.running
+        has_run = self.project is not None and self.project.last_checkpoint() is not None
+        self.start_button.setEnabled(not training)
+        self.stop_button.setEnabled(training)
+        self.resume_button.setEnabled(not training and has_run)
+        self.retrain_button.setEnabled(not training and has_run)
+
+    # ------------------------------------------------------------------ layers <-> cases
+    def _layers(self, kind: str) -> list:
+        return [ly for ly in self.viewer.layers if ly._type_string == kind]
+
+    def _role(self, layer) -> str:
+        role = layer_meta(layer).get("role")
+        if role:
+            return role
+        name = str(layer.name)
+        if name.endswith(PSEUDO_SUFFIX):
+            return "pseudo"
+        if name.endswith(REGIONS_SUFFIX):
+            return "regions"
+        return "image" if layer._type_string == "image" else "label"
+
+    def layer_for(self, case: str, role: str):
+        for layer in self.viewer.layers:
+            if case_of(layer) == case and self._role(layer) == role:
+                return layer
+        return None
+
+    def _on_layers_changed(self, event=None) -> None:
+        self.refresh_table()
+
+    def refresh_table(self) -> None:
+        """One row per image layer; the label combo pre-selects the matching Labels layer."""
+        images = [ly for ly in self._layers("image")]
+        labels = [ly for ly in self._layers("labels") if self._role(ly) == "label"]
+        previous = self.table_selection()
+        self.table.setRowCount(len(images))
+        for row, image in enumerate(images):
+            use = QCheckBox()
+            use.setChecked(previous.get(image.name, (True, None))[0])
+            self.table.setCellWidget(row, 0, use)
+            name = QLabel(image.name)
+            self.table.setCellWidget(row, 1, name)
+            combo = QComboBox()
+            combo.addItems([NO_LABEL] + [ly.name for ly in labels])
+            chosen = self._label_choice.get(image.name)
+            if chosen is None or (chosen != NO_LABEL and chosen not in [ly.name for ly in labels]):
+                match = [ly.name for ly in labels if case_of(ly) == case_of(image)]
+                chosen = match[0] if match else NO_LABEL
+            combo.setCurrentText(chosen)
+            # only a choice the user made sticks; the rest follows the layers as they come and go
+            combo.activated.connect(lambda _i, n=image.name, c=combo: self._label_choice.__setitem__(n, c.currentText()))
+            self.table.setCellWidget(row, 2, combo)
+        self.table.resizeColumnsToContents()
+
+    def table_selection(self) -> dict[str, tuple[bool, str | None]]:
+        out = {}
+        for row in range(self.table.rowCount()):
+            use, name, combo = (self.table.cellWidget(row, c) for c in range(3))
+            if name is not None:
+                out[name.text()] = (use.isChecked(), combo.currentText())
+        return out
+
+    def set_label_for(self, image_name: str, label_name: str | None) -> None:
+        """Choose the Labels layer of an image row (None: unlabeled)."""
+        self._label_choice[image_name] = label_name or NO_LABEL
+        for row in range(self.table.rowCount()):
+            if self.table.cellWidget(row, 1).text() == image_name:
+                self.table.cellWidget(row, 2).setCurrentText(label_name or NO_LABEL)
+
+    def show_case(self, case: str, focus: bool = False) -> None:
+        """Show only ``case``'s layers (cases share world coordinates) and select its pseudo label."""
+        self.current_case = case
+        for layer in self.viewer.layers:
+            layer.visible = case_of(layer) == case
+        target = self.layer_for(case, "pseudo") or self.layer_for(case, "label")
+        if target is not None:
+            self.viewer.layers.selection.active = target
+        if focus and case in self.regions:
+            self.focus_on_region(case)
+
+    def focus_on_region(self, case: str) -> tuple[float, ...] | None:
+        """Move the viewer to the largest inconsistent region of ``case``; returns its world centre."""
+        focus = largest_region(self.regions[case])
+        layer = self.layer_for(case, "regions") or self.layer_for(case, "image")
+        if focus is None or layer is None:
+            return None
+        world = tuple(float(o + c * s) for c, s, o in zip(focus.center, layer.scale, layer.translate))
+        for axis in range(min(len(world), self.viewer.dims.ndim)):
+            if axis not in self.viewer.dims.displayed:
+                self.viewer.dims.set_point(axis, world[axis])
+        self.viewer.camera.center = world
+        return world
+
+    # ------------------------------------------------------------------ project
+    def _ask_new_project(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "New project folder (empty)")
+        if folder:
+            self._guard(self.set_project, Project.create(folder))
+
+    def _ask_open_project(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a napari-sgrs project folder")
+        if folder:
+            self._guard(self.open_project, folder)
+
+    def set_project(self, project: Project) -> None:
+        self.project = project
+        self.project_label.setText(str(project.root))
+        self._update_buttons()
+
+    def ensure_project(self) -> Project:
+        if self.project is None:
+            default = Path.home() / "napari-sgrs-projects" / time.strftime("project-%Y%m%d-%H%M%S")
+            self.set_project(Project.create(default))
+            show_info(f"new project folder: {default}")
+        return self.project
+
+    def open_project(self, folder: str | Path, recover: bool | None = None) -> Project:
+        """Reopen a project: images, labels, latest pseudo labels and regions, settings, run.
+
+        Autosaved edits not yet accepted are offered back (``recover`` True/False answers
+        without asking)."""
+        from napari_sgrs.core.io import read_volume
+
+        project = Project.open(folder)
+        self.set_project(project)
+        for entry in project.images:
+            if self.layer_for(entry.name, "image") is None:
+                self._add(layer_data_from_volume(read_volume(project.image_path(entry.name)), "image",
+                                                 entry.name))
+            label_path = project.label_path(entry.name)
+            if label_path.exists() and self.layer_for(entry.name, "label") is None:
+                self._add(layer_data_from_volume(read_volume(label_path), "label", entry.name + LABEL_SUFFIX))
+        self.apply_settings(project.settings())
+        if project.current_run is not None:
+            self._events_offset = 0
+            self.plot.clear_data()
+            self._read_new_events(initial=True)
+        if project.prediction_dir is not None:
+            self._predict_step = int(project.data["prediction"].get("step", 0))
+            self._start_loading_predictions(project.prediction_dir)
+            self._wait_for_load()
+        pending = project.pending_journal()
+        if pending:
+            if recover is None:
+                answer = QMessageBox.question(
+                    self, "Recover edits?",
+                    f"{len(pending)} volume(s) have label edits that were not accepted: "
+                    f"{', '.join(e.name for e in pending)}. Recover them?")
+                recover = answer == QMessageBox.Yes
+            if recover:
+                self.recover_journal()
+        self.refresh_table()
+        self._update_buttons()
+        if self.train_job is None and project.current_run is not None and self._run_is_live():
+            self.poll_timer.start()  # a trainer still running from the last session: follow it
+        return project
+
+    def _run_is_live(self) -> bool:
+        kinds = [self.last_event.get("kind")]
+        return kinds[0] in ("started", "progress", "validation", "regions", "checkpoint") and \
+            time.time() - float(self.last_event.get("time", 0)) < 60
+
+    def recover_journal(self) -> list[str]:
+        """Put autosaved edits back into their layers (they stay unaccepted and keep autosaving)."""
+        recovered = []
+        for entry in self.project.pending_journal():
+            layer = self.layer_for(entry.name, "pseudo") or self.layer_for(entry.name, "label")
+            if layer is None:
+                continue
+            data = self.project.load_journal(entry.name)
+            if data.shape != layer.data.shape:
+                show_warning(f"autosaved edits of {entry.name} have shape {data.shape}, the layer "
+                             f"{layer.data.shape}: not recovered")
+                continue
+            layer.data = data.astype(layer.data.dtype)
+            self._dirty.add(entry.name)
+            recovered.append(entry.name)
+        if recovered:
+            show_info(f"recovered unaccepted edits of {', '.join(recovered)}")
+        return recovered
+
+    def _add(self, layer_data: tuple):
+        data, kwargs, kind = layer_data
+        return self.viewer.add_image(data, **kwargs) if kind == "image" else self.viewer.add_labels(data, **kwargs)
+
+    def _ask_load_folder(self) -> None:
+        images = QFileDialog.getExistingDirectory(self, "Images folder")
+        if not images:
+            return
+        labels = QFileDialog.getExistingDirectory(self, "Labels folder (cancel: none)")
+        self._guard(self.load_folder, images, labels or None)
+
+    def load_folder(self, images_dir: str | Path, labels_dir: str | Path | None = None) -> list[str]:
+        """Open a folder of images (and labels, paired by case name) as layers."""
+        from napari_sgrs.core.io import find_cases
+
+        names = []
+        for case in find_cases(images_dir, labels_dir):
+            image = case.read_image()
+            self._add(layer_data_from_volume(image, "image", case.name))
+            if case.label is not None:
+                self._add(layer_data_from_volume(case.read_label(), "label", case.name + LABEL_SUFFIX))
+            names.append(case.name)
+        self.refresh_table()
+        return names
+
+    # ------------------------------------------------------------------ training
+    def settings(self) -> TrainSettings:
+        return TrainSettings(method=self.method_combo.currentText(), iterations=self.iterations_spin.value(),
+                             patch_size=tuple(s.value() for s in self.patch_spins),
+                             base_filters=self.filters_spin.value(), device=self.device_combo.currentText())
+
+    def apply_settings(self, s: TrainSettings) -> None:
+        self.method_combo.setCurrentText(s.method)
+        self.iterations_spin.setValue(int(s.iterations))
+        for spin, v in zip(self.patch_spins, s.patch_size):
+            spin.setValue(int(v))
+        self.filters_spin.setValue(int(s.base_filters))
+        if self.device_combo.findText(s.device) >= 0:
+            self.device_combo.setCurrentText(s.device)
+
+    def write_training_data(self) -> list[str]:
+        """Write the chosen image layers and their labels into the project folder."""
+        project = self.ensure_project()
+        chosen = self.table_selection()
+        by_name = {ly.name: ly for ly in self.viewer.layers}
+        cases = []
+        for image_name, (use, label_name) in chosen.items():
+            if not use or image_name not in by_name:
+                continue
+            image = by_name[image_name]
+            case = case_of(image)
+            meta = layer_meta(image)
+            geometry = geometry_of(image)
+            if not project.image_path(case).exists():
+                project.add_image(case, np.asarray(image.data), geometry, meta.get("source"), meta.get("format"))
+            if label_name and label_name != NO_LABEL and label_name in by_name:
+                label = np.asarray(by_name[label_name].data)
+                if self.partial_check.isChecked():
+                    label = mark_unpainted_slices(label, axis=0)
+                if label.shape != np.shape(image.data):
+                    raise SGRSError(f"label layer '{label_name}' has shape {label.shape}, image "
+                                    f"'{image_name}' {np.shape(image.data)}; choose the matching label")
+                project.set_label(case, label, geometry_of(by_name[label_name]))
+            cases.append(case)
+        if not cases:
+            raise SGRSError("no image layer chosen: open images (or the demo data) and tick 'use'")
+        if not project.labeled_cases():
+            raise SGRSError("no labeled volume: choose a Labels layer for at least one image")
+        return cases
+
+    def start_training(self) -> Path:
+        """Start a new run (``sgrs train`` in a subprocess) on the chosen layers."""
+        if self.train_job is not None and self.train_job.running:
+            raise SGRSError("training is already running; press Stop first")
+        self.write_training_data()
+        run = self.project.new_run(self.settings())
+        return self._launch(run, resume=False, settings=self.settings())
+
+    def resume_training(self) -> Path:
+        """Continue the current run from its last checkpoint, to its planned number of steps."""
+        run = self._current_run()
+        settings = self.project.settings()
+        return self._launch(run, resume=True, settings=settings)
+
+    def retrain(self) -> Path:
+        """Continue from the last checkpoint with the accepted labels, for ``iterations`` more steps."""
+        run = self._current_run()
+        self.write_training_data()
+        settings = self.settings()
+        settings.iterations = self.project.last_step(run) + int(self.iterations_spin.value())
+        self.project.data["settings"] = dict(self.project.data.get("settings") or {}, iterations=settings.iterations)
+        self.project.save()
+        return self._launch(run, resume=True, settings=settings)
+
+    def _current_run(self) -> Path:
+        if self.project is None or self.project.current_run is None:
+            raise SGRSError("no run to continue: press Start first")
+        if self.train_job is not None and self.train_job.running:
+            raise SGRSError("training is already running")
+        if self.project.last_checkpoint() is None:
+            raise SGRSError(f"{self.project.current_run} has no checkpoint yet: press Start")
+        return self.project.current_run
+
+    def _launch(self, run: Path, resume: bool, settings: TrainSettings) -> Path:
+        project = self.project
+        cmd = train_command(project.images_dir, project.labels_dir, run, settings, resume=resume)
+        events = Path(run) / "events.jsonl"
+        self._events_offset = events.stat().st_size if (resume and events.exists()) else 0
+        if not resume:
+            self.plot.clear_data()
+        self._error_shown = False
+        self._total = int(settings.iterations)
+        self.train_job = Job(cmd, Path(run) / "train.log", stop_file=Path(run) / "STOP")
+        self.status_label.setText(f"starting {'resumed ' if resume else ''}training ({settings.method}) ...")
+        self.poll_timer.start()
+        self._update_buttons()
+        return run
+
+    def stop_training(self) -> None:
+        """Ask the trainer to checkpoint and exit; it is terminated if it does not within the grace period."""
+        if self.train_job is None or not self.train_job.running:
+            return
+        self.train_job.request_stop()
+        self.status_label.setText("stopping: writing a checkpoint ...")
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop every background process (used when the panel closes, and by tests)."""
+        for job in (self.train_job, self.predict_job):
+            if job is not None and job.running:
+                job.request_stop()
+        deadline = time.monotonic() + timeout
+        for job in (self.train_job, self.predict_job):
+            while job is not None and job.running and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if job is not None and job.running:
+                job.kill()
+        self.poll_timer.stop()
+        self.autosave()
+        self._loader.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ polling (QTimer, never blocks)
+    def poll(self) -> None:
+        self._read_new_events()
+        self._check_train_job()
+        self._check_predict_job()
+        self._check_loader()
+        self.plot.refresh()
+        idle = (self.train_job is None or not self.train_job.running) and \
+            (self.predict_job is None or not self.predict_job.running) and self._load_future is None
+        if idle and self._pending_predict_step is None:
+            self.poll_timer.stop()
+        self._update_buttons()
+
+    def _read_new_events(self, initial: bool = False) -> None:
+        run = self.project.current_run if self.project else None
+        if run is None:
+            return
+        events, self._events_offset = read_events(Path(run) / "events.jsonl", self._events_offset)
+        for event in events:
+            self.handle_event(event, replay=initial)
+
+    def handle_event(self, event: dict, replay: bool = False) -> None:
+        """Update the panel from one trainer event (see ``core/events.py``)."""
+        kind, step = event.get("kind"), int(event.get("step", 0))
+        self.last_event = event
+        if kind == "started":
+            self._total = int(event.get("total", self._total) or self._total)
+            self.status_label.setText(f"training on {event.get('device', '?')} ...")
+        elif kind == "progress":
+            total = int(event.get("total") or self._total or 1)
+            self._total = total
+            self.progress.setValue(int(100 * min(step, total) / max(total, 1)))
+            if "loss" in event:
+                self.plot.add_loss(step, float(event["loss"]))
+            eta = event.get("eta_s")
+            mem = event.get("memory_mb")
+            self.status_label.setText(
+                f"step {step}/{total} · loss {float(event.get('loss', float('nan'))):.4f} · "
+                f"ETA {_fmt_seconds(eta)} · {event.get('device', '?')}"
+                + (f" · {float(mem):.0f} MB" if mem is not None else ""))
+        elif kind == "validation" and event.get("dice") is not None:
+            self.plot.add_dice(step, float(event["dice"]))
+        elif kind == "checkpoint" and not replay:
+            self.request_predict(step)
+        elif kind == "stopped":
+            self.status_label.setText(f"stopped at step {step}; checkpoint saved (Resume continues)")
+        elif kind == "finished":
+            self.progress.setValue(100)
+            self.status_label.setText(f"finished at step {step}")
+        elif kind == "error" and not replay:
+            self._error_shown = True
+            show_error(f"training failed: {event.get('message', 'unknown error')}")
+            self.status_label.setText(f"error: {event.get('message', '')}")
+
+    def _check_train_job(self) -> None:
+        job = self.train_job
+        if job is None:
+            return
+        code = job.poll()
+        if code is None:
+            job.enforce_stop(STOP_GRACE_S)
+            return
+        self._read_new_events()  # the last lines written before exit
+        if code != 0 and not self._error_shown:
+            self._error_shown = True
+            message = job.error_message()
+            show_error(f"training failed: {message}")
+            self.status_label.setText(f"error: {message}")
+        self.train_job = None
+
+    # ------------------------------------------------------------------ prediction
+    def request_predict(self, step: int) -> None:
+        """Refresh pseudo labels and regions for a new checkpoint (queued if one is running)."""
+        if self.project is None or not self.project.unlabeled_cases():
+            return
+        if self.predict_job is not None and self.predict_job.running:
+            self._pending_predict_step = step
+            return
+        self._pending_predict_step = None
+        project = self.project
+        out = project.new_prediction_dir(step)
+        for sub in ("", "probability", "regions"):  # the engine's predict expects them to exist
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        cmd = predict_command(project.current_run, project.prediction_inputs(), out, regions=True)
+        self.predict_job = Job(cmd, out.parent / f"{out.name}.log")
+        self._predict_out, self._predicting_step = out, step
+        self.poll_timer.start()
+
+    def _check_predict_job(self) -> None:
+        job = self.predict_job
+        if job is not None:
+            code = job.poll()
+            if code is None:
+                return
+            self.predict_job = None
+            if code == 0:
+                self.project.set_prediction(self._predict_out, self._predicting_step)
+                self._predict_step = self._predicting_step
+                self._start_loading_predictions(self._predict_out)
+            else:
+                show_error(f"prediction failed: {job.error_message()}")
+        if self._pending_predict_step is not None and self.predict_job is None:
+            self.request_predict(self._pending_predict_step)
+
+    def _start_loading_predictions(self, out_dir: Path) -> None:
+        names = [n for n in self.project.unlabeled_cases()]
+        self._load_future = self._loader.submit(_read_predictions, Path(out_dir), names)
+
+    def _wait_for_load(self) -> None:
+        if self._load_future is not None:
+            self._load_future.result()
+            self._check_loader()
+
+    def _check_loader(self) -> None:
+        fut = self._load_future
+        if fut is None or not fut.done():
+            return
+        self._load_future = None
+        try:
+            loaded = fut.result()
+        except SGRSError as exc:
+            show_error(f"cannot read predictions: {exc}")
+            return
+        self.show_predictions(loaded)
+
+    def show_predictions(self, loaded: dict[str, tuple]) -> None:
+        """Add or refresh ``<case> pseudo label`` and ``<case> regions`` layers; re-rank the queue."""
+        for name, (pred, regions) in loaded.items():
+            if self.project.label_path(name).exists():
+                continue  # accepted meanwhile
+            pseudo = self.layer_for(name, "pseudo")
+            if pseudo is None:
+                data, kwargs, _ = layer_data_from_volume(pred, "pseudo", name + PSEUDO_SUFFIX)
+                kwargs["metadata"] = sgrs_meta(pred.geometry, name, "pseudo", pred.path, pred.format)
+                kwargs["opacity"] = 0.6
+                pseudo = self.viewer.add_labels(data, **kwargs)
+                self.model_predictions[name] = np.asarray(pred.array).copy()
+            elif name not in self._dirty:  # never overwrite edits the user has not accepted
+                pseudo.data = np.asarray(pred.array).astype(pseudo.data.dtype)
+                self.model_predictions[name] = np.asarray(pred.array).copy()
+                self._dirty.discard(name)
+            self.regions[name] = np.asarray(regions.array)
+            layer = self.layer_for(name, "regions")
+            if layer is None:
+                data, kwargs, _ = layer_data_from_volume(regions, "regions", name + REGIONS_SUFFIX)
+                kwargs["metadata"] = sgrs_meta(regions.geometry, name, "regions", regions.path, regions.format)
+                layer = self.viewer.add_labels(data, **kwargs)
+                layer.editable = False
+            else:
+                layer.data = np.asarray(regions.array)
+        self.queue.update({n: r for n, r in self.regions.items() if not self.project.label_path(n).exists()})
+        self._refresh_queue_list()
+        if self.current_case is None and self.queue.items:
+            self.show_case(self.queue.items[0].name)
+        elif self.current_case is not None:
+            self.show_case(self.current_case)
+        self.status_label.setText(self.status_label.text() + f" · pseudo labels from step {self._predict_step}")
+
+    def _refresh_queue_list(self) -> None:
+        self.queue_list.clear()
+        for it in self.queue.items:
+            item = QListWidgetItem(f"{it.name}   {100 * it.score:.1f}%  (inconsistent {100 * it.inconsistent:.1f}%)")
+            item.setData(Qt.UserRole, it.name)
+            self.queue_list.addItem(item)
+
+    # ------------------------------------------------------------------ review / correction
+    def next_case(self) -> str | None:
+        """Show the next worst unlabeled case at its largest inconsistent region."""
+        item = self.queue.next()
+        if item is None:
+            show_info("no pseudo labels to review yet")
+            return None
+        self.show_case(item.name, focus=True)
+        for row in range(self.queue_list.count()):
+            if self.queue_list.item(row).data(Qt.UserRole) == item.name:
+                self.queue_list.setCurrentRow(row)
+        return item.name
+
+    def accept_current(self, case: str | None = None) -> Path:
+        """Save the (edited) pseudo label of ``case`` as a training label, with provenance."""
+        case = case or self.current_case
+        if case is None:
+            active = self.viewer.layers.selection.active
+            case = case_of(active) if active is not None else None
+        layer = self.layer_for(case, "pseudo") if case else None
+        if layer is None:
+            raise SGRSError("select a pseudo label layer to accept (press Next)")
+        prov = self.project.accept(case, np.asarray(layer.data), geometry_of(layer), self.model_predictions.get(case))
+        self._dirty.discard(case)
+        layer.name = case + LABEL_SUFFIX
+        layer.metadata = {**layer.metadata, "sgrs": {**layer_meta(layer), "role": "label"}}
+        regions = self.layer_for(case, "regions")
+        if regions is not None:
+            self.viewer.layers.remove(regions)
+        self.regions.pop(case, None)
+        self.queue.remove(case)
+        self._refresh_queue_list()
+        self.refresh_table()
+        human = int(np.count_nonzero(prov == 2))
+        show_info(f"accepted {case}: saved as a training label ({human} voxels drawn by you); press Retrain")
+        self._update_buttons()
+        return self.project.label_path(case)
+
+    def _ask_export(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Export folder")
+        if folder:
+            self.export(folder)
+
+    def export(self, out_dir: str | Path | None = None, names: list[str] | None = None) -> list[Path]:
+        project = self.ensure_project()
+        if names is None and self.export_selected_check.isChecked():
+            names = [i.data(Qt.UserRole) for i in self.queue_list.selectedItems()] or None
+        if names is None:
+            names = [n for n in project.case_names()
+                     if project.label_path(n).exists() or project.prediction_files(n).get("label")]
+        written = project.export(names, Path(out_dir) if out_dir else None)
+        show_info(f"exported {len(names)} volume(s) to {Path(written[0]).parent if written else out_dir}")
+        return written
+
+    # ------------------------------------------------------------------ autosave journal
+    def _watch_layer(self, event=None, layer=None) -> None:
+        layer = layer if layer is not None else event.value
+        if layer._type_string != "labels" or id(layer) in self._watched:
+            return
+        self._watched.add(id(layer))
+        layer.events.paint.connect(lambda e, ly=layer: self._mark_dirty(ly))
+
+    def _mark_dirty(self, layer) -> None:
+        if self._role(layer) in ("pseudo", "label"):
+            self._dirty.add(case_of(layer))
+
+    def autosave(self) -> list[str]:
+        """Journal every edited label layer (QTimer, every few seconds; a few MB at most per case)."""
+        if self.project is None or not self._dirty:
+            return []
+        saved = []
+        for case in sorted(self._dirty):
+            layer = self.layer_for(case, "pseudo") or self.layer_for(case, "label")
+            if layer is None:
+                continue
+            try:
+                self.project.save_journal(case, np.asarray(layer.data))
+                saved.append(case)
+            except SGRSError as exc:
+                show_warning(f"autosave failed: {exc}")
+                return saved
+        return saved
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt name
+        self.autosave()
+        super().closeEvent(event)
+
+
+def _read_predictions(out_dir: Path, names: list[str]) -> dict[str, tuple]:
+    """Worker thread: read ``OUT/<case>.nii.gz`` and ``OUT/regions/<case>.nii.gz`` for each case."""
+    from napari_sgrs.core.io import read_volume
+
+    out = {}
+    for name in names:
+        pred_path, regions_path = out_dir / f"{name}.nii.gz", out_dir / "regions" / f"{name}.nii.gz"
+        if pred_path.exists() and regions_path.exists():
+            out[name] = (read_volume(pred_path), read_volume(regions_path))
+    return out
+
+
+def _fmt_seconds(value: Any) -> str:
+    if value is None:
+        return "?"
+    s = int(float(value))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

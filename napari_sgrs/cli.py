@@ -1,0 +1,328 @@
+"""The ``sgrs`` command line: a thin argparse layer over :mod:`napari_sgrs.core`.
+
+User errors (``SGRSError``) print ``error: <one line>`` and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .core.errors import ConfigError, InputError, SGRSError
+
+EXIT_USAGE = 2
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=Path, help="folder of images (NIfTI, NRRD, MHA/MHD, DICOM series folders)")
+    p.add_argument("--labels", type=Path, help="folder of labels, paired with images by file name; "
+                                                "an image without a label file is unlabeled")
+    p.add_argument("--h5-root", type=Path, help="benchmark h5 layout (LA, Pancreas-CT, BraTS2019) instead "
+                                                 "of --images/--labels")
+    p.add_argument("--labeled-list", type=Path, help="with --h5-root: list of the labeled cases")
+    p.add_argument("--unlabeled-list", type=Path, help="with --h5-root: list of the unlabeled cases")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, events.jsonl, config.json)")
+    p.add_argument("--method", default="sgrs", choices=["sgrs", "mean-teacher", "supervised"])
+    p.add_argument("--preset", choices=["paper", "preview"], default=None,
+                   help="paper: the published LA recipe (15000 steps, patch 80 112 112, 16 filters); "
+                        "preview: small and fast for a CPU (patch 32^3 or 48^3, 8 filters, 300 steps)")
+    p.add_argument("--iterations", type=int, default=None, help="training steps (paper: 15000)")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                   help="training patch, multiples of 16 (default: the paper's 80 112 112, shrunk to the "
+                        "volumes' size)")
+    p.add_argument("--base-filters", type=int, default=None, help="V-Net base filters F (paper: 16)")
+    p.add_argument("--batch-size", type=int, default=None, help="patches per step (paper: 4)")
+    p.add_argument("--labeled-batch-size", type=int, default=None, help="labeled patches per step (paper: 2)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--tau", default=None,
+                   help="entropy threshold of the disregarded region (log10 units; paper 0.296), or 'auto' to "
+                        "calibrate it on the labeled validation volumes")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--no-mix", action="store_true", help="ablation: no Mix Augmentation")
+    p.add_argument("--no-regions", action="store_true", help="ablation: one loss on every pseudo-label voxel")
+    p.add_argument("--unsup-weight", type=float, default=None, help="weight of the unlabeled loss after ramp-up")
+    p.add_argument("--rampup-fraction", type=float, default=None,
+                   help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
+    p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
+    p.add_argument("--ignore-index", type=int, default=None,
+                   help="label value meaning 'not annotated' (default 255): left out of the supervised loss")
+    p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: from labels)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of labeled volumes held out for validation (default 0.2; none below 3 labels)")
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")
+    p.add_argument("--select", choices=["last", "best"], default=None,
+                   help="checkpoint that predict uses: last (default) or best on the validation split")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=None)
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--reference-compat", action="store_true", default=None,
+                   help="reproduce the published code's defects (double EMA, student decay, CE on C)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+PRESETS = {
+    "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
+                  labeled_batch_size=2),
+    "preview": dict(iterations=300, base_filters=8, batch_size=4, labeled_batch_size=2),
+}
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .core.train import TrainConfig
+
+    cfg = TrainConfig(method=args.method, seed=args.seed, device=args.device)
+    if args.preset:
+        for k, v in PRESETS[args.preset].items():
+            setattr(cfg, k, v)
+    mapping = {"iterations": "iterations", "patch_size": "patch_size", "base_filters": "base_filters",
+               "batch_size": "batch_size", "labeled_batch_size": "labeled_batch_size", "lr": "lr",
+               "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction",
+               "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
+               "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
+               "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
+               "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn",
+               "reference_compat": "reference_compat"}
+    for arg, field_name in mapping.items():
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(cfg, field_name, tuple(value) if isinstance(value, list) else value)
+    if args.preset == "preview" and args.patch_size is None:
+        cfg.patch_size = None  # auto, capped below
+    if args.method == "mean-teacher" and args.unsup_weight is None:
+        cfg.unsup_weight = 0.1  # the UA-MT / SSL4MIS consistency weight for the MSE
+    if args.method == "supervised" and args.batch_size is None and args.preset is None:
+        pass
+    cfg.use_mix = not args.no_mix
+    cfg.use_regions = not args.no_regions
+    if args.tau is not None:
+        if str(args.tau).lower() == "auto":
+            cfg.tau = -1.0  # calibrated at start (see tau.py)
+        else:
+            try:
+                cfg.tau = float(args.tau)
+            except ValueError:
+                raise ConfigError(f"--tau must be a number or 'auto', got {args.tau!r}") from None
+    return cfg
+
+
+def _cases_from_args(args: argparse.Namespace):
+    from .core.io import find_cases, read_h5_benchmark
+
+    if args.h5_root is not None:
+        if args.labeled_list is None:
+            raise ConfigError("--h5-root needs --labeled-list (and usually --unlabeled-list)")
+        labeled = read_h5_benchmark(args.h5_root, args.labeled_list)
+        unlabeled = []
+        if args.unlabeled_list is not None:
+            from dataclasses import replace
+
+            unlabeled = [replace(c, label=None) for c in read_h5_benchmark(args.h5_root, args.unlabeled_list)]
+        return labeled + unlabeled
+    if args.images is None:
+        raise ConfigError("give --images DIR (and --labels DIR) or --h5-root with list files")
+    return find_cases(args.images, args.labels)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .core.train import train
+
+    cfg = _config_from_args(args)
+    if args.resume and (args.out / "config.json").exists():
+        _inherit_run_settings(cfg, args)
+    cases = _cases_from_args(args)
+    result = train(cfg, cases, args.out, resume=args.resume, progress_bar=not args.quiet)
+    state = "stopped" if result.stopped else "finished"
+    best = "" if result.best_dice is None else f", best validation Dice {result.best_dice:.4f}"
+    print(f"{state} at step {result.step}{best}; checkpoint {result.last_checkpoint}")
+    return 0
+
+
+def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
+    """On --resume, settings the user did not repeat come from the run's config.json."""
+    from .core.train import TrainConfig
+
+    try:
+        saved = TrainConfig.from_json(json.loads((args.out / "config.json").read_text())["config"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{args.out / 'config.json'}: unreadable run settings ({exc}); cannot resume") from exc
+    given = {a.replace("-", "_") for a in _given_options(sys.argv)}
+    for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
+                 "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
+                 "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat"):
+        flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
+        if flag not in given:
+            setattr(cfg, name, getattr(saved, name))
+
+
+def _given_options(argv: list[str]) -> list[str]:
+    return [a[2:].split("=")[0] for a in argv if a.startswith("--")]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .core.infer import Predictor
+    from .core.io import find_cases, read_volume, write_volume
+
+    run_cfg = {}
+    cfg_path = Path(args.run) / "config.json"
+    if cfg_path.exists():
+        run_cfg = json.loads(cfg_path.read_text()).get("config", {})
+    which = args.checkpoint or run_cfg.get("select", "last")
+    predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which, model=args.model)
+    cases = find_cases(args.images, None)
+    labeled_names = set()
+    if args.labels is not None:
+        labeled_names = {c.name for c in find_cases(args.images, args.labels) if c.label is not None}
+    out = Path(args.out)
+    from tqdm import tqdm
+
+    for case in tqdm(cases, desc="predict", unit="volume", disable=args.quiet):
+        vol = read_volume(case.image)
+        want_regions = args.regions and case.name not in labeled_names
+        pred = predictor.predict(vol.array, regions=want_regions, overlap=args.overlap,
+                                 batch_size=args.sw_batch_size)
+        name = _output_name(case.image)
+        write_volume(out / name, pred.label, vol.geometry)
+        if want_regions:
+            write_volume(out / "probability" / name, pred.probability, vol.geometry)
+            write_volume(out / "regions" / name, pred.regions, vol.geometry)
+    print(f"wrote {len(cases)} label volume(s) to {out}" + (" with probability/ and regions/" if args.regions else ""))
+    return 0
+
+
+def _output_name(image_path: Path) -> str:
+    """The input's file name; DICOM folders and h5 files become NIfTI (.nii.gz)."""
+    p = Path(image_path)
+    if p.is_dir():
+        return p.name + ".nii.gz"
+    if p.suffix.lower() in (".h5", ".hdf5", ".dcm"):
+        return p.stem + ".nii.gz"
+    return p.name
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .core.metrics import evaluate_folders
+
+    report = evaluate_folders(args.pred, args.labels, json_path=args.json)
+    print(report.format_table())
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .core.demo import make_demo_cohort
+
+    cohort = make_demo_cohort(args.dir, kind=args.kind, n_cases=args.cases, n_labeled=args.labeled,
+                              n_test=args.test, shape=tuple(args.shape), seed=args.seed,
+                              n_classes=args.classes, overwrite=args.overwrite)
+    print(f"wrote {len(cohort.train_names)} training ({len(cohort.labeled_names)} labeled) and "
+          f"{len(cohort.test_names)} test volumes to {cohort.root}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The headless main job: demo data -> train -> predict with regions -> evaluate."""
+    from .core.demo import make_demo_cohort
+    from .core.io import find_cases
+    from .core.metrics import evaluate_folders
+    from .core.train import TrainConfig, train
+
+    root = Path(args.dir)
+    cohort = make_demo_cohort(root / "data", kind="blob", n_cases=8, n_labeled=4, n_test=4,
+                              shape=(48, 48, 48), seed=args.seed, overwrite=True)
+    run = root / "run"
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    cfg = TrainConfig(method="sgrs", iterations=args.iterations, patch_size=(32, 32, 32), base_filters=8,
+                      seed=args.seed, device=args.device)
+    print(f"training SGRS-Net for {cfg.iterations} steps on {len(cohort.labeled_names)} labeled + "
+          f"{len(cohort.unlabeled_names)} unlabeled demo volumes ...")
+    train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run, progress_bar=True)
+    ns = argparse.Namespace(run=run, images=cohort.images_ts, labels=None, out=root / "pred_test", regions=False,
+                            device=args.device, checkpoint=None, model="student", overlap=0.5,
+                            sw_batch_size=4, quiet=False)
+    cmd_predict(ns)
+    ns_unl = argparse.Namespace(**{**vars(ns), "images": cohort.images_tr, "labels": cohort.labels_tr,
+                                   "out": root / "pseudo", "regions": True})
+    cmd_predict(ns_unl)
+    report = evaluate_folders(root / "pred_test", cohort.labels_ts, json_path=root / "evaluation.json")
+    print("\nHeld-out demo test volumes (last checkpoint):")
+    print(report.format_table())
+    print(f"\npseudo labels and synergy regions of the unlabeled volumes: {root / 'pseudo'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgrs", description="SGRS-Net semi-supervised 3D segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train SGRS-Net (or mean-teacher / supervised) into a run folder")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment volumes with a trained run; --regions adds synergy regions")
+    p.add_argument("--run", type=Path, required=True, help="run folder (or a checkpoint file)")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--labels", type=Path, default=None,
+                   help="optional: images with a label here are labeled, so no regions are written for them")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--regions", action="store_true",
+                   help="also write probability/ (foreground probability) and regions/ (0 none, 1 disregarded, "
+                        "2 consistent, 3 inconsistent) for each unlabeled volume")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", choices=["last", "best"], default=None)
+    p.add_argument("--model", choices=["student", "teacher"], default="student")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (voxels and mm) of predictions")
+    p.add_argument("--pred", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--json", type=Path, default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo-data", help="write a small procedural cohort with labels")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--kind", choices=["blob", "vessel"], default="blob")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--labeled", type=int, default=4)
+    p.add_argument("--test", type=int, default=4)
+    p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48))
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo", help="headless demo: demo data, short training, regions, evaluation")
+    p.add_argument("dir", type=Path, nargs="?", default=Path("demo"))
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SGRSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

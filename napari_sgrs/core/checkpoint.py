@@ -1,0 +1,165 @@
+"""Checkpoints that load without running code, written atomically.
+
+A checkpoint is one safetensors file: tensors ``student.*``, ``teacher.*``, ``optim.*`` and
+``rng.*``, plus a JSON string in the file's metadata (step, settings, class count...). It is
+written to a temporary file beside the target, fsynced, then renamed over the target, so a
+kill at any moment leaves either the old or the new checkpoint, never a torn one. Pickle
+files are never unpickled freely: a ``.pt``/``.pth`` import goes through
+``torch.load(weights_only=True)``, which refuses objects that would run code.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, ResourceError
+
+FORMAT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    path: Path
+    sha256: str
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + rename. Raises ResourceError on a full
+    or read-only disk and leaves any previous file at ``path`` untouched."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is meant to be shared
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the disk is read-only",
+               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(
+                   exc.errno, exc.strerror or str(exc))
+        raise ResourceError(f"cannot write {path}: {why}; free space or choose another output folder "
+                            f"(the previous file there, if any, is unchanged)") from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """Atomically write a checkpoint; returns its sha256 (hex)."""
+    from safetensors.torch import save
+
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save(flat, metadata={"sgrs": json.dumps(meta)})
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint without executing anything it contains.
+
+    Accepts our safetensors files, and ``.pt``/``.pth`` state dicts through
+    ``torch.load(weights_only=True)``. Anything else, or a file that tries to run code, raises
+    CheckpointError with the path and what to do.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there; train first (sgrs train --out RUN) "
+                              f"or pass the run folder that holds checkpoints/last.safetensors")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if path.suffix in (".pt", ".pth"):
+        return _load_pickle_weights_only(path, digest)
+    try:
+        tensors = load(data)
+        import safetensors
+
+        # metadata is in the header; safe_open parses only the JSON header, never code.
+        with safetensors.safe_open(str(path), framework="pt") as fh:
+            raw_meta = (fh.metadata() or {}).get("sgrs")
+    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
+        head = data[:2]
+        hint = (" It looks like a pickle (torch.save) file, which could run code when loaded:"
+                " it is refused." if head[:1] == b"\x80" or data[:2] == b"PK" else "")
+        raise CheckpointError(f"{path}: not a valid safetensors checkpoint ({exc}).{hint} "
+                              f"Use a checkpoint written by sgrs train") from exc
+    if raw_meta is None:
+        raise CheckpointError(f"{path}: safetensors file without sgrs metadata; it was not written by "
+                              f"sgrs train, use a run folder's checkpoints/last.safetensors")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt metadata in checkpoint ({exc})") from exc
+    return Checkpoint(tensors=tensors, meta=meta, path=path, sha256=digest)
+
+
+def _load_pickle_weights_only(path: Path, digest: str) -> Checkpoint:
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path}: refused: this pickle checkpoint holds objects that would run code when loaded "
+            f"(or is corrupt); only plain tensor state dicts are accepted") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    tensors = {k if k.startswith(("student.", "teacher.")) else "student." + k: v for k, v in obj.items()}
+    return Checkpoint(tensors=tensors, meta={}, path=path, sha256=digest)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

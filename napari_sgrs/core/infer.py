@@ -1,0 +1,187 @@
+"""Whole-volume inference: Gaussian-weighted sliding window, pseudo labels and synergy regions.
+
+A :class:`Predictor` is loaded once from a run folder and used by the CLI, the trainer's
+validation and the napari plugin alike.
+
+How regions are computed on a whole volume: in training, the synergy evaluation compares
+the student's prediction on an unlabeled patch U with its prediction on the mixed patch
+U_mix = lam * U + (1 - lam) * X_j, X_j a labeled patch. At inference every window W of the
+volume is mixed the same way with one fixed **partner patch** stored in the checkpoint (a
+patch of the first labeled training volume, centred on its target), with lam = 0.75 (close to
+the mean of max(l, 1 - l) for l ~ Beta(0.75, 0.75)). The partner is fixed so that the region
+map of a volume is reproducible; both predictions are averaged over overlapping windows with
+the same Gaussian weights before the regions are taken.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .data import normalise, pad_to
+from .errors import CheckpointError, ConfigError
+from .sgrs import PAPER_TAU, synergy_regions
+
+INFERENCE_MIX_LAMBDA = 0.75
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """(D, H, W) Gaussian weights, peak 1 at the centre, sigma = patch * sigma_scale (nnU-Net)."""
+    grids = torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch], indexing="ij")
+    expo = sum((g / (p * sigma_scale)) ** 2 for g, p in zip(grids, patch))
+    w = torch.exp(-0.5 * expo)
+    w = w / w.max()
+    return w.clamp_min(w[w > 0].min().item())  # no zero weight at the corners
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start offsets along one axis so windows of ``patch`` cover ``size`` with >= ``overlap``."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    n = math.ceil((size - patch) / step) + 1
+    # spread the windows evenly so the last one ends exactly at the border
+    return [round(i * (size - patch) / (n - 1)) for i in range(n)]
+
+
+@torch.no_grad()
+def sliding_window(volume: torch.Tensor, forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                   patch: Sequence[int], n_outputs: int, num_classes: int, overlap: float = 0.5,
+                   batch_size: int = 4, weight: torch.Tensor | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+    """Average ``forward``'s probability maps over overlapping windows.
+
+    volume: (1, D, H, W) on the compute device, every axis >= patch. ``forward`` takes
+    windows (n, 1, d, h, w) and returns ``n_outputs`` tensors (n, K, d, h, w). Returns
+    ``n_outputs`` tensors (K, D, H, W) on the same device. Memory: n_outputs + 1 volume-sized
+    maps (times K), whatever the overlap.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    _, D, H, W = volume.shape
+    d, h, w = patch
+    weight = gaussian_importance(patch) if weight is None else weight
+    weight = weight.to(volume.device)
+    sums = [torch.zeros((num_classes, D, H, W), device=volume.device) for _ in range(n_outputs)]
+    norm = torch.zeros((D, H, W), device=volume.device)
+    corners = [(z, y, x) for z in window_starts(D, d, overlap) for y in window_starts(H, h, overlap)
+               for x in window_starts(W, w, overlap)]
+    for i in range(0, len(corners), batch_size):
+        chunk = corners[i:i + batch_size]
+        windows = torch.stack([volume[:, z:z + d, y:y + h, x:x + w] for z, y, x in chunk])
+        outs = forward(windows)
+        for j, (z, y, x) in enumerate(chunk):
+            for s, o in zip(sums, outs):
+                s[:, z:z + d, y:y + h, x:x + w].addcmul_(o[j].float(), weight)
+            norm[z:z + d, y:y + h, x:x + w] += weight
+        if progress is not None:
+            progress(min(i + batch_size, len(corners)), len(corners))
+    for s in sums:
+        s.div_(norm)
+    return sums
+
+
+@dataclass
+class Prediction:
+    """Outputs for one volume, all (D, H, W) in the input's voxel grid."""
+
+    label: np.ndarray                 # uint8 argmax
+    probability: np.ndarray           # float32, 1 - p(background): the foreground probability
+    regions: np.ndarray | None = None  # uint8 REGION_* codes, with regions=True
+    probabilities: np.ndarray | None = None  # (K, D, H, W) float32, only with keep_probabilities
+
+
+class Predictor:
+    """A trained network plus the settings it was trained with, ready to segment volumes."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device,
+                 partner: torch.Tensor | None = None, checkpoint_sha256: str = ""):
+        self.model = model.eval()
+        self.meta = meta
+        self.device = device
+        self.partner = partner
+        self.checkpoint_sha256 = checkpoint_sha256
+        cfg = meta.get("config", {})
+        self.patch = tuple(cfg.get("patch_size") or meta.get("patch_size"))
+        self.num_classes = int(meta["num_classes"])
+        self.normalization = cfg.get("normalization", "zscore")
+        self.ct_window = tuple(cfg.get("ct_window", (-160.0, 240.0)))
+        self.tau = float(meta.get("tau", cfg.get("tau") if isinstance(cfg.get("tau"), (int, float)) else PAPER_TAU))
+        self.amp = False
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: str = "auto", checkpoint: str = "last",
+                 model: str = "student") -> "Predictor":
+        """Load ``RUN/checkpoints/<checkpoint>.safetensors`` (or a checkpoint file path)."""
+        from .checkpoint import load_checkpoint
+        from .train import build_model, resolve_device
+
+        run = Path(run)
+        path = run if run.is_file() else run / "checkpoints" / f"{checkpoint}.safetensors"
+        if not path.exists() and run.is_dir() and not (run / "checkpoints").exists():
+            raise CheckpointError(f"{run}: not a run folder (no checkpoints/ inside); pass the folder given "
+                                  f"to sgrs train --out")
+        ckpt = load_checkpoint(path)
+        meta = ckpt.meta
+        if "num_classes" not in meta:
+            raise CheckpointError(f"{path}: checkpoint metadata lacks num_classes; use a checkpoint written by "
+                                  f"sgrs train")
+        dev = resolve_device(device)
+        net = build_model(meta["config"], meta["num_classes"])
+        state = ckpt.state_dict(model)
+        if not state:
+            raise CheckpointError(f"{path}: the checkpoint holds no {model!r} weights")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not fit the network described in its metadata "
+                                  f"({str(exc).splitlines()[0]})") from exc
+        partner = ckpt.tensors.get("partner.image")
+        return cls(net.to(dev), meta, dev, partner=partner, checkpoint_sha256=ckpt.sha256)
+
+    def _forward_probs(self, windows: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return torch.softmax(self.model(windows).float(), 1)
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, regions: bool = False, overlap: float = 0.5,
+                batch_size: int = 4, keep_probabilities: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> Prediction:
+        """Segment one (D, H, W) volume given in raw intensities (normalised here as in training)."""
+        if image.ndim != 3:
+            raise ConfigError(f"expected a 3D volume (D, H, W), got shape {image.shape}")
+        x = normalise(image, self.normalization, self.ct_window)
+        x, region = pad_to(x, self.patch, 0.0)
+        vol = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device)
+        if regions:
+            if self.partner is None:
+                raise CheckpointError("this checkpoint has no partner patch for region maps; "
+                                      "retrain with sgrs train, or predict without --regions")
+            partner = self.partner.to(self.device, torch.float32)[None]
+            lam = INFERENCE_MIX_LAMBDA
+
+            def forward(win: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                both = self._forward_probs(torch.cat([win, lam * win + (1 - lam) * partner], 0))
+                return both[: len(win)], both[len(win):]
+
+            prob, prob_mix = sliding_window(vol, forward, self.patch, 2, self.num_classes, overlap,
+                                            batch_size, progress=progress)
+        else:
+            (prob,) = sliding_window(vol, lambda w: (self._forward_probs(w),), self.patch, 1,
+                                     self.num_classes, overlap, batch_size, progress=progress)
+            prob_mix = None
+        crop = (slice(None),) + region
+        prob = prob[crop]
+        label = prob.argmax(0).to(torch.uint8)
+        out = Prediction(label=label.cpu().numpy(), probability=(1.0 - prob[0]).cpu().numpy().astype(np.float32))
+        if regions:
+            reg = synergy_regions(prob[None], prob_mix[crop][None], self.tau)
+            out.regions = reg.as_map()[0].cpu().numpy()
+        if keep_probabilities:
+            out.probabilities = prob.cpu().numpy()
+        return out

@@ -1,0 +1,1051 @@
+"""Reading and writing 3D medical volumes with their geometry.
+
+Conventions (see ``docs/ARCHITECTURE.md``):
+
+* Arrays are ``(D, H, W)`` = ``(z, y, x)``, the numpy order SimpleITK uses.
+* Spacing is in millimetres and, like origin and direction, given in that same array axis
+  order, so ``napari`` can take ``scale=geometry.spacing`` and ``translate=geometry.origin``.
+* World coordinates are ITK/DICOM LPS millimetres, listed in array axis order (z, y, x).
+  NIfTI files (RAS world) are converted on read and back on write; the original NIfTI
+  affine is kept so that a NIfTI written back carries the same affine bit for bit.
+
+Every public function raises :class:`~napari_sgrs.core.errors.InputError` (or
+:class:`~napari_sgrs.core.errors.ResourceError` for unwritable outputs) with a one-line
+message naming the file and the fix; no nibabel, SimpleITK, h5py or OS error escapes.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sgrs.core.errors import InputError, ResourceError, SGRSError
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "WRITABLE_SUFFIXES",
+    "Case",
+    "Geometry",
+    "Volume",
+    "check_pair",
+    "find_cases",
+    "is_supported",
+    "read_h5_benchmark",
+    "read_volume",
+    "validate_label",
+    "write_volume",
+]
+
+#: File endings read by :func:`read_volume` (lower case; a folder is read as a DICOM series).
+SUPPORTED_SUFFIXES: tuple[str, ...] = (
+    ".nii.gz",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".h5",
+    ".hdf5",
+)
+#: File endings written by :func:`write_volume`.
+WRITABLE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".h5", ".hdf5")
+
+_FORMAT_OF_SUFFIX = {
+    ".nii.gz": "nifti",
+    ".nii": "nifti",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".mha": "mha",
+    ".mhd": "mhd",
+    ".h5": "h5",
+    ".hdf5": "h5",
+}
+
+#: Largest volume accepted, in voxels. Larger headers are refused before any allocation.
+MAX_VOXELS = 2**31
+# zlib/gzip cannot compress better than about 1032:1, so a deflated payload claiming more
+# than this many bytes per stored byte is a lying or truncated header.
+_MAX_DEFLATE_RATIO = 1100
+_DEFLATE_SLACK_BYTES = 1 << 16
+_READABLE_HINT = "NIfTI, NRRD, MHA/MHD, DICOM folder or h5"
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------
+# Geometry and volumes
+# --------------------------------------------------------------------------------------
+
+
+def _float_tuple(values: Any, length: int, what: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in np.asarray(values, dtype=np.float64).ravel())
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid geometry: {what} {values!r} is not a list of numbers") from exc
+    if len(out) != length or not all(math.isfinite(v) for v in out):
+        raise InputError(
+            f"invalid geometry: {what} must be {length} finite numbers, got {values!r}"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of a ``(D, H, W)`` array sit in the world.
+
+    Attributes:
+        spacing: voxel size in mm, array axis order (D, H, W) = (z, y, x).
+        origin: world position (LPS, mm) of voxel (0, 0, 0), listed in array axis order.
+        direction: 3x3 row-major matrix; column ``a`` is the world direction (LPS, listed in
+            array axis order) of array axis ``a``.
+        affine_ras: the original NIfTI affine (4x4 nested tuples, voxel (i, j, k) -> RAS mm)
+            when read from NIfTI, else None. Writing NIfTI reuses it verbatim.
+    """
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    affine_ras: tuple | None = None
+
+    def __post_init__(self) -> None:
+        # Normalise lists/arrays to float tuples so instances hash, compare and serialise.
+        spacing = _float_tuple(self.spacing, 3, "spacing")
+        if not all(s > 0 for s in spacing):
+            raise InputError(f"invalid geometry: spacing must be positive, got {spacing}")
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", _float_tuple(self.origin, 3, "origin"))
+        object.__setattr__(self, "direction", _float_tuple(self.direction, 9, "direction"))
+        if self.affine_ras is not None:
+            flat = _float_tuple(self.affine_ras, 16, "affine_ras")
+            object.__setattr__(
+                self, "affine_ras", tuple(tuple(flat[4 * r : 4 * r + 4]) for r in range(4))
+            )
+
+    @classmethod
+    def identity(cls) -> Geometry:
+        """Unit spacing (1 mm), zero origin, identity direction."""
+        return cls((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+
+    def direction_matrix(self) -> np.ndarray:
+        """The 3x3 direction matrix (columns = array axes, rows = world axes in array order)."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def affine(self) -> np.ndarray:
+        """4x4 matrix mapping an array index ``(d, h, w, 1)`` to world LPS mm in array order."""
+        out = np.eye(4)
+        out[:3, :3] = self.direction_matrix() @ np.diag(self.spacing)
+        out[:3, 3] = self.origin
+        return out
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict; :meth:`from_json` reverses it."""
+        return {
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "affine_ras": None if self.affine_ras is None else [list(r) for r in self.affine_ras],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Geometry:
+        """Rebuild a Geometry from :meth:`to_json` output; InputError if fields are missing."""
+        try:
+            return cls(d["spacing"], d["origin"], d["direction"], d.get("affine_ras"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InputError(
+                f"invalid geometry {d!r}: expected keys spacing, origin, direction"
+            ) from exc
+
+    # ITK lists spacing/origin/direction in (x, y, z) order; ours is the reverse (z, y, x).
+    @classmethod
+    def _from_itk(cls, spacing: Any, origin: Any, direction: Any) -> Geometry:
+        dim = len(spacing)
+        dmat = np.asarray(direction, dtype=np.float64).reshape(dim, dim)[:3, :3]
+        return cls(
+            tuple(spacing[:3])[::-1], tuple(origin[:3])[::-1], tuple(dmat[::-1, ::-1].ravel())
+        )
+
+    def _to_itk(self) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+        dmat = self.direction_matrix()[::-1, ::-1]
+        return self.spacing[::-1], self.origin[::-1], tuple(dmat.ravel())
+
+    @classmethod
+    def _from_nifti_affine(cls, affine: np.ndarray) -> Geometry:
+        """Derive LPS geometry from a NIfTI affine (voxel (i, j, k) -> RAS)."""
+        affine = np.asarray(affine, dtype=np.float64)
+        matrix_lps = _LPS_FROM_RAS @ affine[:3, :3]  # columns = i, j, k
+        spacing_ijk = np.linalg.norm(matrix_lps, axis=0)
+        if not np.all(np.isfinite(affine)) or np.any(spacing_ijk <= 0):
+            raise InputError("the NIfTI affine is degenerate (zero or non-finite voxel size)")
+        direction_ijk = matrix_lps / spacing_ijk
+        origin_lps = _LPS_FROM_RAS @ affine[:3, 3]
+        # Array axes are (k, j, i): reverse the spacing and both axes of the direction.
+        return cls(
+            tuple(spacing_ijk[::-1]),
+            tuple(origin_lps[::-1]),
+            tuple(direction_ijk[::-1, ::-1].ravel()),
+            tuple(tuple(r) for r in affine),
+        )
+
+    def nifti_affine(self) -> np.ndarray:
+        """The 4x4 NIfTI affine (voxel (i, j, k) = (w, h, d) -> RAS mm).
+
+        The stored ``affine_ras`` when there is one, else built from spacing/origin/direction.
+        """
+        if self.affine_ras is not None:
+            return np.asarray(self.affine_ras, dtype=np.float64)
+        spacing, origin, direction = self._to_itk()
+        out = np.eye(4)
+        out[:3, :3] = _LPS_FROM_RAS @ np.asarray(direction).reshape(3, 3) @ np.diag(spacing)
+        out[:3, 3] = _LPS_FROM_RAS @ np.asarray(origin)
+        return out
+
+    def close_to(self, other: Geometry, atol: float = 1e-3) -> bool:
+        """True if spacing, origin and direction agree within ``atol`` (mm / unitless)."""
+        return (
+            np.allclose(self.spacing, other.spacing, rtol=0, atol=atol)
+            and np.allclose(self.origin, other.origin, rtol=0, atol=atol)
+            and np.allclose(self.direction, other.direction, rtol=0, atol=atol)
+        )
+
+
+@dataclass
+class Volume:
+    """A 3D scalar image or label map.
+
+    Attributes:
+        array: voxels, shape ``(D, H, W)`` = ``(z, y, x)``.
+        geometry: spacing/origin/direction in the same axis order.
+        path: the file or DICOM folder it was read from (None if made in memory).
+        format: ``"nifti" | "nrrd" | "mha" | "mhd" | "dicom" | "h5"``.
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    path: Path | None = None
+    format: str = ""
+
+    @property
+    def name(self) -> str:
+        """Printable file name for messages (``"<memory>"`` when there is no path)."""
+        return _show(self.path) if self.path is not None else "<memory>"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One subject: an image and, when labelled, its label.
+
+    For h5 files the image is dataset ``image`` and the label dataset ``label`` of the file;
+    use :meth:`read_image` / :meth:`read_label`, which pick the right dataset.
+    """
+
+    name: str
+    image: Path
+    label: Path | None = None
+
+    def read_image(self) -> Volume:
+        return read_volume(self.image, dataset="image")
+
+    def read_label(self) -> Volume | None:
+        return None if self.label is None else read_volume(self.label, dataset="label")
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _show(path: os.PathLike | str) -> str:
+    """The path as printable text: undecodable bytes of a non-UTF-8 name become \\xNN."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def _suffix_of(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in SUPPORTED_SUFFIXES:  # ".nii.gz" is listed before ".nii" on purpose
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _stem_of(path: Path) -> str:
+    suffix = _suffix_of(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def is_supported(path: os.PathLike | str) -> bool:
+    """True for a file name ending in one of :data:`SUPPORTED_SUFFIXES` or an existing folder."""
+    path = Path(path)
+    return _suffix_of(path) is not None or path.is_dir()
+
+
+def _sitk_path(path: Path) -> str:
+    # SimpleITK takes UTF-8 strings only; name the problem instead of a SWIG TypeError.
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{_show(path)}: the file name is not valid UTF-8, which SimpleITK cannot open"
+            " - rename the file"
+        ) from exc
+    return text
+
+
+def _check_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype == np.bool_:
+        return
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputError(
+            f"{name}: voxel type {dtype} is not a real number type (e.g. RGB or complex)"
+            " - convert it to a scalar integer or float image"
+        )
+
+
+def _check_declared(shape: tuple[int, ...], itemsize: int, name: str) -> tuple[int, int, int]:
+    """Validate a header's declared shape before allocating; return it as 3 ints.
+
+    ``shape`` is in the file's own axis order; trailing singleton dimensions (a 4th "time"
+    axis of length 1) are dropped.
+    """
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(
+            f"{name}: volume has shape {shape} ({len(shape)}D); a 3D scalar volume is needed"
+            " - export a single 3D volume"
+        )
+    if min(shape) < 1:
+        raise InputError(f"{name}: header declares an empty shape {shape} - the file is corrupt")
+    voxels = math.prod(shape)
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"{name}: header declares {shape} = {voxels} voxels ({voxels * itemsize / 2**30:.1f}"
+            f" GiB), more than the {MAX_VOXELS} supported - the header is corrupt or the volume"
+            " must be cropped"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def _check_stored_bytes(stored: int, needed: int, encoding: str, name: str) -> None:
+    """Refuse a header that claims more data than the file could hold (before allocating)."""
+    if encoding == "raw":
+        enough = stored >= needed
+    elif encoding == "deflate":
+        enough = stored * _MAX_DEFLATE_RATIO + _DEFLATE_SLACK_BYTES >= needed
+    elif encoding == "ascii":
+        enough = stored >= needed  # `needed` is the voxel count: at least one char each
+    else:  # e.g. bzip2: no useful bound
+        enough = True
+    if not enough:
+        raise InputError(
+            f"{name}: header declares {needed} bytes of voxel data but the file holds only"
+            f" {stored} - the file is truncated or its header is corrupt"
+        )
+
+
+def _finish_array(array: np.ndarray, shape: tuple[int, int, int], name: str) -> np.ndarray:
+    """Reshape to 3D, make bool arrays uint8, and refuse NaN/Inf voxels."""
+    _check_dtype(array.dtype, name)
+    if array.size != math.prod(shape):
+        raise InputError(f"{name}: read {array.shape} but the header says {shape} - file corrupt")
+    array = np.ascontiguousarray(array.reshape(shape))
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(f"{name}: {bad} voxels are NaN or Inf - fix or mask them before use")
+    return array
+
+
+# --------------------------------------------------------------------------------------
+# Readers (each returns a (D, H, W) array and its Geometry)
+# --------------------------------------------------------------------------------------
+
+
+def _read_nifti(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geometry]:
+    import nibabel as nib
+
+    # mmap=False: a memory map would keep the file open (Windows cannot replace it) and
+    # make later reads fail lazily, outside our error handling.
+    img = nib.load(os.fspath(path), mmap=False)
+    header = img.header
+    dtype = header.get_data_dtype()
+    _check_dtype(dtype, name)
+    shape_ijk = _check_declared(img.shape, dtype.itemsize, name)
+    needed = math.prod(shape_ijk) * dtype.itemsize
+    if path.name.lower().endswith(".gz"):
+        _check_stored_bytes(path.stat().st_size, needed, "deflate", name)
+    else:
+        offset = max(int(header.get_data_offset()), int(header.sizeof_hdr))
+        _check_stored_bytes(path.stat().st_size - offset, needed, "raw", name)
+    geometry = Geometry._from_nifti_affine(img.affine)
+    data = np.asanyarray(img.dataobj)
+    if isinstance(data, np.memmap):  # belt and braces: never hand out a file-backed array
+        data = np.array(data)
+    data = np.asarray(data).reshape(shape_ijk)
+    # nibabel's axes are (i, j, k) = (x, y, z); ours are (z, y, x).
+    shape_kji = shape_ijk[::-1]
+    return _finish_array(data.transpose(2, 1, 0), shape_kji, name), geometry
+
+
+def _meta_header(path: Path, limit: int = 1 << 16) -> dict[str, str]:
+    """Parse a MetaImage (.mha/.mhd) text header up to ElementDataFile (plus its byte end)."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(head):
+        end = head.find(b"\n", pos)
+        end = len(head) if end < 0 else end + 1
+        key, _, value = head[pos:end].decode("latin-1").partition("=")
+        pos = end
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            fields["_header_end"] = str(pos)
+            break
+    return fields
+
+
+def _nrrd_header(path: Path, limit: int = 1 << 16) -> dict[str, str]:
+    """Parse a NRRD/NHDR text header up to the blank line (plus its byte end)."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(head):
+        end = head.find(b"\n", pos)
+        end = len(head) if end < 0 else end + 1
+        line = head[pos:end].decode("latin-1").strip()
+        pos = end
+        if pos > 1 and not line:
+            break
+        if ":" in line and not line.startswith("#") and ":=" not in line:
+            key, _, value = line.partition(":")
+            fields[key.strip().lower().replace(" ", "")] = value.strip()
+    fields["_header_end"] = str(pos)
+    return fields
+
+
+def _stored_bytes(path: Path, data_file: str, header_end: int, skip: int) -> int | None:
+    """Bytes available for voxel data, or None if the layout is not one we can measure."""
+    if data_file.upper() == "LOCAL" or data_file == "":
+        return path.stat().st_size - header_end
+    if data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file:
+        return None  # one file per slice: ITK checks these itself, and they are small
+    companion = path.parent / data_file
+    if not companion.is_file():
+        raise InputError(
+            f"{_show(path)}: its data file {data_file} is missing - copy it next to the header"
+        )
+    return companion.stat().st_size - max(skip, 0)
+
+
+def _check_itk_file_size(path: Path, fmt: str, needed: int, voxels: int, name: str) -> None:
+    if fmt in ("mha", "mhd"):
+        meta = _meta_header(path)
+        if "_header_end" not in meta:
+            raise InputError(f"{name}: no ElementDataFile in the MetaImage header - file corrupt")
+        compressed = meta.get("CompressedData", "False").lower() in ("true", "1")
+        try:
+            skip = int(meta.get("HeaderSize", "0"))
+        except ValueError:
+            skip = 0
+        stored = _stored_bytes(path, meta["ElementDataFile"], int(meta["_header_end"]), skip)
+        encoding = "deflate" if compressed else "raw"
+    else:
+        meta = _nrrd_header(path)
+        data_file = meta.get("datafile", meta.get("data file", ""))
+        try:
+            skip = int(meta.get("byteskip", "0"))
+        except ValueError:
+            skip = 0
+        stored = _stored_bytes(path, data_file, int(meta["_header_end"]), skip)
+        encoding = {
+            "raw": "raw",
+            "gzip": "deflate",
+            "gz": "deflate",
+            "ascii": "ascii",
+            "text": "ascii",
+            "txt": "ascii",
+            "hex": "ascii",
+        }.get(meta.get("encoding", "raw").lower(), "other")
+        if encoding == "ascii":
+            needed = voxels
+    if stored is not None:
+        _check_stored_bytes(stored, needed, encoding, name)
+
+
+def _read_itk_file(path: Path, name: str, fmt: str) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(_sitk_path(path))
+    reader.ReadImageInformation()  # header only: check sizes before any allocation
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(
+            f"{name}: {reader.GetNumberOfComponents()} values per voxel; a scalar volume is"
+            " needed - export one channel"
+        )
+    dtype = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * 2, reader.GetPixelID())).dtype)
+    shape_xyz = _check_declared(reader.GetSize(), dtype.itemsize, name)
+    voxels = math.prod(shape_xyz)
+    _check_itk_file_size(path, fmt, voxels * dtype.itemsize, voxels, name)
+    image = reader.Execute()
+    geometry = Geometry._from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return _finish_array(sitk.GetArrayFromImage(image), shape_xyz[::-1], name), geometry
+
+
+def _check_slice_positions(files: list[str], name: str) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced (e.g. a missing slice)."""
+    import SimpleITK as sitk
+
+    if len(files) < 3:
+        return
+    positions = []
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        direction = np.asarray(reader.GetDirection()).reshape(3, 3)
+        positions.append(float(np.dot(reader.GetOrigin(), direction[:, 2])))
+    gaps = np.diff(np.sort(positions))
+    step = float(np.median(gaps))
+    if step <= 1e-6:
+        raise InputError(
+            f"{name}: several DICOM slices share one position - the folder mixes series or"
+            " holds duplicates; keep one series per folder"
+        )
+    worst = int(np.argmax(np.abs(gaps - step)))
+    if abs(gaps[worst] - step) > max(0.01 * step, 1e-3):
+        raise InputError(
+            f"{name}: DICOM slices are not evenly spaced (gap of {gaps[worst]:.4g} mm after slice"
+            f" {worst + 1}, expected {step:.4g} mm) - a slice is probably missing;"
+            " re-export the complete series"
+        )
+
+
+def _read_dicom(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    folder = _sitk_path(path)
+    if not any(not p.name.startswith(".") for p in path.iterdir()):
+        raise InputError(f"{name}: the folder is empty - point at a DICOM series folder or a file")
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(folder)
+    if len(series) != 1:
+        raise InputError(
+            f"{name}: folder holds {len(series)} DICOM series; exactly one is needed"
+            " - put each series in its own folder"
+        )
+    files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
+    _check_slice_positions(files, name)
+    info = sitk.ImageFileReader()
+    info.SetFileName(files[0])
+    info.ReadImageInformation()
+    if info.GetNumberOfComponents() != 1:
+        raise InputError(f"{name}: DICOM slices are colour images; a scalar volume is needed")
+    size = info.GetSize()
+    # A multi-frame file already holds the whole volume; otherwise one file per slice.
+    declared = tuple(size) if len(files) == 1 else (size[0], size[1], len(files))
+    _check_declared(declared, 8, name)
+    reader.SetFileNames(files)
+    image = reader.Execute()
+    geometry = Geometry._from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    shape_xyz = _check_declared(image.GetSize(), 8, name)
+    return _finish_array(sitk.GetArrayFromImage(image), shape_xyz[::-1], name), geometry
+
+
+def _read_h5(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geometry]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+            raise InputError(
+                f"{name}: no dataset '{dataset}' (found: {', '.join(sorted(f.keys())) or 'none'})"
+                f" - store the volume as dataset '{dataset}'"
+            )
+        ds = f[dataset]
+        _check_dtype(ds.dtype, name)
+        shape = _check_declared(ds.shape, ds.dtype.itemsize, name)
+        data = ds[()]
+        # Geometry attributes are written by write_volume; benchmark files have none.
+        attrs = ds.attrs
+        if "spacing" in attrs:
+            affine = attrs.get("affine_ras")
+            geometry = Geometry(attrs["spacing"], attrs["origin"], attrs["direction"], affine)
+        else:
+            geometry = Geometry.identity()
+    return _finish_array(np.asarray(data), shape, name), geometry
+
+
+_READERS: dict[str, Callable[[Path, str, str], tuple[np.ndarray, Geometry]]] = {
+    "nifti": _read_nifti,
+    "nrrd": lambda p, n, d: _read_itk_file(p, n, "nrrd"),
+    "mha": lambda p, n, d: _read_itk_file(p, n, "mha"),
+    "mhd": lambda p, n, d: _read_itk_file(p, n, "mhd"),
+    "dicom": _read_dicom,
+    "h5": _read_h5,
+}
+
+
+def _format_of(path: Path, name: str) -> str:
+    if not path.exists():
+        if os.path.lexists(path):
+            raise InputError(f"{name}: is a broken or looping link - point at the real file")
+        raise InputError(f"{name}: no such file or folder - check the path")
+    if path.is_dir():
+        suffix = _suffix_of(path)
+        if suffix is not None:
+            raise InputError(f"{name}: is a folder, not a {suffix} file - point at the file itself")
+        return "dicom"
+    suffix = _suffix_of(path)
+    if suffix is None:
+        raise InputError(
+            f"{name}: unsupported file type - use one of {', '.join(SUPPORTED_SUFFIXES)}"
+            " or a DICOM series folder"
+        )
+    return _FORMAT_OF_SUFFIX[suffix]
+
+
+def read_volume(path: os.PathLike | str, *, dataset: str = "image") -> Volume:
+    """Read a 3D scalar volume and its geometry.
+
+    Args:
+        path: a ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``, ``.h5``/``.hdf5``
+            file, or a folder holding exactly one DICOM series.
+        dataset: the h5 dataset to read (``"image"`` or ``"label"``); ignored otherwise.
+
+    Returns:
+        A :class:`Volume` whose array is ``(D, H, W)`` = ``(z, y, x)`` in the file's dtype
+        (bool becomes uint8) and whose geometry is in mm, LPS, array axis order.
+
+    Raises:
+        InputError: unreadable, truncated or lying file; not 3D; non-numeric voxels; NaN/Inf.
+        ResourceError: not enough memory to hold the volume.
+    """
+    path = Path(path)
+    name = _show(path)
+    try:
+        fmt = _format_of(path, name)
+        array, geometry = _READERS[fmt](path, name, dataset)
+    except SGRSError as exc:
+        if name in str(exc):
+            raise
+        # Geometry validation does not know the file; add it.
+        raise type(exc)(f"{name}: {exc}") from exc
+    except MemoryError as exc:
+        raise ResourceError(f"{name}: not enough memory to read this volume") from exc
+    except Exception as exc:  # noqa: BLE001
+        # nibabel, SimpleITK, h5py, gzip, zlib and struct all raise their own types on
+        # corrupt input; the caller gets one typed, one-line error instead.
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise InputError(
+            f"{name}: not a readable image ({_READABLE_HINT}; {reason}) - check the file is"
+            " complete and of the type its name says"
+        ) from exc
+    return Volume(array=array, geometry=geometry, path=path, format=fmt)
+
+
+# --------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------
+
+
+def _write_nifti(target: Path, array: np.ndarray, geometry: Geometry, dataset: str) -> None:
+    import nibabel as nib
+
+    affine = geometry.nifti_affine()
+    # Explicit dtype: nibabel refuses int64 otherwise, and we promise the input's dtype.
+    image = nib.Nifti1Image(array.transpose(2, 1, 0), affine, dtype=array.dtype)
+    header = image.header
+    header.set_xyzt_units("mm")
+    # The sform is stored as float32: when the affine is float32-exact it round-trips bit for
+    # bit. Otherwise (an affine that came from a qform) store it as the qform only, which
+    # reproduces a qform-derived affine exactly.
+    header.set_sform(affine, code="scanner")
+    header.set_qform(affine, code="scanner")
+    if not np.array_equal(header.get_best_affine(), affine):
+        header.set_sform(None, code="unknown")
+        if not np.array_equal(header.get_best_affine(), affine):
+            header.set_sform(affine, code="scanner")  # closest we can store
+    nib.save(image, os.fspath(target))
+
+
+def _write_itk(target: Path, array: np.ndarray, geometry: Geometry, dataset: str) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    spacing, origin, direction = geometry._to_itk()
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    # .mhd keeps an uncompressed .raw companion so other tools can memory-map it.
+    compress = not target.name.lower().endswith(".mhd")
+    sitk.WriteImage(image, os.fspath(target), useCompression=compress)
+
+
+def _write_h5(target: Path, array: np.ndarray, geometry: Geometry, dataset: str) -> None:
+    import h5py
+
+    with h5py.File(target, "w") as f:
+        ds = f.create_dataset(dataset, data=array, compression="gzip", compression_opts=4)
+        ds.attrs["spacing"] = np.asarray(geometry.spacing)
+        ds.attrs["origin"] = np.asarray(geometry.origin)
+        ds.attrs["direction"] = np.asarray(geometry.direction)
+        if geometry.affine_ras is not None:
+            ds.attrs["affine_ras"] = np.asarray(geometry.affine_ras)
+
+
+_WRITERS: dict[str, Callable[[Path, np.ndarray, Geometry, str], None]] = {
+    "nifti": _write_nifti,
+    "nrrd": _write_itk,
+    "mha": _write_itk,
+    "mhd": _write_itk,
+    "h5": _write_h5,
+}
+
+
+def _writable_array(array: Any, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise InputError(
+            f"{name}: cannot write an array of shape {array.shape}; a 3D (D, H, W) array is needed"
+        )
+    _check_dtype(array.dtype, name)
+    if array.dtype == np.bool_:
+        return np.ascontiguousarray(array, dtype=np.uint8)
+    if array.dtype == np.float16:  # neither NIfTI-1 nor ITK stores half floats
+        return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(array)
+
+
+def write_volume(
+    path: os.PathLike | str,
+    array: np.ndarray,
+    geometry: Geometry,
+    *,
+    like: Volume | None = None,
+    dataset: str = "image",
+) -> Path:
+    """Write a ``(D, H, W)`` array with its geometry; the format follows the file name.
+
+    The file appears atomically: everything is written in a hidden temporary folder beside
+    the target and then moved into place (for ``.mhd`` the ``.raw`` companion first), so an
+    error leaves no partial file. The dtype is kept (bool -> uint8, float16 -> float32).
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd`` or ``.h5``/``.hdf5``.
+        array: voxels, shape ``(D, H, W)`` = ``(z, y, x)``.
+        geometry: spacing (mm), origin and direction in array axis order. A NIfTI target
+            reuses ``geometry.affine_ras`` verbatim when set.
+        like: the volume this array derives from (e.g. the image a prediction was made on).
+            When ``geometry`` has no NIfTI affine but matches ``like.geometry``, the NIfTI
+            affine of ``like`` is reused so the output overlays the input exactly.
+        dataset: h5 dataset name (``"image"`` or ``"label"``); ignored for other formats.
+
+    Returns:
+        The written path.
+
+    Raises:
+        InputError: bad array, unsupported name (e.g. a folder: DICOM is not written).
+        ResourceError: the output folder is missing or not writable, or the write failed.
+    """
+    path = Path(path)
+    name = _show(path)
+    suffix = _suffix_of(path)
+    if suffix not in WRITABLE_SUFFIXES or path.is_dir():
+        raise InputError(
+            f"{name}: cannot write this kind of file (DICOM series are not written) - choose a"
+            " name ending in .nii.gz, .nrrd or .mha"
+        )
+    array = _writable_array(array, name)
+    if not isinstance(geometry, Geometry):
+        raise InputError(f"{name}: geometry must be a Geometry, got {type(geometry).__name__}")
+    if like is not None:
+        if like.array.shape != array.shape:
+            raise InputError(
+                f"{name}: array shape {array.shape} differs from its reference {like.name}"
+                f" {like.array.shape} - write it with its own geometry and like=None"
+            )
+        if (
+            geometry.affine_ras is None
+            and like.geometry.affine_ras is not None
+            and geometry.close_to(like.geometry, atol=1e-6)
+        ):
+            geometry = like.geometry
+    parent = path.parent
+    if not parent.is_dir():
+        raise ResourceError(f"{name}: the output folder {_show(parent)} does not exist - create it")
+    if not os.access(parent, os.W_OK):
+        raise ResourceError(f"{name}: the output folder {_show(parent)} is not writable")
+
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".sgrs-write-", dir=parent))
+    except OSError as exc:
+        raise ResourceError(
+            f"{name}: cannot write in {_show(parent)} ({exc.strerror}) - check permissions"
+        ) from exc
+    try:
+        staged = staging / path.name
+        _WRITERS[_FORMAT_OF_SUFFIX[suffix]](staged, array, geometry, dataset)
+        # Companions (.raw/.zraw) go first so the header never points at a missing file.
+        produced = sorted(staging.iterdir(), key=lambda p: p.name == path.name)
+        for file in produced:
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(file, parent / file.name)
+    except SGRSError:
+        raise
+    except MemoryError as exc:
+        raise ResourceError(f"{name}: not enough memory to write this volume") from exc
+    except Exception as exc:  # noqa: BLE001 - writers raise many types; report one
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            reason = "disk full"
+        raise ResourceError(
+            f"{name}: writing failed ({reason}) - check free disk space and permissions"
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Folders of cases
+# --------------------------------------------------------------------------------------
+
+
+def _list_volumes(folder: Path, *, with_series: bool, skip: Path | None = None) -> dict[str, Path]:
+    """Map case name -> volume path for the visible volumes in ``folder``."""
+    name = _show(folder)
+    if not folder.is_dir():
+        raise InputError(f"{name}: no such folder - check the path")
+    found: dict[str, Path] = {}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"{name}: cannot list the folder ({exc.strerror})") from exc
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            # A subfolder is a DICOM series, unless it is the labels folder itself.
+            if not with_series or (skip is not None and entry.resolve() == skip.resolve()):
+                continue
+            case = entry.name
+        elif entry.is_file() and _suffix_of(entry) is not None:
+            case = _stem_of(entry)
+        else:
+            continue  # companions (.raw), notes, broken links
+        if case in found:
+            raise InputError(
+                f"{name}: two volumes for case '{case}' ({found[case].name} and {entry.name})"
+                " - keep one"
+            )
+        found[case] = entry
+    if not found:
+        raise InputError(
+            f"{name}: no volumes found ({', '.join(SUPPORTED_SUFFIXES)}"
+            + (", or one DICOM series per subfolder" if with_series else "")
+            + ")"
+        )
+    return found
+
+
+def find_cases(
+    images_dir: os.PathLike | str, labels_dir: os.PathLike | str | None = None
+) -> list[Case]:
+    """Pair the images of a folder with the labels of another, by case name.
+
+    A case name is the file name without its volume suffix (``case01.nii.gz`` -> ``case01``)
+    or a DICOM series subfolder's name, so ``case01.nii.gz`` pairs with ``case01.nii.gz`` or
+    ``case01.nrrd``. Hidden files are ignored. An image with no label is unlabeled.
+
+    Returns:
+        Cases sorted by name.
+
+    Raises:
+        InputError: a missing or empty folder, two volumes with one case name, or a label
+        whose image is missing.
+    """
+    images_dir = Path(images_dir)
+    labels_path = Path(labels_dir) if labels_dir is not None else None
+    images = _list_volumes(images_dir, with_series=True, skip=labels_path)
+    labels = _list_volumes(labels_path, with_series=False) if labels_path is not None else {}
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        first = labels[orphans[0]]
+        raise InputError(
+            f"{_show(first)}: label has no image named '{orphans[0]}' in {_show(images_dir)}"
+            f" ({len(orphans)} such labels) - rename or remove it"
+        )
+    return [Case(name, images[name], labels.get(name)) for name in sorted(images)]
+
+
+def _benchmark_file(root: Path, case: str) -> Path | None:
+    for candidate in (root / case / "mri_norm2.h5", root / f"{case}.h5", root / case):
+        if candidate.is_file() and _suffix_of(candidate) in (".h5", ".hdf5"):
+            return candidate
+    folder = root / case
+    if folder.is_dir():
+        inside = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
+        if len(inside) > 1:
+            raise InputError(
+                f"{_show(folder)}: case '{case}' has {len(inside)} .h5 files - keep one"
+            )
+        if inside:
+            return inside[0]
+    return None
+
+
+def read_h5_benchmark(root: os.PathLike | str, list_file: os.PathLike | str) -> list[Case]:
+    """Cases of the LA / Pancreas-CT / BraTS2019 h5 layout used by UA-MT and SSL4MIS.
+
+    ``list_file`` (e.g. ``train.list``; absolute, or relative to ``root``) names one case
+    per line. Each case is ``root/<name>/mri_norm2.h5`` (LA), ``root/<name>.h5`` or the only
+    ``root/<name>/*.h5``, holding datasets ``image`` and ``label``. The h5 arrays are taken as
+    stored, with identity geometry.
+
+    Returns:
+        Cases in list order whose ``image`` and ``label`` are the same h5 path;
+        :meth:`Case.read_label` reads dataset ``label``.
+
+    Raises:
+        InputError: missing list, missing case file, or a file without ``image``/``label``.
+    """
+    import h5py
+
+    root = Path(root)
+    list_path = Path(list_file)
+    if not list_path.is_file() and (root / list_path).is_file():
+        list_path = root / list_path
+    if not root.is_dir():
+        raise InputError(f"{_show(root)}: no such benchmark folder - check the path")
+    try:
+        lines = list_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise InputError(
+            f"{_show(list_path)}: cannot read the case list ({exc.strerror}) - check the path"
+        ) from exc
+    names = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not names:
+        raise InputError(f"{_show(list_path)}: the case list is empty - one case name per line")
+    cases = []
+    for case in names:
+        file = _benchmark_file(root, case)
+        if file is None:
+            raise InputError(
+                f"{_show(list_path)}: case '{case}' has no h5 file (looked for"
+                f" {case}/mri_norm2.h5, {case}.h5, {case}/*.h5 in {_show(root)})"
+            )
+        try:
+            with h5py.File(file, "r") as f:
+                missing = [d for d in ("image", "label") if not isinstance(f.get(d), h5py.Dataset)]
+        except Exception as exc:  # noqa: BLE001 - h5py raises OSError/KeyError/... on bad files
+            raise InputError(
+                f"{_show(file)}: case '{case}' is not a readable h5 file - check it is complete"
+            ) from exc
+        if missing:
+            raise InputError(
+                f"{_show(file)}: case '{case}' has no dataset '{missing[0]}'"
+                " - benchmark files need datasets 'image' and 'label'"
+            )
+        cases.append(Case(case, file, file))
+    return cases
+
+
+# --------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------
+
+
+def check_pair(image: Volume, label: Volume, *, atol: float = 1e-3) -> None:
+    """Refuse a label that does not lie on its image's voxel grid.
+
+    Args:
+        atol: tolerance on spacing/origin (mm) and direction cosines.
+
+    Raises:
+        InputError: shapes differ, or spacing/origin/direction differ beyond ``atol``.
+    """
+    if image.array.shape != label.array.shape:
+        raise InputError(
+            f"label {label.name} has shape {label.array.shape} but image {image.name} has"
+            f" {image.array.shape} (spacing {label.geometry.spacing} vs"
+            f" {image.geometry.spacing}) - check the pairing or resample the label onto the image"
+        )
+    gi, gl = image.geometry, label.geometry
+    for field in ("spacing", "origin", "direction"):
+        a, b = getattr(gi, field), getattr(gl, field)
+        if not np.allclose(a, b, rtol=0, atol=atol):
+            raise InputError(
+                f"label {label.name} and image {image.name} differ in {field}"
+                f" ({tuple(round(v, 6) for v in b)} vs {tuple(round(v, 6) for v in a)});"
+                f" spacing {gl.spacing} vs {gi.spacing} - resample the label onto the image"
+                " grid or fix its header"
+            )
+
+
+def validate_label(label: Volume, num_classes: int | None, ignore_index: int | None) -> np.ndarray:
+    """Check a label map and return it as an int64 ``(D, H, W)`` array.
+
+    Values must be whole numbers in ``0 .. num_classes - 1`` (any non-negative whole number
+    when ``num_classes`` is None); ``ignore_index`` is allowed in addition.
+
+    Raises:
+        InputError: fractional, non-finite, negative or too-large values (first few listed).
+    """
+    array = np.asarray(label.array)
+    name = label.name
+    _check_dtype(array.dtype, name)
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise InputError(f"{name}: {int((~finite).sum())} label voxels are NaN or Inf")
+        fractional = array != np.floor(array)
+        if fractional.any():
+            bad = np.unique(array[fractional])[:5]
+            raise InputError(
+                f"{name}: label values must be whole numbers, found {bad.tolist()} - this looks"
+                " like an image or a probability map; give the integer label map"
+            )
+        # Beyond 2**31 the int64 cast below would wrap; no label map has such classes.
+        huge = np.abs(array) > 2**31
+        if huge.any():
+            bad = np.unique(array[huge])[:5]
+            raise InputError(
+                f"{name}: label values {bad.tolist()} are far outside any class range"
+                " - give the integer label map"
+            )
+    values = array.astype(np.int64)
+    allowed_max = None if num_classes is None else int(num_classes) - 1
+    low = int(values.min()) if values.size else 0
+    high = int(values.max()) if values.size else 0
+    if low >= 0 and (allowed_max is None or high <= allowed_max):
+        return values  # fast path: no unique() over the whole volume
+    bad_mask = values < 0
+    if allowed_max is not None:
+        bad_mask |= values > allowed_max
+    if ignore_index is not None:
+        bad_mask &= values != ignore_index
+    if bad_mask.any():
+        bad = np.unique(values[bad_mask])[:5].tolist()
+        allowed = "0.." + ("" if allowed_max is None else str(allowed_max))
+        if ignore_index is not None:
+            allowed += f" (and ignore index {ignore_index})"
+        raise InputError(
+            f"{name}: label values {bad} are outside the allowed range {allowed}"
+            " - fix the label or set the number of classes"
+        )
+    return values

@@ -1,0 +1,640 @@
+"""SGRS-Net training: Mean Teacher on a V-Net with Mix Augmentation and regional pseudo-label losses.
+
+``train(config, cases, run_dir)`` is the one entry point; the CLI and the napari plugin (which
+runs ``sgrs train`` in a separate process) call it. Progress goes out as typed events
+(:mod:`.events`) to ``RUN/events.jsonl`` and to optional in-process listeners.
+
+Ramp-up: the paper ramps the unlabeled-loss weight over 6,000 of 15,000 steps. With another
+budget the ramp keeps that proportion: its length is ``rampup_fraction`` (0.4) x iterations,
+so a 600-step run ramps over 240 steps instead of never reaching weight 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import sgrs as S
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_sample, normalise
+from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged
+from .events import EventKind, EventWriter
+from .vnet import VNet
+
+METHODS = ("sgrs", "mean-teacher", "supervised")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; saved as RUN/config.json and in each checkpoint."""
+
+    method: str = "sgrs"
+    iterations: int = 15000
+    patch_size: tuple[int, int, int] | None = None  # (D, H, W); None: auto from the volumes
+    base_filters: int = 16
+    batch_size: int = 4
+    labeled_batch_size: int = 2
+    seed: int = 1337
+    device: str = "auto"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    tau: float = S.PAPER_TAU
+    mix_alpha: float = 0.75
+    unsup_weight: float = 1.0          # weight of L_u after ramp-up (mean-teacher: of the MSE)
+    rampup_fraction: float = 0.4       # ramp-up length as a share of iterations (paper: 6000/15000)
+    ema_decay: float = 0.99
+    use_mix: bool = True
+    use_regions: bool = True
+    normalization: str = "zscore"
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+    ignore_index: int = 255
+    num_classes: int | None = None     # None: max label value + 1
+    val_fraction: float = 0.2
+    val_every: int | None = None       # None: iterations // 10
+    checkpoint_every: int = 100
+    log_every: int = 10
+    select: str = "last"               # which checkpoint predict uses by default: last | best
+    reference_compat: bool = False     # reproduce the published code's defects (see SGRS.md)
+    amp: str = "auto"                  # auto | off | bf16 | fp16
+    channels_last: bool = True         # channels_last_3d: ~5-10x faster conv backward on CPU (benchmarks/)
+    compile: bool = False
+    sync_bn: bool = False
+    workers: int = 0
+    foreground_fraction: float = 0.33
+    dropout: float = 0.5
+
+    def validate(self) -> "TrainConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.iterations < 1:
+            raise ConfigError(f"--iterations must be >= 1, got {self.iterations}")
+        if self.patch_size is not None:
+            self.patch_size = check_patch(tuple(self.patch_size))
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.method != "supervised" and not 1 <= self.labeled_batch_size < self.batch_size:
+            raise ConfigError(f"--labeled-batch-size must be between 1 and batch size - 1 "
+                              f"({self.batch_size - 1}) so the batch holds unlabeled patches too, "
+                              f"got {self.labeled_batch_size}")
+        if not 0 < self.tau:
+            raise ConfigError(f"--tau must be > 0, got {self.tau}")
+        if self.base_filters < 1:
+            raise ConfigError(f"--base-filters must be >= 1, got {self.base_filters}")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
+        if self.select not in ("last", "best"):
+            raise ConfigError(f"--select must be last or best, got {self.select!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.patch_size is not None:
+            cfg.patch_size = tuple(cfg.patch_size)
+        cfg.ct_window = tuple(cfg.ct_window)
+        return cfg
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> CUDA, then Apple MPS, then CPU. An explicit device that is absent is an error."""
+    d = (device or "auto").lower()
+    if d == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if d == "cpu":
+        return torch.device("cpu")
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu "
+                              f"or auto")
+        return torch.device(d)
+    if d == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def build_model(config: TrainConfig | dict, num_classes: int) -> VNet:
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_json(config)
+    return VNet(1, num_classes, cfg.base_filters, dropout=cfg.dropout)
+
+
+# ----------------------------------------------------------------------------- data loading
+
+@dataclass
+class LoadedCase:
+    name: str
+    image: np.ndarray             # raw intensities (D, H, W)
+    label: np.ndarray | None      # int64 (D, H, W) or None
+    spacing: tuple[float, float, float]
+
+
+def load_cases(cases: list, config: TrainConfig) -> tuple[list[LoadedCase], int]:
+    """Read, check and pair the volumes. Returns the cases and the class count."""
+    from .io import check_pair, read_volume, validate_label
+
+    loaded: list[LoadedCase] = []
+    for case in cases:
+        img = read_volume(case.image)
+        lab = None
+        if case.label is not None:
+            lv = read_volume(case.label, dataset="label") if str(case.label).endswith((".h5", ".hdf5")) \
+                else read_volume(case.label)
+            check_pair(img, lv)
+            lab = validate_label(lv, config.num_classes, config.ignore_index)
+        loaded.append(LoadedCase(case.name, img.array, lab, tuple(img.geometry.spacing)))
+    labeled = [c for c in loaded if c.label is not None]
+    if not labeled:
+        raise InputError("no labeled volume: put at least one label file with the same name as its image "
+                         "in the --labels folder")
+    if config.num_classes is not None:
+        k = config.num_classes
+    else:
+        top = max(int(c.label[c.label != config.ignore_index].max(initial=0)) for c in labeled)
+        k = max(2, top + 1)
+    return loaded, k
+
+
+def split_validation(labeled: list[LoadedCase], fraction: float, seed: int
+                     ) -> tuple[list[LoadedCase], list[LoadedCase]]:
+    """Validation volumes drawn from the labeled training volumes (never from test data).
+    None when fewer than 3 labeled volumes: every label is needed for training then."""
+    n = len(labeled)
+    n_val = 0 if n < 3 or fraction <= 0 else max(1, int(round(fraction * n)))
+    order = np.random.default_rng(seed).permutation(n)
+    val = [labeled[i] for i in sorted(order[:n_val])]
+    train = [labeled[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def partner_patch(case: LoadedCase, patch: tuple[int, int, int], config: TrainConfig) -> np.ndarray:
+    """A labeled patch centred on the target: the fixed mixing partner for whole-volume regions."""
+    from .data import pad_to
+
+    img = normalise(case.image, config.normalization, config.ct_window)
+    img, _ = pad_to(img, patch, 0.0)
+    lab, _ = pad_to(case.label, patch, config.ignore_index)
+    fg = np.argwhere((lab > 0) & (lab != config.ignore_index))
+    centre = fg.mean(0).astype(int) if len(fg) else np.array(img.shape) // 2
+    z, y, x = (int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, img.shape))
+    return np.ascontiguousarray(img[z:z + patch[0], y:y + patch[1], x:x + patch[2]])
+
+
+# ----------------------------------------------------------------------------- memory estimate
+
+def estimate_training_memory(patch: tuple[int, int, int], batch: int, base_filters: int,
+                             num_classes: int = 2, method: str = "sgrs") -> int:
+    """Rough peak bytes of one training step (activations dominate).
+
+    Per input voxel the V-Net keeps about 3 tensors (conv, BN, ReLU) per layer; summing
+    widths x stages over the scales gives ~ 3 * F * 26 floats at full resolution-equivalent.
+    SGRS runs the student on 1.5x the batch (X, U, U_mix) plus a teacher forward without
+    activations kept. Measured on CPU this is within ~2x of the real peak (benchmarks/).
+    """
+    vox = int(np.prod(patch))
+    student_batch = batch + (batch - 0) // 2 if method != "supervised" else batch
+    per_voxel = 3 * base_filters * 26 + 4 * num_classes
+    params = 9_448_866 * (base_filters / 16) ** 2 * 4 * 4  # weights, grads, momentum, teacher
+    return int(student_batch * vox * per_voxel * 4 + params)
+
+
+def check_memory(config: TrainConfig, patch: tuple[int, int, int], num_classes: int,
+                 device: torch.device) -> int:
+    need = estimate_training_memory(patch, config.batch_size, config.base_filters, num_classes, config.method)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        avail = free
+    else:
+        avail = _available_ram()
+    if avail and need > 0.9 * avail:
+        raise ResourceError(
+            f"training needs about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB is free on {device}; "
+            f"use a smaller --patch-size, --batch-size or --base-filters (e.g. --base-filters "
+            f"{max(4, config.base_filters // 2)})")
+    return need
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------- the step
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    loss_sup: float
+    loss_unsup: float
+    weight: float
+    regions: dict[str, float] = field(default_factory=dict)
+
+
+def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np.random.Generator,
+              gen: torch.Generator | None, rampup_len: float, num_classes: int) -> StepOutput:
+    """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None."""
+    b = x.shape[0]
+    ignore = config.ignore_index
+    if config.method == "supervised" or u is None:
+        logits = student(x)
+        ls = S.supervised_loss(logits, y, ignore)
+        return StepOutput(ls, float(ls.detach()), 0.0, 0.0)
+    bu = u.shape[0]
+    weight = config.unsup_weight * S.sigmoid_rampup(step, rampup_len)
+    u_noisy = S.add_noise(u, generator=gen)
+    with torch.no_grad():
+        teacher_logits = teacher(u_noisy)
+    if config.method == "mean-teacher":
+        logits = student(torch.cat([x, u], 0))
+        ls = S.supervised_loss(logits[:b], y, ignore)
+        lu = F.mse_loss(torch.softmax(logits[b:], 1), torch.softmax(teacher_logits.float(), 1))
+        return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight)
+    pseudo = S.hard_label(teacher_logits)
+    if config.use_mix:
+        x_noisy = S.add_noise(x, generator=gen)
+        lam = S.sample_mix_lambda(bu, config.mix_alpha, rng)
+        partner = torch.from_numpy(rng.integers(0, b, bu))
+        u_mix = S.mix_augment(u_noisy, x_noisy, lam, partner)
+    else:
+        u_mix = u_noisy  # ablation: the second view is the noisy unlabeled patch alone
+    logits = student(torch.cat([x, u, u_mix], 0))  # one forward over the concatenated batch
+    ls = S.supervised_loss(logits[:b], y, ignore)
+    lu_logits, mix_logits = logits[b:b + bu], logits[b + bu:]
+    with torch.no_grad():
+        regions = S.synergy_regions(torch.softmax(lu_logits.float(), 1), torch.softmax(mix_logits.float(), 1),
+                                    config.tau)
+    lu = S.regional_loss(lu_logits.float(), mix_logits.float(), pseudo, regions,
+                         use_regions=config.use_regions, reference_compat=config.reference_compat)
+    return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight, regions.fractions())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _StopFlag:
+    def __init__(self, run_dir: Path):
+        self.stop_file = run_dir / "STOP"
+        self.reason: str | None = None
+        self._old = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> bool:
+        if self.reason is None and self.stop_file.exists():
+            self.reason = "STOP file"
+        return self.reason is not None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    stopped: bool
+    best_dice: float | None
+    last_checkpoint: Path
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool = False,
+          listeners: list[Callable] | None = None, progress_bar: bool = False) -> TrainResult:
+    """Train a network on ``cases`` (io.Case list: image, label or None) into ``run_dir``."""
+    config.validate()
+    run_dir = Path(run_dir)
+    rank, world, local_rank = _dist_info()
+    distributed = world > 1
+    is_main = rank == 0
+
+    if resume:
+        if not (run_dir / "checkpoints" / "last.safetensors").exists():
+            raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors); "
+                                  f"start without --resume")
+    elif (run_dir / "checkpoints" / "last.safetensors").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
+
+    device = resolve_device(config.device)
+    if distributed:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    # Determinism on CPU for a given seed: seeded generators, deterministic algorithms.
+    torch.manual_seed(config.seed + rank)
+    rng = np.random.default_rng(config.seed + rank)
+    gen = torch.Generator(device=device).manual_seed(config.seed + 7919 * (rank + 1))
+
+    loaded, num_classes = load_cases(cases, config)
+    labeled = [c for c in loaded if c.label is not None]
+    train_lab, val = split_validation(labeled, config.val_fraction, config.seed)
+    # Validation volumes give their images (not labels) to the unlabeled stream: that is
+    # what a semi-supervised method may use, and it keeps every image in play.
+    unlabeled = [c for c in loaded if c.label is None] + val
+    if config.method != "supervised" and not unlabeled:
+        raise InputError("method needs unlabeled volumes but every image has a label: add images without "
+                         "labels or use --method supervised")
+    patch = tuple(config.patch_size) if config.patch_size else auto_patch([c.image.shape for c in loaded])
+    config.patch_size = patch
+    check_memory(config, patch, num_classes, device)
+
+    def prep(c: LoadedCase, with_label: bool):
+        img = normalise(c.image, config.normalization, config.ct_window)
+        return make_sample(c.name, img, c.label if with_label else None, patch, config.ignore_index)
+
+    sampler = PatchSampler(patch, rng, augment=True, foreground_fraction=config.foreground_fraction)
+    lab_batch = config.batch_size if config.method == "supervised" else config.labeled_batch_size
+    unl_batch = 0 if config.method == "supervised" else config.batch_size - config.labeled_batch_size
+    batches = TwoStreamBatches([prep(c, True) for c in train_lab], [prep(c, False) for c in unlabeled],
+                               lab_batch, unl_batch, sampler, rank, world)
+
+    student = build_model(config, num_classes)
+    if config.sync_bn and distributed:
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student = student.to(device)
+    if config.channels_last:
+        student = student.to(memory_format=torch.channels_last_3d)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+
+    step = 0
+    best_dice: float | None = None
+    if resume:
+        step, best_dice = _restore(run_dir, config, student, teacher, optimizer, rng, gen, num_classes, patch)
+
+    forward_student = student
+    if distributed:
+        forward_student = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        forward_student = torch.compile(forward_student)
+
+    amp_dtype = _amp_dtype(config.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    meta_base = {"config": config.to_json(), "num_classes": num_classes, "tau": config.tau,
+                 "patch_size": list(patch), "train_cases": [c.name for c in train_lab],
+                 "val_cases": [c.name for c in val], "unlabeled_cases": [c.name for c in unlabeled]}
+    partner = torch.from_numpy(partner_patch(train_lab[0], patch, config))
+
+    writer = None
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "STOP").unlink(missing_ok=True)
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(run_dir / "config.json", json.dumps(meta_base, indent=2).encode())
+    writer = EventWriter(run_dir / "events.jsonl" if is_main else None, listeners if is_main else [])
+    stop = _StopFlag(run_dir)
+    stop.install()
+
+    def save(kind: str) -> Path:
+        path = run_dir / "checkpoints" / f"{kind}.safetensors"
+        tensors = {**{f"student.{k}": v for k, v in student.state_dict().items()},
+                   **{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
+                   **_optimizer_tensors(optimizer), "partner.image": partner,
+                   "rng.torch": torch.random.get_rng_state(), "rng.noise": gen.get_state()}
+        meta = dict(meta_base, step=step, best_dice=best_dice, rng_numpy=_json_rng(rng),
+                    method=config.method)
+        digest = save_checkpoint(path, tensors, meta)
+        writer.emit(EventKind.CHECKPOINT, step, path=str(path), sha256=digest, best=kind == "best")
+        return path
+
+    rampup_len = config.rampup_fraction * config.iterations
+    val_every = config.val_every or max(1, config.iterations // 10)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    writer.emit(EventKind.STARTED, step, total=config.iterations, device=device_name, method=config.method,
+                num_classes=num_classes, patch_size=list(patch), labeled=len(train_lab),
+                unlabeled=len(unlabeled), validation=len(val), world_size=world)
+
+    bar = None
+    if progress_bar and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.iterations, initial=step, desc=config.method, unit="step", dynamic_ncols=True)
+    student.train()
+    teacher.eval()  # teacher: EMA weights and BN statistics, no dropout
+    t0, step0 = time.time(), step
+    last_path = run_dir / "checkpoints" / "last.safetensors"
+    stopped = False
+    last_val: float | None = None
+    try:
+        while step < config.iterations:
+            if stop.requested():
+                stopped = True
+                break
+            x, y, u = next(batches)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            u = u.to(device, non_blocking=True) if u is not None else None
+            if config.channels_last:
+                x = x.to(memory_format=torch.channels_last_3d)
+                u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
+                                num_classes)
+            if not torch.isfinite(out.loss):
+                msg = (f"loss became {float(out.loss)} at step {step}: training stopped; the last good "
+                       f"checkpoint is kept. Lower --lr or check the images for extreme values")
+                writer.emit(EventKind.ERROR, step, message=msg)
+                raise TrainingDiverged(msg)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if config.reference_compat:
+                S.reference_weight_decay(student)
+                S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
+            S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % config.log_every == 0 or step == config.iterations:
+                rate = (step - step0) / max(time.time() - t0, 1e-9)
+                writer.emit(EventKind.PROGRESS, step, loss=float(out.loss), loss_sup=out.loss_sup,
+                            loss_unsup=out.loss_unsup, weight=out.weight, total=config.iterations,
+                            steps_per_s=rate, eta_s=(config.iterations - step) / max(rate, 1e-9),
+                            device=device_name, memory_mb=_memory_mb(device))
+                if out.regions:
+                    writer.emit(EventKind.REGIONS, step, scope="batch", **out.regions)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(out.loss):.3f}",
+                                    val_dice="-" if last_val is None else f"{last_val:.3f}")
+            if is_main and val and (step % val_every == 0 or step == config.iterations):
+                last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step)
+                if best_dice is None or last_val > best_dice:
+                    best_dice = last_val
+                    save("best")
+            if is_main and (step % config.checkpoint_every == 0 or step == config.iterations):
+                last_path = save("last")
+        if stopped and is_main:
+            last_path = save("last")
+            writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=str(last_path))
+        elif is_main:
+            writer.emit(EventKind.FINISHED, step, path=str(last_path), best_dice=best_dice)
+    except SGRSError as exc:
+        if not isinstance(exc, TrainingDiverged):
+            writer.emit(EventKind.ERROR, step, message=str(exc))
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        msg = (f"the GPU ran out of memory at step {step}; use a smaller --patch-size, --batch-size or "
+               f"--base-filters, or --amp bf16")
+        writer.emit(EventKind.ERROR, step, message=msg)
+        raise ResourceError(msg) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+        stop.restore()
+        writer.close()
+        del forward_student
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return TrainResult(run_dir, step, stopped, best_dice, last_path)
+
+
+def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, device, writer, step) -> float:
+    """Mean foreground Dice of the student on the validation volumes (eval mode), plus the
+    per-region accuracy of its prediction: the evidence that regions separate good from bad."""
+    from .infer import Predictor
+    from .metrics import case_metrics
+
+    predictor = Predictor(student, meta, device, partner=partner)
+    try:
+        dices, acc = [], {"disregarded": [0, 0], "consistent": [0, 0], "inconsistent": [0, 0]}
+        for case in val:
+            pred = predictor.predict(case.image, regions=True)
+            valid = case.label != meta["config"]["ignore_index"]
+            rows = case_metrics(np.where(valid, pred.label, 0), np.where(valid, case.label, 0),
+                                spacing=case.spacing, num_classes=meta["num_classes"], name=case.name)
+            dices.append(float(np.mean([r.dice for r in rows])))
+            correct = (pred.label == case.label) & valid
+            for code, name in ((1, "disregarded"), (2, "consistent"), (3, "inconsistent")):
+                m = (pred.regions == code) & valid
+                acc[name][0] += int((correct & m).sum())
+                acc[name][1] += int(m.sum())
+        dice = float(np.mean(dices))
+        writer.emit(EventKind.VALIDATION, step, dice=dice, per_case=dict(zip([c.name for c in val], dices)))
+        total = sum(v[1] for v in acc.values()) or 1
+        writer.emit(EventKind.REGIONS, step, scope="validation",
+                    **{k: v[1] / total for k, v in acc.items()},
+                    **{f"accuracy_{k}": (v[0] / v[1] if v[1] else None) for k, v in acc.items()})
+        return dice
+    finally:
+        student.train()
+
+
+def _amp_dtype(mode: str, device: torch.device):
+    if mode == "off" or device.type != "cuda":
+        return None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:  # pragma: no cover - non-POSIX
+        return 0.0
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"optim.momentum.{i}"] = buf
+    return out
+
+
+def _json_rng(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def _restore(run_dir: Path, config: TrainConfig, student, teacher, optimizer, rng, gen, num_classes, patch
+             ) -> tuple[int, float | None]:
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    meta = ckpt.meta
+    old = meta.get("config", {})
+    for key in ("base_filters", "method"):
+        if old.get(key) != getattr(config, key):
+            raise CheckpointError(f"cannot resume: the run used --{key.replace('_', '-')} {old.get(key)}, "
+                                  f"this command asks for {getattr(config, key)}; use the same value")
+    if meta.get("num_classes") != num_classes:
+        raise CheckpointError(f"cannot resume: the run has {meta.get('num_classes')} classes but the labels "
+                              f"now have {num_classes}")
+    if list(old.get("patch_size") or []) != list(patch):
+        raise CheckpointError(f"cannot resume: the run used patch {old.get('patch_size')}, now {list(patch)}; "
+                              f"pass --patch-size {' '.join(map(str, old.get('patch_size') or []))}")
+    student.load_state_dict(ckpt.state_dict("student"))
+    teacher.load_state_dict(ckpt.state_dict("teacher"))
+    params = optimizer.param_groups[0]["params"]
+    for i, p in enumerate(params):
+        buf = ckpt.tensors.get(f"optim.momentum.{i}")
+        if buf is not None:
+            optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+    if "rng_numpy" in meta:
+        rng.bit_generator.state = meta["rng_numpy"]
+    if "rng.torch" in ckpt.tensors:
+        torch.random.set_rng_state(ckpt.tensors["rng.torch"])
+    if "rng.noise" in ckpt.tensors:
+        gen.set_state(ckpt.tensors["rng.noise"])
+    return int(meta.get("step", 0)), meta.get("best_dice")

@@ -1,0 +1,214 @@
+"""Tests of napari_sgrs.core.demo: determinism, layout, geometry, label content, difficulty."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_sgrs.core.demo import make_demo_case, make_demo_cohort, partial_label
+from napari_sgrs.core.errors import ConfigError, InputError
+from napari_sgrs.core.io import read_volume
+
+SHAPE = (32, 36, 40)
+SPACING = (1.5, 0.8, 0.8)
+
+
+@pytest.fixture(scope="module")
+def blob_cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("blob")
+    return make_demo_cohort(
+        out, kind="blob", n_cases=5, n_labeled=2, n_test=2, shape=SHAPE, spacing=SPACING, seed=3
+    )
+
+
+# --- determinism ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, n_classes", [("blob", 2), ("blob", 3), ("vessel", 2)])
+def test_same_seed_same_case_and_other_seed_differs(kind, n_classes):
+    a = make_demo_case(kind, shape=SHAPE, seed=7, index=2, n_classes=n_classes)
+    b = make_demo_case(kind, shape=SHAPE, seed=7, index=2, n_classes=n_classes)
+    other_seed = make_demo_case(kind, shape=SHAPE, seed=8, index=2, n_classes=n_classes)
+    other_case = make_demo_case(kind, shape=SHAPE, seed=7, index=3, n_classes=n_classes)
+    for x, y in zip(a, b):
+        assert x.tobytes() == y.tobytes()
+    assert not np.array_equal(a[0], other_seed[0]) and not np.array_equal(a[1], other_seed[1])
+    assert not np.array_equal(a[1], other_case[1])
+
+
+def test_cohort_files_are_reproducible(blob_cohort, tmp_path):
+    again = make_demo_cohort(
+        tmp_path, kind="blob", n_cases=5, n_labeled=2, n_test=2, shape=SHAPE, spacing=SPACING,
+        seed=3,
+    )
+    for folder, name in [
+        ("images_tr", "blob_004"),
+        ("labels_tr", "blob_001"),
+        ("images_ts", "blob_006"),
+        ("labels_ts", "blob_005"),
+    ]:
+        first = read_volume(getattr(blob_cohort, folder) / f"{name}.nii.gz").array
+        second = read_volume(getattr(again, folder) / f"{name}.nii.gz").array
+        assert first.tobytes() == second.tobytes()
+    # A case does not depend on the cohort size: case i of a smaller cohort is the same.
+    image, label = make_demo_case("blob", shape=SHAPE, seed=3, index=1)
+    assert np.array_equal(read_volume(blob_cohort.labels_tr / "blob_001.nii.gz").array, label)
+    assert np.array_equal(read_volume(blob_cohort.images_tr / "blob_001.nii.gz").array, image)
+
+
+# --- layout and geometry -------------------------------------------------------------
+
+def _names(folder):
+    return sorted(p.name[: -len(".nii.gz")] for p in folder.glob("*.nii.gz"))
+
+
+def test_cohort_layout_and_json(blob_cohort):
+    c = blob_cohort
+    assert _names(c.images_tr) == [f"blob_{i:03d}" for i in range(5)]
+    assert _names(c.labels_tr) == ["blob_000", "blob_001"]  # first n_labeled only
+    assert _names(c.images_ts) == _names(c.labels_ts) == ["blob_005", "blob_006"]
+    assert c.labeled_names == ("blob_000", "blob_001")
+    assert c.unlabeled_names == ("blob_002", "blob_003", "blob_004")
+    assert c.test_names == ("blob_005", "blob_006")
+    meta = json.loads(c.json_path.read_text())
+    assert meta["kind"] == "blob" and meta["seed"] == 3 and meta["n_classes"] == 2
+    assert meta["shape"] == list(SHAPE) and meta["spacing"] == list(SPACING)
+    assert meta["train_names"] == list(c.train_names)
+    assert meta["labeled_names"] == list(c.labeled_names)
+    assert meta["test_names"] == list(c.test_names)
+
+
+def test_cohort_pairs_with_find_cases(blob_cohort):
+    from napari_sgrs.core.io import find_cases
+
+    cases = find_cases(blob_cohort.images_tr, blob_cohort.labels_tr)
+    labeled = [c.name for c in cases if c.label is not None]
+    assert labeled == list(blob_cohort.labeled_names)
+    assert len(cases) == 5
+
+
+def test_geometry_is_written_and_read_back(blob_cohort):
+    for path in [
+        blob_cohort.images_tr / "blob_000.nii.gz",
+        blob_cohort.labels_ts / "blob_005.nii.gz",
+    ]:
+        volume = read_volume(path)
+        assert volume.array.shape == SHAPE
+        assert volume.geometry.spacing == pytest.approx(SPACING, abs=1e-5)
+        assert volume.geometry.origin == pytest.approx(blob_cohort.origin, abs=1e-4)
+        assert all(abs(o) > 1.0 for o in volume.geometry.origin)  # non-zero origin
+
+
+# --- label content and difficulty ----------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kind, n_classes, values, lo, hi",
+    [
+        ("blob", 2, {0, 1}, 0.01, 0.20),
+        ("blob", 3, {0, 1, 2}, 0.01, 0.25),
+        ("vessel", 2, {0, 1}, 0.003, 0.05),
+    ],
+)
+def test_labels_and_target_fraction(kind, n_classes, values, lo, hi):
+    for index in range(6):
+        image, label = make_demo_case(
+            kind, shape=(48, 48, 48), seed=0, index=index, n_classes=n_classes
+        )
+        assert image.dtype == np.int16 and label.dtype == np.uint8
+        assert set(np.unique(label)) == values
+        assert lo <= (label > 0).mean() <= hi, (index, (label > 0).mean())
+        # the target is one connected structure, not speckle
+        assert ndimage.label(label == 1)[1] <= 2
+
+
+def _best_threshold_dice(image, target, darker):
+    best = 0.0
+    for t in np.unique(np.percentile(image, np.linspace(0.5, 99.5, 300))):
+        mask = image < t if darker else image > t
+        best = max(best, 2 * (mask & target).sum() / (mask.sum() + target.sum()))
+    return best
+
+
+@pytest.mark.parametrize("kind", ["blob", "vessel"])
+def test_target_is_not_trivially_thresholdable(kind):
+    for index in range(4):
+        image, label = make_demo_case(kind, shape=(48, 48, 48), seed=1, index=index)
+        target = label == 1
+        assert _best_threshold_dice(image, target, darker=kind == "vessel") < 0.9
+        assert _best_threshold_dice(image, target, darker=kind != "vessel") < 0.9
+
+
+@pytest.mark.parametrize("kind, brighter", [("blob", True), ("vessel", False)])
+def test_target_contrast_direction_and_scale(kind, brighter):
+    image, label = make_demo_case(kind, shape=(48, 48, 48), seed=2, index=0)
+    target = label == 1
+    shell = ndimage.binary_dilation(target, iterations=3) & ~ndimage.binary_dilation(target)
+    inside, around = np.median(image[target]), np.median(image[shell])
+    assert (inside > around) if brighter else (inside < around)
+    if kind == "vessel":  # Hounsfield-like scale
+        assert -400 < np.percentile(image, 1) and np.percentile(image, 99) < 500
+    else:  # MRI-like, non-negative magnitudes
+        assert image.min() >= 0
+
+
+# --- partial labels ------------------------------------------------------------------
+
+@pytest.mark.parametrize("axis, keep_every, start", [(0, 4, 0), (1, 3, 1), (2, 1, 0), (-1, 5, 4)])
+def test_partial_label_keeps_every_kth_slice(axis, keep_every, start):
+    _, label = make_demo_case("blob", shape=SHAPE, seed=0, index=0, n_classes=3)
+    partial = partial_label(label, keep_every=keep_every, axis=axis, start=start)
+    assert partial.shape == label.shape and partial.dtype == label.dtype
+    kept = np.zeros(label.shape[axis], dtype=bool)
+    kept[start::keep_every] = True
+    moved_p, moved_l = np.moveaxis(partial, axis, 0), np.moveaxis(label, axis, 0)
+    assert np.array_equal(moved_p[kept], moved_l[kept])
+    assert np.all(moved_p[~kept] == 255)
+    assert label.max() == 2  # input untouched
+
+
+def test_partial_label_widens_dtype_and_rejects_clashes():
+    label = np.zeros((4, 4, 4), dtype=np.uint8)
+    assert partial_label(label, ignore_index=1000).dtype == np.uint16
+    with pytest.raises(InputError, match="ignore_index=0"):
+        partial_label(label, ignore_index=0)
+    with pytest.raises(ConfigError, match="keep_every=0"):
+        partial_label(label, keep_every=0)
+
+
+# --- settings and output folder ------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "spleen"}, "spleen"),
+        ({"n_cases": 2, "n_labeled": 3}, "n_labeled=3"),
+        ({"n_cases": 0}, "n_cases=0"),
+        ({"n_test": -1}, "n_test=-1"),
+        ({"kind": "vessel", "n_classes": 3}, "n_classes=3"),
+        ({"shape": (8, 32, 32)}, "shape"),
+        ({"spacing": (1.0, 0.0, 1.0)}, "spacing"),
+    ],
+)
+def test_bad_settings_raise_config_error(tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        make_demo_cohort(tmp_path, **kwargs)
+    assert not (tmp_path / "cohort.json").exists()
+
+
+def test_existing_cohort_needs_overwrite(tmp_path):
+    small = dict(shape=(16, 16, 16), n_cases=2, n_labeled=1, n_test=1)
+    make_demo_cohort(tmp_path, seed=0, **small)
+    with pytest.raises(InputError, match="overwrite=True"):
+        make_demo_cohort(tmp_path, seed=1, **small)
+    c = make_demo_cohort(tmp_path, kind="vessel", seed=1, overwrite=True, **small)
+    assert _names(c.images_tr) == ["vessel_000", "vessel_001"]  # old blob files removed
+    assert _names(c.labels_tr) == ["vessel_000"]
+    assert json.loads(c.json_path.read_text())["kind"] == "vessel"
+
+
+def test_default_labels_half_of_the_training_cases(tmp_path):
+    c = make_demo_cohort(tmp_path, shape=(16, 16, 16), n_cases=3, n_test=0)
+    assert c.labeled_names == ("blob_000",) and c.test_names == ()
+    assert _names(c.labels_tr) == ["blob_000"] and _names(c.images_ts) == []

@@ -1,0 +1,158 @@
+"""Headless tests of the project folder: ranking, focus, provenance, journal, export, commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from napari_sgrs.core.errors import InputError
+from napari_sgrs.core.io import Geometry, read_volume, write_volume
+from napari_sgrs.core.project import (IGNORE_INDEX, Project, ReviewQueue, TrainSettings, case_name,
+                                      largest_region, mark_unpainted_slices, provenance_counts,
+                                      provenance_for_accept, rank_for_review, train_command)
+
+GEOM = Geometry(spacing=(2.0, 0.5, 0.75), origin=(10.0, -5.0, 3.0), direction=tuple(np.eye(3).ravel()))
+
+
+def test_core_project_imports_no_qt():
+    import subprocess
+
+    code = ("import sys, napari_sgrs.core.project as p; "
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('qtpy','PyQt5','napari','magicgui','superqt')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("case_003.nii.gz", "case_003"), ("a b/c d.nrrd", "c_d"), ("blob_001", "blob_001"), ("???", "case"),
+])
+def test_case_name(text, expected):
+    assert case_name(text) == expected
+
+
+def test_ranking_worst_first_and_ties_by_name():
+    a = np.full((4, 4, 4), 2, np.uint8)
+    b = a.copy(); b[0, 0, :2] = 3                     # 2 inconsistent
+    c = a.copy(); c[0, 0, :2] = 1; c[1, 1, 1] = 3     # 2 disregarded + 1 inconsistent
+    d = b.copy()                                       # ties with b
+    ranked = rank_for_review({"a": a, "b": b, "c": c, "d": d})
+    assert [r.name for r in ranked] == ["c", "b", "d", "a"]
+    assert ranked[0].score == pytest.approx(3 / 64)
+    q = ReviewQueue({"a": a, "c": c})
+    assert [q.next().name, q.next().name, q.next().name] == ["c", "a", "c"]
+    q.remove("c")
+    assert q.next().name == "a"
+
+
+def test_largest_inconsistent_region_and_fallback():
+    r = np.full((10, 10, 10), 2, np.uint8)
+    r[1, 1, 1] = 3                     # small component
+    r[5:8, 2:5, 6:9] = 3               # big one (27 voxels)
+    focus = largest_region(r)
+    assert focus.size == 27 and focus.region == 3
+    assert focus.center == (6.0, 3.0, 7.0)
+    assert focus.bbox == ((5, 8), (2, 5), (6, 9))
+    only_disregarded = np.full((5, 5, 5), 2, np.uint8)
+    only_disregarded[0, 0, 0:2] = 1
+    assert largest_region(only_disregarded).region == 1
+    assert largest_region(np.zeros((3, 3, 3), np.uint8)) is None
+
+
+def test_mark_unpainted_slices():
+    label = np.zeros((5, 4, 4), np.uint8)
+    label[1, 0, 0] = 1
+    label[3] = 0                        # an unpainted slice
+    out = mark_unpainted_slices(label)
+    assert (out[1] != IGNORE_INDEX).all() and out[1, 0, 0] == 1
+    for z in (0, 2, 3, 4):
+        assert (out[z] == IGNORE_INDEX).all()
+    with pytest.raises(InputError):
+        mark_unpainted_slices(np.full((2, 2, 2), 300))
+
+
+def test_provenance():
+    model = np.zeros((4, 4, 4), np.uint8); model[1] = 1
+    label = model.copy(); label[2, 0, 0] = 1; label[1, 0, 0] = 0   # two voxels changed
+    label[3, 3, 3] = IGNORE_INDEX
+    prov = provenance_for_accept(label, model)
+    assert provenance_counts(prov) == {"model_only": 1, "accepted_pseudo_label": 61, "human_drawn": 2}
+    # a voxel drawn by a person stays human-drawn when a later accept agrees with the model there
+    again = provenance_for_accept(model, model, previous=prov)
+    assert again[2, 0, 0] == 2 and again[1, 0, 0] == 2
+    assert provenance_counts(provenance_for_accept(label, None))["human_drawn"] == 63
+
+
+def _project_with_cases(tmp_path):
+    project = Project.create(tmp_path / "proj")
+    rng = np.random.default_rng(0)
+    for name in ("c0", "c1"):
+        project.add_image(name, rng.normal(size=(8, 8, 8)).astype(np.float32), GEOM, source=f"/data/{name}.nrrd",
+                          source_format="nrrd")
+    label = np.zeros((8, 8, 8), np.uint8); label[2:5, 2:5, 2:5] = 1
+    project.set_label("c0", label, GEOM)
+    return project
+
+
+def test_project_roundtrip_and_accept(tmp_path):
+    project = _project_with_cases(tmp_path)
+    assert project.labeled_cases() == ["c0"] and project.unlabeled_cases() == ["c1"]
+    reopened = Project.open(tmp_path / "proj")
+    assert reopened.case_names() == ["c0", "c1"] and reopened.images[0].source == "/data/c0.nrrd"
+    model = np.zeros((8, 8, 8), np.uint8); model[3:6, 3:6, 3:6] = 1
+    edited = model.copy(); edited[0, 0, 0] = 1
+    prov = reopened.accept("c1", edited, GEOM, model)
+    assert reopened.label_path("c1").exists() and int((prov == 2).sum()) == 1
+    saved = read_volume(reopened.label_path("c1"))
+    assert np.array_equal(saved.array, edited) and saved.geometry.close_to(GEOM)
+    assert Project.open(tmp_path / "proj").data["corrections"][-1]["provenance"]["human_drawn"] == 1
+    with pytest.raises(InputError):
+        Project.open(tmp_path / "nothing")
+
+
+def test_journal_recovery(tmp_path):
+    project = _project_with_cases(tmp_path)
+    edit = np.zeros((8, 8, 8), np.uint8); edit[1, 2, 3] = 1
+    project.save_journal("c1", edit)
+    # a "killed viewer": only the folder remains; a new Project object finds the edit
+    again = Project.open(project.root)
+    pending = again.pending_journal()
+    assert [e.name for e in pending] == ["c1"]
+    assert np.array_equal(again.load_journal("c1"), edit)
+    again.accept("c1", edit, GEOM, None)       # accepting clears the journal
+    assert again.pending_journal() == []
+    # a tampered journal file is refused, never unpickled
+    (again.journal_dir / "evil.npy").parent.mkdir(exist_ok=True)
+    np.save(again.journal_dir / "evil.npy", np.array([object()], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError):
+        again.load_journal("evil")
+
+
+def test_export_with_sidecar(tmp_path):
+    project = _project_with_cases(tmp_path)
+    pred_dir = project.root / "predictions" / "p"
+    pred_dir.mkdir(parents=True)
+    pred = np.zeros((8, 8, 8), np.uint8); pred[4, 4, 4] = 1
+    write_volume(pred_dir / "c1.nii.gz", pred, GEOM)
+    project.set_prediction(pred_dir, step=7)
+    written = project.export(out_dir=tmp_path / "out")
+    names = sorted(p.name for p in written)
+    assert names == ["c0.json", "c0.nii.gz", "c0.nrrd", "c1.json", "c1.nii.gz", "c1.nrrd"]
+    for name in ("c0.nii.gz", "c1.nrrd"):
+        assert read_volume(tmp_path / "out" / name).geometry.close_to(GEOM)
+    side = json.loads((tmp_path / "out" / "c1.json").read_text())
+    assert side["provenance"] == {"model_only": 512, "accepted_pseudo_label": 0, "human_drawn": 0}
+    assert json.loads((tmp_path / "out" / "c0.json").read_text())["provenance"]["human_drawn"] == 512
+    with pytest.raises(InputError):
+        project.export(["nope"], tmp_path / "out")
+
+
+def test_train_command():
+    s = TrainSettings(iterations=4, patch_size=(32, 32, 32), base_filters=2, device="cpu")
+    cmd = train_command("I", "L", "R", s, resume=True)
+    assert cmd[:4] == [sys.executable, "-m", "napari_sgrs.cli", "train"]
+    assert cmd[cmd.index("--patch-size") + 1: cmd.index("--patch-size") + 4] == ["32", "32", "32"]
+    assert cmd[-1] == "--resume"
+    assert TrainSettings.from_dict({"patch_size": [16, 16, 16], "junk": 1}).patch_size == (16, 16, 16)
