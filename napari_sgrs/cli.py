@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .core.errors import ConfigError, InputError, SGRSError
+from .core.errors import ConfigError, InputError, ResourceError, SGRSError
 
 EXIT_USAGE = 2
 
@@ -180,6 +180,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.labels is not None:
         labeled_names = {c.name for c in find_cases(args.images, args.labels) if c.label is not None}
     out = Path(args.out)
+    subfolders = [out] + ([out / "probability", out / "regions"] if args.regions else [])
+    for folder in subfolders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ResourceError(f"cannot create output folder {folder}: {exc.strerror}; choose a writable --out") from exc
     from tqdm import tqdm
 
     for case in tqdm(cases, desc="predict", unit="volume", disable=args.quiet):

@@ -468,12 +468,12 @@ class SGRSTrainWidget(QWidget):
                 project.add_image(case, np.asarray(image.data), geometry, meta.get("source"), meta.get("format"))
             if label_name and label_name != NO_LABEL and label_name in by_name:
                 label = np.asarray(by_name[label_name].data)
-                if self.partial_check.isChecked():
+                if self.partial_check.isChecked() and not project.label_path(case).exists():
                     label = mark_unpainted_slices(label, axis=0)
                 if label.shape != np.shape(image.data):
                     raise SGRSError(f"label layer '{label_name}' has shape {label.shape}, image "
                                     f"'{image_name}' {np.shape(image.data)}; choose the matching label")
-                project.set_label(case, label, geometry_of(by_name[label_name]))
+                project.update_label(case, label, geometry_of(by_name[label_name]))
             cases.append(case)
         if not cases:
             raise SGRSError("no image layer chosen: open images (or the demo data) and tick 'use'")

@@ -399,50 +399,83 @@ def _read_nifti(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geomet
     return _finish_array(data.transpose(2, 1, 0), shape_kji, name), geometry
 
 
-def _meta_header(path: Path, limit: int = 1 << 16) -> dict[str, str]:
-    """Parse a MetaImage (.mha/.mhd) text header up to ElementDataFile (plus its byte end)."""
-    with open(path, "rb") as f:
-        head = f.read(limit)
-    fields: dict[str, str] = {}
-    pos = 0
-    while pos < len(head):
-        end = head.find(b"\n", pos)
-        end = len(head) if end < 0 else end + 1
-        key, _, value = head[pos:end].decode("latin-1").partition("=")
-        pos = end
-        fields[key.strip()] = value.strip()
-        if key.strip() == "ElementDataFile":
-            fields["_header_end"] = str(pos)
-            break
-    return fields
+# Bytes per voxel of the MetaImage / NRRD type names (a lower bound where the platform decides).
+_META_ITEMSIZE = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+_NRRD_ITEMSIZE = {
+    **dict.fromkeys(
+        ("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1
+    ),
+    **dict.fromkeys(
+        ("short", "short int", "signed short", "signed short int", "int16", "int16_t",
+         "ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2
+    ),
+    **dict.fromkeys(
+        ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32",
+         "uint32_t", "float"), 4
+    ),
+    **dict.fromkeys(
+        ("longlong", "long long", "long long int", "signed long long", "signed long long int",
+         "int64", "int64_t", "ulonglong", "unsigned long long", "unsigned long long int",
+         "uint64", "uint64_t", "double"), 8
+    ),
+}  # fmt: skip
+_NRRD_ENCODING = {
+    "raw": "raw", "gzip": "deflate", "gz": "deflate", "ascii": "ascii", "text": "ascii",
+    "txt": "ascii", "hex": "ascii", "bzip2": "other", "bz2": "other",
+}  # fmt: skip
+_HEADER_LIMIT = 1 << 20  # text headers are a few kB; more means this is not a header
 
 
-def _nrrd_header(path: Path, limit: int = 1 << 16) -> dict[str, str]:
-    """Parse a NRRD/NHDR text header up to the blank line (plus its byte end)."""
+@dataclass(frozen=True)
+class _TextHeader:
+    """What a MetaImage/NRRD text header declares, parsed without ITK."""
+
+    shape: tuple[int, ...]  # file axis order (x, y, z, ...)
+    itemsize: int
+    channels: int
+    encoding: str  # "raw" | "deflate" | "ascii" | "other"
+    stored: int | None  # bytes available for voxel data; None when spread over many files
+
+
+def _header_lines(path: Path) -> tuple[list[tuple[str, int]], bytes]:
+    """Lines of the text header at the start of ``path``, each with the byte offset after it."""
     with open(path, "rb") as f:
-        head = f.read(limit)
-    fields: dict[str, str] = {}
-    pos = 0
+        head = f.read(_HEADER_LIMIT)
+    lines, pos = [], 0
     while pos < len(head):
         end = head.find(b"\n", pos)
-        end = len(head) if end < 0 else end + 1
-        line = head[pos:end].decode("latin-1").strip()
-        pos = end
-        if pos > 1 and not line:
-            break
-        if ":" in line and not line.startswith("#") and ":=" not in line:
-            key, _, value = line.partition(":")
-            fields[key.strip().lower().replace(" ", "")] = value.strip()
-    fields["_header_end"] = str(pos)
-    return fields
+        if end < 0:
+            break  # an unterminated last line: the header is cut short
+        lines.append((head[pos:end].decode("latin-1").strip(), end + 1))
+        pos = end + 1
+    return lines, head
+
+
+def _ints(text: str, what: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split())
+    except ValueError as exc:
+        raise InputError(
+            f"{name}: header field {what} = '{text[:40]}' is not whole numbers"
+        ) from exc
 
 
 def _stored_bytes(path: Path, data_file: str, header_end: int, skip: int) -> int | None:
     """Bytes available for voxel data, or None if the layout is not one we can measure."""
-    if data_file.upper() == "LOCAL" or data_file == "":
+    # MetaIO overruns a buffer on a long or binary data-file name (a damaged header line):
+    # only plain, printable names of sane length reach ITK.
+    if len(data_file) > 255 or not data_file.isprintable():
+        raise InputError(
+            f"{_show(path)}: the header's data file name is not text - the header is corrupt"
+        )
+    if data_file.upper() in ("LOCAL", ""):
         return path.stat().st_size - header_end
-    if data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file:
-        return None  # one file per slice: ITK checks these itself, and they are small
+    if data_file.upper().startswith("LIST") or "%" in data_file:
+        return None  # one file per slice: each is small and ITK checks them itself
     companion = path.parent / data_file
     if not companion.is_file():
         raise InputError(
@@ -451,59 +484,117 @@ def _stored_bytes(path: Path, data_file: str, header_end: int, skip: int) -> int
     return companion.stat().st_size - max(skip, 0)
 
 
-def _check_itk_file_size(path: Path, fmt: str, needed: int, voxels: int, name: str) -> None:
-    if fmt in ("mha", "mhd"):
-        meta = _meta_header(path)
-        if "_header_end" not in meta:
-            raise InputError(f"{name}: no ElementDataFile in the MetaImage header - file corrupt")
-        compressed = meta.get("CompressedData", "False").lower() in ("true", "1")
-        try:
-            skip = int(meta.get("HeaderSize", "0"))
-        except ValueError:
-            skip = 0
-        stored = _stored_bytes(path, meta["ElementDataFile"], int(meta["_header_end"]), skip)
-        encoding = "deflate" if compressed else "raw"
-    else:
-        meta = _nrrd_header(path)
-        data_file = meta.get("datafile", meta.get("data file", ""))
-        try:
-            skip = int(meta.get("byteskip", "0"))
-        except ValueError:
-            skip = 0
-        stored = _stored_bytes(path, data_file, int(meta["_header_end"]), skip)
-        encoding = {
-            "raw": "raw",
-            "gzip": "deflate",
-            "gz": "deflate",
-            "ascii": "ascii",
-            "text": "ascii",
-            "txt": "ascii",
-            "hex": "ascii",
-        }.get(meta.get("encoding", "raw").lower(), "other")
-        if encoding == "ascii":
-            needed = voxels
-    if stored is not None:
-        _check_stored_bytes(stored, needed, encoding, name)
+def _meta_header(path: Path, name: str) -> _TextHeader:
+    """Parse and sanity-check a MetaImage (.mha/.mhd) header."""
+    lines, _ = _header_lines(path)
+    fields: dict[str, str] = {}
+    header_end = None
+    for line, end in lines:
+        key, _, value = line.partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":  # always the last field
+            header_end = end
+            break
+    if header_end is None:
+        raise InputError(
+            f"{name}: MetaImage header is incomplete (no ElementDataFile line) - the file is"
+            " truncated or not a MetaImage"
+        )
+    ndims = _ints(fields.get("NDims", ""), "NDims", name)
+    shape = _ints(fields.get("DimSize", ""), "DimSize", name)
+    if len(ndims) != 1 or len(shape) != ndims[0]:
+        raise InputError(f"{name}: MetaImage NDims and DimSize disagree - the header is corrupt")
+    element = fields.get("ElementType", "")
+    if element not in _META_ITEMSIZE:
+        raise InputError(
+            f"{name}: MetaImage ElementType '{element[:30]}' is not a scalar number type"
+            " - export a scalar volume"
+        )
+    channels = _ints(fields.get("ElementNumberOfChannels", "1"), "ElementNumberOfChannels", name)
+    skip = _ints(fields.get("HeaderSize", "0"), "HeaderSize", name)
+    compressed = fields.get("CompressedData", "False").lower() in ("true", "1")
+    return _TextHeader(
+        shape=shape,
+        itemsize=_META_ITEMSIZE[element],
+        channels=channels[0] if channels else 1,
+        encoding="deflate" if compressed else "raw",
+        stored=_stored_bytes(path, fields["ElementDataFile"], header_end, skip[0] if skip else 0),
+    )
+
+
+def _nrrd_header(path: Path, name: str) -> _TextHeader:
+    """Parse and sanity-check a NRRD (.nrrd/.nhdr) header."""
+    lines, head = _header_lines(path)
+    if not head.startswith(b"NRRD000"):
+        raise InputError(f"{name}: does not start with the NRRD magic 'NRRD000x' - not a NRRD file")
+    fields: dict[str, str] = {}
+    header_end = None
+    for line, end in lines[1:]:
+        if not line:
+            header_end = end
+            break
+        if line.startswith("#") or ":=" in line:  # comments and key/value pairs
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip().lower().replace(" ", "")] = value.strip()
+    data_file = fields.get("datafile", "")
+    if header_end is None:
+        if not data_file:  # attached data must follow a blank line
+            raise InputError(f"{name}: NRRD header is incomplete - the file is truncated")
+        header_end = len(head)
+    dimension = _ints(fields.get("dimension", ""), "dimension", name)
+    shape = _ints(fields.get("sizes", ""), "sizes", name)
+    if len(dimension) != 1 or len(shape) != dimension[0]:
+        raise InputError(f"{name}: NRRD dimension and sizes disagree - the header is corrupt")
+    kind = fields.get("type", "").lower()
+    if kind not in _NRRD_ITEMSIZE:
+        raise InputError(
+            f"{name}: NRRD type '{kind[:30]}' is not a scalar number type - export a scalar volume"
+        )
+    encoding = fields.get("encoding", "").lower()
+    if encoding not in _NRRD_ENCODING:
+        raise InputError(f"{name}: NRRD encoding '{encoding[:30]}' is not supported")
+    skip = _ints(fields.get("byteskip", "0"), "byte skip", name)
+    return _TextHeader(
+        shape=shape,
+        itemsize=_NRRD_ITEMSIZE[kind],
+        channels=1,
+        encoding=_NRRD_ENCODING[encoding],
+        stored=_stored_bytes(path, data_file, header_end, skip[0] if skip else 0),
+    )
 
 
 def _read_itk_file(path: Path, name: str, fmt: str) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
+    sitk_path = _sitk_path(path)
+    # Check the text header in Python before ITK sees it: MetaIO aborts the whole process
+    # (heap corruption) on some truncated headers, and ITK allocates whatever a header claims.
+    header = _meta_header(path, name) if fmt in ("mha", "mhd") else _nrrd_header(path, name)
+    if header.channels != 1:
+        raise InputError(
+            f"{name}: {header.channels} values per voxel; a scalar volume is needed"
+            " - export one channel"
+        )
+    shape = _check_declared(header.shape, header.itemsize, name)
+    voxels = math.prod(shape)
+    if header.stored is not None:
+        needed = voxels if header.encoding == "ascii" else voxels * header.itemsize
+        _check_stored_bytes(header.stored, needed, header.encoding, name)
+
     reader = sitk.ImageFileReader()
-    reader.SetFileName(_sitk_path(path))
-    reader.ReadImageInformation()  # header only: check sizes before any allocation
+    reader.SetFileName(sitk_path)
+    reader.ReadImageInformation()
     if reader.GetNumberOfComponents() != 1:
         raise InputError(
             f"{name}: {reader.GetNumberOfComponents()} values per voxel; a scalar volume is"
             " needed - export one channel"
         )
-    dtype = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * 2, reader.GetPixelID())).dtype)
-    shape_xyz = _check_declared(reader.GetSize(), dtype.itemsize, name)
-    voxels = math.prod(shape_xyz)
-    _check_itk_file_size(path, fmt, voxels * dtype.itemsize, voxels, name)
+    if _check_declared(reader.GetSize(), header.itemsize, name) != shape:
+        raise InputError(f"{name}: ITK reads size {reader.GetSize()}, header says {header.shape}")
     image = reader.Execute()
     geometry = Geometry._from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return _finish_array(sitk.GetArrayFromImage(image), shape_xyz[::-1], name), geometry
+    return _finish_array(sitk.GetArrayFromImage(image), shape[::-1], name), geometry
 
 
 def _check_slice_positions(files: list[str], name: str) -> None:

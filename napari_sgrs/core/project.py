@@ -529,6 +529,28 @@ class Project:
         self.save()
         return Path(path)
 
+    def update_label(self, name: str, label: np.ndarray, geometry: Any) -> bool:
+        """Save a label layer as the training label of ``name`` unless it is unchanged on disk.
+
+        A new label is human-drawn throughout; for an existing one only the changed voxels become
+        human-drawn, the rest keep their provenance. Returns whether anything was written.
+        """
+        label = np.asarray(label)
+        if not self.label_path(name).exists():
+            self.set_label(name, label, geometry)
+            return True
+        from .io import read_volume
+
+        old = np.asarray(read_volume(self.label_path(name)).array)
+        if old.shape == label.shape and np.array_equal(old, label):
+            return False
+        previous = self.read_provenance(name)
+        prov = provenance_for_accept(label, old if old.shape == label.shape else None, None)
+        if previous is not None and previous.shape == label.shape:
+            prov = np.where(label == old, previous, prov).astype(np.uint8)
+        self.set_label(name, label, geometry, prov, kind="edit")
+        return True
+
     def accept(self, name: str, label: np.ndarray, geometry: Any,
                model_prediction: np.ndarray | None) -> np.ndarray:
         """Make an edited pseudo label a training label; returns its provenance (see

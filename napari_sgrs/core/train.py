@@ -484,7 +484,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
                                 num_classes)
             if not torch.isfinite(out.loss):
-                msg = (f"loss became {float(out.loss)} at step {step}: training stopped; the last good "
+                msg = (f"loss became {float(out.loss.detach())} at step {step}: training stopped; the last good "
                        f"checkpoint is kept. Lower --lr or check the images for extreme values")
                 writer.emit(EventKind.ERROR, step, message=msg)
                 raise TrainingDiverged(msg)
@@ -501,14 +501,14 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 bar.update(1)
             if step % config.log_every == 0 or step == config.iterations:
                 rate = (step - step0) / max(time.time() - t0, 1e-9)
-                writer.emit(EventKind.PROGRESS, step, loss=float(out.loss), loss_sup=out.loss_sup,
+                writer.emit(EventKind.PROGRESS, step, loss=float(out.loss.detach()), loss_sup=out.loss_sup,
                             loss_unsup=out.loss_unsup, weight=out.weight, total=config.iterations,
                             steps_per_s=rate, eta_s=(config.iterations - step) / max(rate, 1e-9),
                             device=device_name, memory_mb=_memory_mb(device))
                 if out.regions:
                     writer.emit(EventKind.REGIONS, step, scope="batch", **out.regions)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{float(out.loss):.3f}",
+                    bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}",
                                     val_dice="-" if last_val is None else f"{last_val:.3f}")
             if is_main and val and (step % val_every == 0 or step == config.iterations):
                 last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step)

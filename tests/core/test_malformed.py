@@ -241,6 +241,15 @@ CORPUS: list = [
         read,
         id="truncated-raw.mha",
     ),
+    # MetaIO aborts the process on these two unless the header is checked first.
+    pytest.param(
+        lambda t: _truncate(_valid(t, "cut.mha"), keep=0.05), read, id="truncated-header.mha"
+    ),
+    pytest.param(
+        lambda t: _replace_text(_valid(t, "glued.mha"), b"LOCAL\n", b"LOCAL3"),
+        read,
+        id="mha-data-file-name-runs-into-data",
+    ),
     pytest.param(_mhd_with_short_raw, read, id="mhd-short-raw"),
     pytest.param(_mhd_without_raw, read, id="mhd-missing-raw"),
     pytest.param(lambda t: _truncate(_valid(t, "cut.h5")), read, id="truncated.h5"),

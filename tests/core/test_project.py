@@ -156,3 +156,15 @@ def test_train_command():
     assert cmd[cmd.index("--patch-size") + 1: cmd.index("--patch-size") + 4] == ["32", "32", "32"]
     assert cmd[-1] == "--resume"
     assert TrainSettings.from_dict({"patch_size": [16, 16, 16], "junk": 1}).patch_size == (16, 16, 16)
+
+
+def test_update_label_keeps_provenance_of_unchanged_voxels(tmp_path):
+    project = _project_with_cases(tmp_path)
+    model = np.zeros((8, 8, 8), np.uint8)
+    edited = model.copy(); edited[0, 0, 0] = 1
+    project.accept("c1", edited, GEOM, model)
+    assert project.update_label("c1", edited, GEOM) is False       # unchanged: nothing written
+    again = edited.copy(); again[7, 7, 7] = 1
+    assert project.update_label("c1", again, GEOM) is True
+    prov = project.read_provenance("c1")
+    assert provenance_counts(prov) == {"model_only": 0, "accepted_pseudo_label": 510, "human_drawn": 2}

@@ -176,7 +176,7 @@ def test_event_loop_stays_responsive_while_training(panel, qtbot):
     timer.start()
     widget.start_training()
     qtbot.waitUntil(lambda: widget.train_job is None and widget.predict_job is None
-                    and widget._load_future is None and widget.regions, timeout=WAIT_MS)
+                    and widget._load_future is None and bool(widget.regions), timeout=WAIT_MS)
     timer.stop()
     gaps = np.diff(ticks)
     print(f"ticks {len(ticks)}, worst gap {1000 * gaps.max():.0f} ms, p99 {1000 * np.percentile(gaps, 99):.0f} ms")

@@ -1,0 +1,150 @@
+"""Training loop: determinism, resume, validation events, methods, divergence, stop."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sgrs.core.checkpoint import load_checkpoint
+from napari_sgrs.core.errors import CheckpointError, ConfigError, InputError, TrainingDiverged
+from napari_sgrs.core.events import read_events
+from napari_sgrs.core.io import find_cases
+from napari_sgrs.core.train import train
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+from conftest import tiny_config  # noqa: E402
+
+
+def _cases(c):
+    return find_cases(c.images_tr, c.labels_tr)
+
+
+def _weights(run):
+    return load_checkpoint(run / "checkpoints" / "last.safetensors").tensors
+
+
+@pytest.mark.parametrize("method", ["sgrs", "mean-teacher", "supervised"])
+def test_each_method_trains_and_writes_a_run_folder(tiny_cohort, tmp_path, method):
+    result = train(tiny_config(method=method), _cases(tiny_cohort), tmp_path / "run")
+    assert result.step == 4 and not result.stopped
+    kinds = [e["kind"] for e in read_events(tmp_path / "run" / "events.jsonl")[0]]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert "validation" in kinds and "checkpoint" in kinds  # 3 labeled -> 1 validation volume
+    meta = load_checkpoint(tmp_path / "run").meta
+    assert meta["step"] == 4 and meta["num_classes"] == 2
+    assert len(meta["val_cases"]) == 1 and meta["val_cases"][0] not in meta["train_cases"]
+
+
+def test_sgrs_logs_region_shares(tiny_cohort, tmp_path):
+    train(tiny_config(), _cases(tiny_cohort), tmp_path / "run")
+    events = read_events(tmp_path / "run" / "events.jsonl")[0]
+    batch = [e for e in events if e["kind"] == "regions" and e["scope"] == "batch"]
+    val = [e for e in events if e["kind"] == "regions" and e["scope"] == "validation"]
+    assert batch and val
+    shares = batch[-1]["disregarded"] + batch[-1]["consistent"] + batch[-1]["inconsistent"]
+    assert shares == pytest.approx(1.0)
+    assert "accuracy_consistent" in val[-1]
+
+
+def test_deterministic_on_cpu_for_a_seed(tiny_cohort, tmp_path):
+    train(tiny_config(), _cases(tiny_cohort), tmp_path / "a")
+    train(tiny_config(), _cases(tiny_cohort), tmp_path / "b")
+    train(tiny_config(seed=1), _cases(tiny_cohort), tmp_path / "c")
+    a, b, c = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("student."))
+
+
+def test_resume_continues_with_same_step_optimizer_and_teacher(tiny_cohort, tmp_path):
+    train(tiny_config(iterations=4), _cases(tiny_cohort), tmp_path / "full")
+    half = tmp_path / "half"
+
+    def stop_at_2(event):
+        if event.kind.value == "progress" and event.step == 2:
+            (half / "STOP").touch()
+
+    first = train(tiny_config(iterations=4), _cases(tiny_cohort), half, listeners=[stop_at_2])
+    assert first.stopped and first.step == 2
+    result = train(tiny_config(iterations=4), _cases(tiny_cohort), half, resume=True)
+    assert result.step == 4
+    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "half")
+    for k in full:
+        if k.startswith(("student.", "teacher.", "optim.")):
+            assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+
+
+def test_resume_needs_a_checkpoint_and_fresh_runs_refuse_to_overwrite(tiny_cohort, tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(tiny_config(), _cases(tiny_cohort), tmp_path / "run", resume=True)
+    train(tiny_config(iterations=2), _cases(tiny_cohort), tmp_path / "run")
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_config(), _cases(tiny_cohort), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="base-filters"):
+        train(tiny_config(base_filters=4), _cases(tiny_cohort), tmp_path / "run", resume=True)
+
+
+def test_stop_file_checkpoints_and_stops(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    seen = []
+
+    def listener(event):
+        seen.append(event.kind.value)
+        if event.kind.value == "progress" and event.step == 2:
+            (run / "STOP").touch()
+
+    result = train(tiny_config(iterations=50), _cases(tiny_cohort), run, listeners=[listener])
+    assert result.stopped and result.step == 2
+    assert seen[-1] == "stopped"
+    assert load_checkpoint(run).meta["step"] == 2
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(iterations=2), _cases(tiny_cohort), run)
+    good = load_checkpoint(run).sha256
+    with pytest.raises(TrainingDiverged, match="step"):
+        train(tiny_config(iterations=6, lr=1e30), _cases(tiny_cohort), run, resume=True)
+    assert load_checkpoint(run).sha256 == good or load_checkpoint(run).meta["step"] >= 2
+    events = read_events(run / "events.jsonl")[0]
+    assert events[-1]["kind"] == "error" and "became" in events[-1]["message"]
+    for t in load_checkpoint(run).tensors.values():
+        if t.dtype.is_floating_point:
+            assert torch.isfinite(t).all()
+
+
+def test_partial_labels_train_on_annotated_slices_only(tiny_cohort, tmp_path):
+    from napari_sgrs.core.demo import partial_label
+    from napari_sgrs.core.io import read_volume, write_volume
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for p in sorted(tiny_cohort.labels_tr.iterdir()):
+        v = read_volume(p)
+        write_volume(labels / p.name, partial_label(v.array, keep_every=4), v.geometry)
+    result = train(tiny_config(method="supervised"), find_cases(tiny_cohort.images_tr, labels), tmp_path / "run")
+    assert result.step == 4
+    assert load_checkpoint(tmp_path / "run").meta["num_classes"] == 2  # 255 is not a class
+
+
+def test_multiclass_labels(tmp_path):
+    from napari_sgrs.core.demo import make_demo_cohort
+
+    c = make_demo_cohort(tmp_path / "d", n_cases=4, n_labeled=2, n_test=0, shape=(20, 20, 20), n_classes=3)
+    train(tiny_config(), find_cases(c.images_tr, c.labels_tr), tmp_path / "run")
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck.meta["num_classes"] == 3 and ck.tensors["student.head.weight"].shape[0] == 3
+
+
+def test_no_labeled_volume_is_an_error(tiny_cohort, tmp_path):
+    with pytest.raises(InputError, match="no labeled volume"):
+        train(tiny_config(), find_cases(tiny_cohort.images_tr, None), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_volumes_smaller_than_patch_are_padded(tiny_cohort, tmp_path):
+    result = train(tiny_config(patch_size=(32, 32, 32), iterations=2), _cases(tiny_cohort), tmp_path / "run")
+    assert result.step == 2
