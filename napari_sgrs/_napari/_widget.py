@@ -77,7 +77,8 @@ class SGRSTrainWidget(QWidget):
         self._dirty: set[str] = set()        # cases edited since the last Accept / autosave
         self._watched: set[int] = set()
         self.last_event: dict[str, Any] = {}
-        self._label_choice: dict[str, str] = {}  # image layer -> Labels layer the user picked
+        self._label_choice: dict[str, str] = {}
+        self._ui_steps: list = []  # layer updates waiting for their event-loop turn  # image layer -> Labels layer the user picked
         self.gpu = detect_gpu()
         self._build_ui()
 
@@ -558,9 +559,7 @@ class SGRSTrainWidget(QWidget):
         self._check_predict_job()
         self._check_loader()
         self.plot.refresh()
-        idle = (self.train_job is None or not self.train_job.running) and \
-            (self.predict_job is None or not self.predict_job.running) and self._load_future is None
-        if idle and self._pending_predict_step is None:
+        if not self.busy:
             self.poll_timer.stop()
         self._update_buttons()
 
@@ -660,9 +659,12 @@ class SGRSTrainWidget(QWidget):
         self._load_future = self._loader.submit(_read_predictions, Path(out_dir), names)
 
     def _wait_for_load(self) -> None:
+        """Opening a project: read the predictions and show them before returning."""
         if self._load_future is not None:
             self._load_future.result()
             self._check_loader()
+        while self._ui_steps:
+            self._drain_ui_steps()
 
     def _check_loader(self) -> None:
         fut = self._load_future
@@ -677,37 +679,71 @@ class SGRSTrainWidget(QWidget):
         self.show_predictions(loaded)
 
     def show_predictions(self, loaded: dict[str, tuple]) -> None:
-        """Add or refresh ``<case> pseudo label`` and ``<case> regions`` layers; re-rank the queue."""
+        """Add or refresh ``<case> pseudo label`` and ``<case> regions`` layers; re-rank the queue.
+
+        napari needs ~0.3 s to create one Labels layer's visuals on a software-rendered display, so
+        each layer is its own step, one per event-loop turn: the viewer answers between them.
+        """
+        steps = []
         for name, (pred, regions) in loaded.items():
-            if self.project.label_path(name).exists():
-                continue  # accepted meanwhile
-            pseudo = self.layer_for(name, "pseudo")
-            if pseudo is None:
-                data, kwargs, _ = layer_data_from_volume(pred, "pseudo", name + PSEUDO_SUFFIX)
-                kwargs["metadata"] = sgrs_meta(pred.geometry, name, "pseudo", pred.path, pred.format)
-                kwargs["opacity"] = 0.6
-                pseudo = self.viewer.add_labels(data, **kwargs)
-                self.model_predictions[name] = np.asarray(pred.array).copy()
-            elif name not in self._dirty:  # never overwrite edits the user has not accepted
-                pseudo.data = np.asarray(pred.array).astype(pseudo.data.dtype)
-                self.model_predictions[name] = np.asarray(pred.array).copy()
-                self._dirty.discard(name)
-            self.regions[name] = np.asarray(regions.array)
-            layer = self.layer_for(name, "regions")
-            if layer is None:
-                data, kwargs, _ = layer_data_from_volume(regions, "regions", name + REGIONS_SUFFIX)
-                kwargs["metadata"] = sgrs_meta(regions.geometry, name, "regions", regions.path, regions.format)
-                layer = self.viewer.add_labels(data, **kwargs)
-                layer.editable = False
-            else:
-                layer.data = np.asarray(regions.array)
+            steps.append(lambda n=name, p=pred: self._show_pseudo(n, p))
+            steps.append(lambda n=name, r=regions: self._show_regions(n, r))
+        steps.append(self._after_predictions)
+        self._ui_steps.extend(steps)
+        QTimer.singleShot(0, self._drain_ui_steps)
+
+    def _drain_ui_steps(self) -> None:
+        if not self._ui_steps:
+            return
+        step = self._ui_steps.pop(0)
+        step()
+        if self._ui_steps:
+            QTimer.singleShot(0, self._drain_ui_steps)
+
+    @property
+    def busy(self) -> bool:
+        """True while a process runs, predictions load, or layers wait to be shown."""
+        return any(j is not None and j.running for j in (self.train_job, self.predict_job)) or \
+            self._load_future is not None or bool(self._ui_steps) or self._pending_predict_step is not None
+
+    def _show_pseudo(self, name: str, pred) -> None:
+        if self.project.label_path(name).exists():
+            return  # accepted meanwhile
+        pseudo = self.layer_for(name, "pseudo")
+        if pseudo is None:
+            data, kwargs, _ = layer_data_from_volume(pred, "pseudo", name + PSEUDO_SUFFIX)
+            kwargs["metadata"] = sgrs_meta(pred.geometry, name, "pseudo", pred.path, pred.format)
+            kwargs["opacity"] = 0.6
+            kwargs["visible"] = name == self.current_case
+            self.viewer.add_labels(data, **kwargs)
+            self.model_predictions[name] = np.asarray(pred.array).copy()
+        elif name not in self._dirty:  # never overwrite edits the user has not accepted
+            pseudo.data = np.asarray(pred.array).astype(pseudo.data.dtype)
+            self.model_predictions[name] = np.asarray(pred.array).copy()
+
+    def _show_regions(self, name: str, regions) -> None:
+        if self.project.label_path(name).exists():
+            return
+        self.regions[name] = np.asarray(regions.array)
+        layer = self.layer_for(name, "regions")
+        if layer is None:
+            data, kwargs, _ = layer_data_from_volume(regions, "regions", name + REGIONS_SUFFIX)
+            kwargs["metadata"] = sgrs_meta(regions.geometry, name, "regions", regions.path, regions.format)
+            kwargs["visible"] = name == self.current_case
+            layer = self.viewer.add_labels(data, **kwargs)
+            layer.editable = False
+        else:
+            layer.data = np.asarray(regions.array)
+
+    def _after_predictions(self) -> None:
         self.queue.update({n: r for n, r in self.regions.items() if not self.project.label_path(n).exists()})
         self._refresh_queue_list()
         if self.current_case is None and self.queue.items:
             self.show_case(self.queue.items[0].name)
         elif self.current_case is not None:
             self.show_case(self.current_case)
-        self.status_label.setText(self.status_label.text() + f" · pseudo labels from step {self._predict_step}")
+        self.status_label.setText(self.status_label.text().split(" · pseudo labels")[0]
+                                  + f" · pseudo labels from step {self._predict_step}")
 
     def _refresh_queue_list(self) -> None:
         self.queue_list.clear()

