@@ -103,7 +103,7 @@ def _config_from_args(args: argparse.Namespace):
     cfg.use_regions = not args.no_regions
     if args.tau is not None:
         if str(args.tau).lower() == "auto":
-            cfg.tau = -1.0  # calibrated at start (see tau.py)
+            cfg.tau_auto = True  # recalibrated at each validation (sgrs.calibrate_tau)
         else:
             try:
                 cfg.tau = float(args.tau)

@@ -51,7 +51,7 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
     if role == "image":
         return array, kwargs, "image"
     if role == "regions":
-        kwargs.update(colormap=regions_colormap(), opacity=0.55, blending="translucent")
+        kwargs.update(colormap=regions_colormap(), opacity=0.35, blending="translucent")
     if not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.uint8)
     return array, kwargs, "labels"

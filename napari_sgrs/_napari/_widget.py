@@ -18,7 +18,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout,
                             QGroupBox, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
-                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget,
+                            QMessageBox, QProgressBar, QPushButton, QScrollArea, QSpinBox, QTableWidget,
                             QVBoxLayout, QWidget)
 
 from napari_sgrs.core.errors import SGRSError
@@ -95,11 +95,21 @@ class SGRSTrainWidget(QWidget):
         for layer in self.viewer.layers:
             self._watch_layer(layer=layer)
         self.refresh_table()
+        if project is not None:
+            self.set_project(project)
         self._update_buttons()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        root = QVBoxLayout(self)
+        # Everything sits in a scroll area so the plot and lists keep a usable size in a short dock.
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        content = QWidget()
+        scroll.setWidget(content)
+        outer.addWidget(scroll)
+        root = QVBoxLayout(content)
 
         box = QGroupBox("Project")
         lay = QHBoxLayout(box)
@@ -220,6 +230,8 @@ class SGRSTrainWidget(QWidget):
         lay.addWidget(self.export_selected_check)
         root.addWidget(box)
         root.addStretch(1)
+        # Wide enough for the content, so the scroll area only ever scrolls vertically.
+        self.setMinimumWidth(content.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4)
 
     def _guard(self, fn, *args):
         """Run a button's action; a user error becomes a notification with its one-line message."""
@@ -321,7 +333,7 @@ class SGRSTrainWidget(QWidget):
         for axis in range(min(len(world), self.viewer.dims.ndim)):
             if axis not in self.viewer.dims.displayed:
                 self.viewer.dims.set_point(axis, world[axis])
-        self.viewer.camera.center = world
+        self.viewer.camera.center = world  # noqa - viewer.scene.camera only from napari 0.9
         return world
 
     # ------------------------------------------------------------------ project

@@ -227,3 +227,36 @@ def reference_weight_decay(student: nn.Module, rate: float = 2e-4) -> None:
     for b in student.buffers():
         if b.dtype.is_floating_point:
             b.mul_(1.0 - rate)
+
+
+def calibrate_tau(prob: torch.Tensor, label: torch.Tensor, valid: torch.Tensor | None = None,
+                  error_rate: float = 0.45, default: float = PAPER_TAU) -> float:
+    """``--tau auto``: the entropy above which the model's voxels are wrong too often.
+
+    prob (K, ...) probabilities of a model on labeled validation volumes, label (...) the truth.
+    Returns the smallest normalised entropy t such that, among voxels with entropy >= t, the
+    prediction is wrong at least ``error_rate`` of the time (scanning from the most uncertain
+    voxels down). With no such t (a model that is right even where it hesitates) it returns the
+    maximum entropy log10(2), i.e. nothing is disregarded; with too few voxels, ``default``.
+
+    The default rate 0.45 ("close to a coin flip") gives back the paper's 0.296 for a calibrated
+    binary model (its voxels with p in (0.425, 0.575) err ~46 % of the time); an overconfident
+    model, whose uncertain voxels are wrong more often, gets a lower tau and disregards more.
+    """
+    h = normalised_entropy(prob[None].float())[0]
+    wrong = hard_label(prob[None])[0] != label
+    if valid is not None:
+        h, wrong = h[valid], wrong[valid]
+    h, wrong = h.reshape(-1), wrong.reshape(-1)
+    if h.numel() < 100:
+        return default
+    order = torch.argsort(h, descending=True)
+    h_sorted, wrong_sorted = h[order], wrong[order].double()
+    # error rate of the n most uncertain voxels, for every n
+    rate = torch.cumsum(wrong_sorted, 0) / torch.arange(1, len(h_sorted) + 1, dtype=torch.float64)
+    ok = torch.nonzero(rate >= error_rate).view(-1)
+    # ignore the first few voxels: a rate over a handful of voxels is noise
+    ok = ok[ok >= 20]
+    if ok.numel() == 0:
+        return LOG10_2
+    return float(h_sorted[ok.max()])

@@ -51,6 +51,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     tau: float = S.PAPER_TAU
+    tau_auto: bool = False             # recalibrate tau at each validation (sgrs.calibrate_tau)
+    tau_error_rate: float = 0.45
     mix_alpha: float = 0.75
     unsup_weight: float = 1.0          # weight of L_u after ramp-up (mean-teacher: of the MSE)
     rampup_fraction: float = 0.4       # ramp-up length as a share of iterations (paper: 6000/15000)
@@ -511,7 +513,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                     bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}",
                                     val_dice="-" if last_val is None else f"{last_val:.3f}")
             if is_main and val and (step % val_every == 0 or step == config.iterations):
-                last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step)
+                last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step, config)
                 if best_dice is None or last_val > best_dice:
                     best_dice = last_val
                     save("best")
@@ -546,7 +548,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     return TrainResult(run_dir, step, stopped, best_dice, last_path)
 
 
-def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, device, writer, step) -> float:
+def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, device, writer, step,
+              config: TrainConfig) -> float:
     """Mean foreground Dice of the student on the validation volumes (eval mode), plus the
     per-region accuracy of its prediction: the evidence that regions separate good from bad."""
     from .infer import Predictor
@@ -555,9 +558,14 @@ def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, devi
     predictor = Predictor(student, meta, device, partner=partner)
     try:
         dices, acc = [], {"disregarded": [0, 0], "consistent": [0, 0], "inconsistent": [0, 0]}
+        probs, labels, valids = [], [], []
         for case in val:
-            pred = predictor.predict(case.image, regions=True)
+            pred = predictor.predict(case.image, regions=True, keep_probabilities=config.tau_auto)
             valid = case.label != meta["config"]["ignore_index"]
+            if config.tau_auto:
+                probs.append(torch.from_numpy(pred.probabilities).flatten(1))
+                labels.append(torch.from_numpy(case.label).flatten())
+                valids.append(torch.from_numpy(valid).flatten())
             rows = case_metrics(np.where(valid, pred.label, 0), np.where(valid, case.label, 0),
                                 spacing=case.spacing, num_classes=meta["num_classes"], name=case.name)
             dices.append(float(np.mean([r.dice for r in rows])))
@@ -567,6 +575,13 @@ def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, devi
                 acc[name][0] += int((correct & m).sum())
                 acc[name][1] += int(m.sum())
         dice = float(np.mean(dices))
+        if config.tau_auto:
+            tau = S.calibrate_tau(torch.cat(probs, 1), torch.cat(labels), torch.cat(valids),
+                                  error_rate=config.tau_error_rate, default=config.tau)
+            config.tau = tau
+            meta["tau"] = tau
+            meta["config"]["tau"] = tau
+            writer.emit(EventKind.REGIONS, step, scope="tau", tau=tau, error_rate=config.tau_error_rate)
         writer.emit(EventKind.VALIDATION, step, dice=dice, per_case=dict(zip([c.name for c in val], dices)))
         total = sum(v[1] for v in acc.values()) or 1
         writer.emit(EventKind.REGIONS, step, scope="validation",

@@ -57,6 +57,7 @@ def test_full_loop(panel, qtbot, cohort, tmp_path):
     unlabeled = cohort.unlabeled_names
     widget.start_training()
     qtbot.waitUntil(lambda: all(widget.layer_for(n, "regions") is not None for n in unlabeled), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: len(widget.queue.items) == len(unlabeled), timeout=WAIT_MS)
     regions = widget.layer_for(unlabeled[0], "regions")
     assert regions.colormap.map(np.array([2]))[0][:3] == pytest.approx([0, 0x9E / 255, 0x73 / 255], abs=0.01)
     assert set(np.unique(regions.data)) <= {0, 1, 2, 3}
@@ -163,12 +164,15 @@ def test_unsafe_checkpoint_is_refused(panel, qtbot, monkeypatch, tmp_path):
 def test_event_loop_stays_responsive_while_training(panel, qtbot):
     """A 10 ms QTimer keeps firing while training, prediction and layer refreshes happen.
 
-    Bound: 500 ms. Training and prediction run in other processes and predictions are read in
+    Bound: 1 s worst gap (and p99 under 100 ms). Training and prediction run in other processes and predictions are read in
     a thread, so what is left on the UI thread is napari itself: creating one Labels layer's
     vispy visuals takes ~0.3 s here (software OpenGL under Xvfb, 2 shared cores), and the panel
     adds one layer per event-loop turn. So the worst gap is one layer creation plus noise from
     the neighbours' processes; training on the UI thread would block for the whole run (>10 s),
     and showing all four new layers in one turn measured ~1.4 s, both of which this catches.
+    Measured with one layer per turn: worst ~0.6 s (the first Labels layer with the regions
+    colormap, shader compilation included), p99 ~16 ms. 1 s is the usual limit for keeping a
+    user's flow; 100 ms the limit for feeling instant, which the p99 must meet.
     """
     viewer, widget = panel
     _tiny(widget, iterations=12)
@@ -183,4 +187,5 @@ def test_event_loop_stays_responsive_while_training(panel, qtbot):
     gaps = np.diff(ticks)
     print(f"ticks {len(ticks)}, worst gap {1000 * gaps.max():.0f} ms, p99 {1000 * np.percentile(gaps, 99):.0f} ms")
     assert len(ticks) > 100
-    assert gaps.max() < 0.5
+    assert gaps.max() < 1.0
+    assert np.percentile(gaps, 99) < 0.1
