@@ -31,19 +31,35 @@ VARIANTS = {
 }
 
 
+def parse_variant(variant: str) -> dict:
+    """A named variant, or ``base[key=value,key=value]`` (e.g. ``sgrs[tau=0.2]``,
+    ``sgrs[tau_auto=True]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
+    import ast
+
+    name, _, rest = variant.partition("[")
+    overrides = dict(VARIANTS[name])
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
     from napari_sgrs.core.infer import Predictor
     from napari_sgrs.core.io import find_cases, read_volume
     from napari_sgrs.core.metrics import case_metrics
     from napari_sgrs.core.train import TrainConfig, train
 
-    overrides = dict(VARIANTS[variant])
-    if variant.startswith("tau="):
-        overrides = dict(method="sgrs", tau=float(variant[4:]))
-    cfg = TrainConfig(iterations=args.iterations, patch_size=tuple(args.patch), base_filters=args.filters,
-                      batch_size=args.batch_size, labeled_batch_size=args.labeled_batch_size, seed=seed,
-                      device=args.device, checkpoint_every=args.iterations, log_every=50, **overrides)
-    if args.supervised_batch == "labeled" and cfg.method == "supervised":
+    overrides = parse_variant(variant)
+    kwargs = dict(iterations=args.iterations, patch_size=tuple(args.patch), base_filters=args.filters,
+                  batch_size=args.batch_size, labeled_batch_size=args.labeled_batch_size, seed=seed,
+                  device=args.device, checkpoint_every=args.iterations, log_every=50)
+    kwargs.update(overrides)
+    cfg = TrainConfig(**kwargs)
+    if args.supervised_batch == "labeled" and cfg.method == "supervised" and "batch_size" not in overrides:
         cfg.batch_size = args.labeled_batch_size
     run = out / "runs" / f"{variant}_s{seed}"
     if run.exists():

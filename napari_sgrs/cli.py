@@ -62,6 +62,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes drawing patches (default 0: in the training process, "
+                        "bit-identical runs for a seed; 2-8 keep a GPU busy)")
     p.add_argument("--reference-compat", action="store_true", default=None,
                    help="reproduce the published code's defects (double EMA, student decay, CE on C)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -88,7 +91,7 @@ def _config_from_args(args: argparse.Namespace):
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
                "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn",
-               "reference_compat": "reference_compat"}
+               "reference_compat": "reference_compat", "workers": "workers"}
     for arg, field_name in mapping.items():
         value = getattr(args, arg, None)
         if value is not None:
@@ -168,6 +171,7 @@ def _given_options(argv: list[str]) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .core.infer import Predictor
     from .core.io import find_cases, read_volume, write_volume
+    from .core.memory import check_inference_memory
 
     run_cfg = {}
     cfg_path = Path(args.run) / "config.json"
@@ -175,9 +179,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         run_cfg = json.loads(cfg_path.read_text()).get("config", {})
     which = args.checkpoint or run_cfg.get("select", "last")
     predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which, model=args.model)
-    cases = find_cases(args.images, None)
+    if args.h5_root is not None:
+        from .core.io import read_h5_benchmark
+
+        if args.list is None:
+            raise ConfigError("--h5-root needs --list (e.g. test.list)")
+        cases = read_h5_benchmark(args.h5_root, args.list)
+    elif args.images is None:
+        raise ConfigError("give --images DIR, or --h5-root ROOT --list FILE")
+    else:
+        cases = find_cases(args.images, None)
     labeled_names = set()
-    if args.labels is not None:
+    if args.labels is not None and args.images is not None:
         labeled_names = {c.name for c in find_cases(args.images, args.labels) if c.label is not None}
     out = Path(args.out)
     subfolders = [out] + ([out / "probability", out / "regions"] if args.regions else [])
@@ -191,9 +204,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for case in tqdm(cases, desc="predict", unit="volume", disable=args.quiet):
         vol = read_volume(case.image)
         want_regions = args.regions and case.name not in labeled_names
+        check_inference_memory(vol.array.shape, predictor.patch, predictor.num_classes, predictor.device,
+                               regions=want_regions, base_filters=getattr(predictor.model, "base_filters", 16),
+                               sw_batch_size=args.sw_batch_size, name=str(case.image))
         pred = predictor.predict(vol.array, regions=want_regions, overlap=args.overlap,
                                  batch_size=args.sw_batch_size)
-        name = _output_name(case.image)
+        name = f"{case.name}.nii.gz" if args.h5_root is not None else _output_name(case.image)
         write_volume(out / name, pred.label, vol.geometry)
         if want_regions:
             write_volume(out / "probability" / name, pred.probability, vol.geometry)
@@ -215,7 +231,29 @@ def _output_name(image_path: Path) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .core.metrics import evaluate_folders
 
+    if args.h5_root is not None:
+        return _evaluate_h5(args)
+    if args.labels is None:
+        raise ConfigError("give --labels DIR, or --h5-root ROOT --list FILE")
     report = evaluate_folders(args.pred, args.labels, json_path=args.json)
+    print(report.format_table())
+    return 0
+
+
+def _evaluate_h5(args: argparse.Namespace) -> int:
+    """References from the benchmark h5 files, written as NIfTI beside nothing (a temp folder)."""
+    import tempfile
+
+    from .core.io import Geometry, read_h5_benchmark, write_volume
+    from .core.metrics import evaluate_folders
+
+    if args.list is None:
+        raise ConfigError("--h5-root needs --list (e.g. test.list)")
+    with tempfile.TemporaryDirectory(prefix="sgrs-ref-") as tmp:
+        for case in read_h5_benchmark(args.h5_root, args.list):
+            label = case.read_label()
+            write_volume(Path(tmp) / f"{case.name}.nii.gz", label.array.astype("uint8"), label.geometry)
+        report = evaluate_folders(args.pred, tmp, json_path=args.json)
     print(report.format_table())
     return 0
 
@@ -252,6 +290,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{len(cohort.unlabeled_names)} unlabeled demo volumes ...")
     train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run, progress_bar=True)
     ns = argparse.Namespace(run=run, images=cohort.images_ts, labels=None, out=root / "pred_test", regions=False,
+                            h5_root=None, list=None,
                             device=args.device, checkpoint=None, model="student", overlap=0.5,
                             sw_batch_size=4, quiet=False)
     cmd_predict(ns)
@@ -275,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment volumes with a trained run; --regions adds synergy regions")
     p.add_argument("--run", type=Path, required=True, help="run folder (or a checkpoint file)")
-    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--images", type=Path, default=None, help="folder of images to segment")
+    p.add_argument("--h5-root", type=Path, default=None, help="benchmark h5 layout instead of --images")
+    p.add_argument("--list", type=Path, default=None, help="with --h5-root: the cases to segment (test.list)")
     p.add_argument("--labels", type=Path, default=None,
                    help="optional: images with a label here are labeled, so no regions are written for them")
     p.add_argument("--out", type=Path, required=True)
@@ -292,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (voxels and mm) of predictions")
     p.add_argument("--pred", type=Path, required=True)
-    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--labels", type=Path, default=None, help="folder of reference labels")
+    p.add_argument("--h5-root", type=Path, default=None, help="references from the benchmark h5 layout")
+    p.add_argument("--list", type=Path, default=None, help="with --h5-root: the cases (test.list)")
     p.add_argument("--json", type=Path, default=None)
     p.set_defaults(func=cmd_evaluate)
 

@@ -53,6 +53,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        _pause_for_fault_tests()
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
@@ -68,6 +69,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _pause_for_fault_tests() -> None:
+    # Test hook: SGRS_TEST_SLOW_CHECKPOINT=<seconds> holds every atomic write between its
+    # complete temp file and the rename, so tests/core/test_faults.py can kill -9 mid-write.
+    delay = os.environ.get("SGRS_TEST_SLOW_CHECKPOINT")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that a killed writer left in ``folder`` (never a
+    checkpoint: those are only ever renamed into place whole). Call it when no writer runs."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from .errors import ConfigError
 
@@ -148,6 +149,32 @@ class TwoStreamBatches:
                   for i in rng.integers(0, len(self.unlabeled), self.unlabeled_batch)]
             u = torch.from_numpy(np.stack(us)[:, None])
         return x, y, u
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """The batches of a :class:`TwoStreamBatches` drawn in DataLoader worker processes.
+
+    Each worker draws from the same volumes (this rank's share) with its own numpy Generator
+    seeded from (seed, rank, worker id, start step), so workers never repeat each other and a
+    resumed run does not replay the first steps' patches. Use with ``DataLoader(batch_size=None)``.
+    Unlike ``workers=0`` the order in which workers' batches arrive is not part of the seed's
+    guarantee of identical runs.
+    """
+
+    def __init__(self, batches: TwoStreamBatches, seed: int, rank: int = 0, start_step: int = 0):
+        super().__init__()
+        self.batches, self.seed, self.rank, self.start_step = batches, seed, rank, start_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        src = self.batches
+        rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
+        sampler = PatchSampler(src.sampler.patch, rng, src.sampler.augment, src.sampler.foreground_fraction)
+        # src already holds this rank's share of the volumes: rank 0 of world 1 keeps all of it.
+        own = TwoStreamBatches(src.labeled, src.unlabeled, src.labeled_batch, src.unlabeled_batch, sampler)
+        while True:
+            yield next(own)
 
 
 def auto_patch(shapes: list[tuple[int, ...]], limit: tuple[int, int, int] = (80, 112, 112)) -> tuple[int, int, int]:

@@ -113,6 +113,11 @@ class Predictor:
         self.ct_window = tuple(cfg.get("ct_window", (-160.0, 240.0)))
         self.tau = float(meta.get("tau", cfg.get("tau") if isinstance(cfg.get("tau"), (int, float)) else PAPER_TAU))
         self.amp = False
+        # channels_last_3d convolutions are ~2x faster on CPU (benchmarks/infer_benchmark.py); the
+        # windows follow the weights' layout (from_run converts a freshly loaded network).
+        self.channels_last = any(p.dim() == 5 and p.shape[1] > 1 and not p.is_contiguous()
+                                 and p.is_contiguous(memory_format=torch.channels_last_3d)
+                                 for p in model.parameters())
 
     @classmethod
     def from_run(cls, run: str | Path, device: str = "auto", checkpoint: str = "last",
@@ -142,9 +147,14 @@ class Predictor:
             raise CheckpointError(f"{path}: weights do not fit the network described in its metadata "
                                   f"({str(exc).splitlines()[0]})") from exc
         partner = ckpt.tensors.get("partner.image")
-        return cls(net.to(dev), meta, dev, partner=partner, checkpoint_sha256=ckpt.sha256)
+        net = net.to(dev)
+        if meta["config"].get("channels_last", True):
+            net = net.to(memory_format=torch.channels_last_3d)
+        return cls(net, meta, dev, partner=partner, checkpoint_sha256=ckpt.sha256)
 
     def _forward_probs(self, windows: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            windows = windows.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return torch.softmax(self.model(windows).float(), 1)
 

@@ -30,6 +30,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_sample, normalise
 from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged
 from .events import EventKind, EventWriter
+from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
 from .vnet import VNet
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
@@ -76,6 +77,7 @@ class TrainConfig:
     workers: int = 0
     foreground_fraction: float = 0.33
     dropout: float = 0.5
+    gate: str = "none"                 # none | teacher-dice: scale L_u by the teacher's Dice on labeled patches
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"--tau must be > 0, got {self.tau}")
         if self.base_filters < 1:
             raise ConfigError(f"--base-filters must be >= 1, got {self.base_filters}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0 (0: load batches in the training process), got {self.workers}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.select not in ("last", "best"):
@@ -204,51 +208,6 @@ def partner_patch(case: LoadedCase, patch: tuple[int, int, int], config: TrainCo
     return np.ascontiguousarray(img[z:z + patch[0], y:y + patch[1], x:x + patch[2]])
 
 
-# ----------------------------------------------------------------------------- memory estimate
-
-def estimate_training_memory(patch: tuple[int, int, int], batch: int, base_filters: int,
-                             num_classes: int = 2, method: str = "sgrs") -> int:
-    """Rough peak bytes of one training step (activations dominate).
-
-    Per input voxel the V-Net keeps about 3 tensors (conv, BN, ReLU) per layer; summing
-    widths x stages over the scales gives ~ 3 * F * 26 floats at full resolution-equivalent.
-    SGRS runs the student on 1.5x the batch (X, U, U_mix) plus a teacher forward without
-    activations kept. Measured on CPU this is within ~2x of the real peak (benchmarks/).
-    """
-    vox = int(np.prod(patch))
-    student_batch = batch + (batch - 0) // 2 if method != "supervised" else batch
-    per_voxel = 3 * base_filters * 26 + 4 * num_classes
-    params = 9_448_866 * (base_filters / 16) ** 2 * 4 * 4  # weights, grads, momentum, teacher
-    return int(student_batch * vox * per_voxel * 4 + params)
-
-
-def check_memory(config: TrainConfig, patch: tuple[int, int, int], num_classes: int,
-                 device: torch.device) -> int:
-    need = estimate_training_memory(patch, config.batch_size, config.base_filters, num_classes, config.method)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        avail = free
-    else:
-        avail = _available_ram()
-    if avail and need > 0.9 * avail:
-        raise ResourceError(
-            f"training needs about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB is free on {device}; "
-            f"use a smaller --patch-size, --batch-size or --base-filters (e.g. --base-filters "
-            f"{max(4, config.base_filters // 2)})")
-    return need
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 # ----------------------------------------------------------------------------- the step
 
 @dataclass
@@ -272,8 +231,18 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
     bu = u.shape[0]
     weight = config.unsup_weight * S.sigmoid_rampup(step, rampup_len)
     u_noisy = S.add_noise(u, generator=gen)
+    x_noisy = S.add_noise(x, generator=gen)
+    gated = config.gate == "teacher-dice"
     with torch.no_grad():
-        teacher_logits = teacher(u_noisy)
+        # With the gate, the teacher also sees the noisy labeled patches (one batched forward):
+        # its Dice there says how far its pseudo labels can be trusted right now.
+        t_out = teacher(torch.cat([u_noisy, x_noisy], 0) if gated else u_noisy)
+        teacher_logits = t_out[:bu]
+        if gated:
+            valid = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
+            reliability = 1.0 - float(S.masked_soft_dice(torch.softmax(t_out[bu:].float(), 1),
+                                                         torch.where(valid, y, torch.zeros_like(y)), valid))
+            weight *= max(reliability, 0.0)
     if config.method == "mean-teacher":
         logits = student(torch.cat([x, u], 0))
         ls = S.supervised_loss(logits[:b], y, ignore)
@@ -281,7 +250,6 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight)
     pseudo = S.hard_label(teacher_logits)
     if config.use_mix:
-        x_noisy = S.add_noise(x, generator=gen)
         lam = S.sample_mix_lambda(bu, config.mix_alpha, rng)
         partner = torch.from_numpy(rng.integers(0, b, bu))
         u_mix = S.mix_augment(u_noisy, x_noisy, lam, partner)
@@ -366,8 +334,16 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
+        if config.sync_bn and device.type != "cuda":
+            raise ConfigError(f"--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on "
+                              f"{device.type}); drop --sync-bn on CPU")
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            import datetime
+
+            # Rank 0 validates and checkpoints while the others wait in the next collective:
+            # a generous timeout keeps a long validation from killing the run.
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=60))
 
     # Determinism on CPU for a given seed: seeded generators, deterministic algorithms.
     torch.manual_seed(config.seed + rank)
@@ -385,7 +361,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                          "labels or use --method supervised")
     patch = tuple(config.patch_size) if config.patch_size else auto_patch([c.image.shape for c in loaded])
     config.patch_size = patch
-    check_memory(config, patch, num_classes, device)
+    check_memory(config, patch, num_classes, device,
+                 data_voxels=sum(c.image.size for c in loaded))  # before any model or batch exists
 
     def prep(c: LoadedCase, with_label: bool):
         img = normalise(c.image, config.normalization, config.ct_window)
@@ -396,6 +373,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     unl_batch = 0 if config.method == "supervised" else config.batch_size - config.labeled_batch_size
     batches = TwoStreamBatches([prep(c, True) for c in train_lab], [prep(c, False) for c in unlabeled],
                                lab_batch, unl_batch, sampler, rank, world)
+    rank_volumes = {"rank": rank, "pid": os.getpid(), "labeled": [s.name for s in batches.labeled],
+                    "unlabeled": [s.name for s in batches.unlabeled]}
 
     student = build_model(config, num_classes)
     if config.sync_bn and distributed:
@@ -433,12 +412,23 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     if is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "STOP").unlink(missing_ok=True)
-        from .checkpoint import atomic_write_bytes
+        from .checkpoint import atomic_write_bytes, remove_stale_temp_files
+
+        for folder in (run_dir, run_dir / "checkpoints"):  # half-written files of a killed run
+            remove_stale_temp_files(folder)
 
         atomic_write_bytes(run_dir / "config.json", json.dumps(meta_base, indent=2).encode())
     writer = EventWriter(run_dir / "events.jsonl" if is_main else None, listeners if is_main else [])
     stop = _StopFlag(run_dir)
     stop.install()
+    per_rank_volumes = [rank_volumes]
+    if distributed:
+        import torch.distributed as dist
+
+        # Every rank waits until rank 0 has removed a stale STOP file; the volume lists of the
+        # ranks go into the started event so a run shows how the data was split.
+        per_rank_volumes = [None] * world
+        dist.all_gather_object(per_rank_volumes, rank_volumes)
 
     def save(kind: str) -> Path:
         path = run_dir / "checkpoints" / f"{kind}.safetensors"
@@ -457,7 +447,9 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     writer.emit(EventKind.STARTED, step, total=config.iterations, device=device_name, method=config.method,
                 num_classes=num_classes, patch_size=list(patch), labeled=len(train_lab),
-                unlabeled=len(unlabeled), validation=len(val), world_size=world)
+                unlabeled=len(unlabeled), validation=len(val), world_size=world, ranks=per_rank_volumes,
+                workers=config.workers)
+    batch_source = _batch_source(batches, config, rank, world, device, step)
 
     bar = None
     if progress_bar and is_main:
@@ -472,10 +464,16 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     last_val: float | None = None
     try:
         while step < config.iterations:
-            if stop.requested():
+            # Every rank takes the same branch (any rank's STOP/SIGTERM stops all), so none is
+            # left waiting in a collective of DistributedDataParallel.
+            if _any_rank(stop.requested(), distributed, device):
                 stopped = True
+                stop.reason = stop.reason or "stop requested on another rank"
                 break
-            x, y, u = next(batches)
+            x, y, u = next(batch_source)
+            if device.type == "cuda" and config.workers == 0:  # workers pin in the DataLoader
+                x, y = x.pin_memory(), y.pin_memory()
+                u = u.pin_memory() if u is not None else None
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             u = u.to(device, non_blocking=True) if u is not None else None
@@ -485,8 +483,10 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
                                 num_classes)
-            if not torch.isfinite(out.loss):
-                msg = (f"loss became {float(out.loss.detach())} at step {step}: training stopped; the last good "
+            if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
+                value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
+                         else "non-finite on another rank")
+                msg = (f"loss became {value} at step {step}: training stopped; the last good "
                        f"checkpoint is kept. Lower --lr or check the images for extreme values")
                 writer.emit(EventKind.ERROR, step, message=msg)
                 raise TrainingDiverged(msg)
@@ -517,6 +517,12 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 if best_dice is None or last_val > best_dice:
                     best_dice = last_val
                     save("best")
+            if distributed and config.tau_auto and val and (step % val_every == 0 or step == config.iterations):
+                import torch.distributed as dist
+
+                tau = torch.tensor([config.tau], dtype=torch.float64, device=device)
+                dist.broadcast(tau, 0)  # rank 0 recalibrated it; all ranks use the same regions
+                config.tau = float(tau)
             if is_main and (step % config.checkpoint_every == 0 or step == config.iterations):
                 last_path = save("last")
         if stopped and is_main:
@@ -538,7 +544,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
             bar.close()
         stop.restore()
         writer.close()
-        del forward_student
+        del forward_student, batch_source
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if distributed:
@@ -590,6 +596,34 @@ def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, devi
         return dice
     finally:
         student.train()
+
+
+def _any_rank(flag: bool, distributed: bool, device: torch.device) -> bool:
+    """``flag`` OR-ed over the ranks (one tiny all-reduce), so every rank takes the same branch."""
+    if not distributed:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _batch_source(batches: TwoStreamBatches, config: TrainConfig, rank: int, world: int,
+                  device: torch.device, start_step: int):
+    """The training batches: drawn in this process (``workers=0``, deterministic for a seed) or by
+    ``config.workers`` DataLoader processes, each with its own generator seeded from (seed, rank,
+    worker, start step), batches pinned for non-blocking copies on CUDA."""
+    if config.workers <= 0:
+        return batches
+    from torch.utils.data import DataLoader
+
+    from .data import BatchStream
+
+    stream = BatchStream(batches, seed=config.seed, rank=rank, start_step=start_step)
+    loader = DataLoader(stream, batch_size=None, num_workers=config.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4, persistent_workers=True)
+    return iter(loader)
 
 
 def _amp_dtype(mode: str, device: torch.device):
