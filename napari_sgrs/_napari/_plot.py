@@ -1,4 +1,4 @@
-"""A small live plot of training loss and validation Dice (matplotlib in Qt)."""
+"""A small live plot of training loss, validation Dice and region shares (matplotlib in Qt)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from matplotlib.figure import Figure
 
 
 class TrainingPlot(FigureCanvasQTAgg):
-    """Loss (left axis, log scale) and validation Dice (right axis, 0..1) against step."""
+    """Loss (left axis) and, on the right axis (0..1), validation Dice and the shares of
+    disregarded and inconsistent voxels in the unlabeled training patches, against step."""
 
     def __init__(self, parent=None):
         self.figure = Figure(figsize=(3.6, 2.2), tight_layout=True)
@@ -18,11 +19,17 @@ class TrainingPlot(FigureCanvasQTAgg):
         self.loss: list[float] = []
         self.dice_steps: list[int] = []
         self.dice: list[float] = []
+        self.region_steps: list[int] = []
+        self.disregarded: list[float] = []
+        self.inconsistent: list[float] = []
         self.ax = self.figure.add_subplot(111)
         self.ax_dice = self.ax.twinx()
         (self._loss_line,) = self.ax.plot([], [], color="#0072B2", lw=1.2, label="loss")
         (self._dice_line,) = self.ax_dice.plot([], [], color="#E69F00", marker="o", ms=3, lw=1.2,
                                                label="val Dice")
+        (self._dis_line,) = self.ax_dice.plot([], [], color="#999999", lw=1, ls="--", label="disregarded")
+        (self._inc_line,) = self.ax_dice.plot([], [], color="#D55E00", lw=1, ls="--", label="inconsistent")
+        self.ax_dice.legend(fontsize=6, loc="upper right", frameon=False)
         self.ax.set_xlabel("step", fontsize=8)
         self.ax.set_ylabel("loss", fontsize=8, color="#0072B2")
         self.ax_dice.set_ylabel("val Dice", fontsize=8, color="#E69F00")
@@ -33,6 +40,7 @@ class TrainingPlot(FigureCanvasQTAgg):
 
     def clear_data(self) -> None:
         self.loss_steps, self.loss, self.dice_steps, self.dice = [], [], [], []
+        self.region_steps, self.disregarded, self.inconsistent = [], [], []
         self._dirty = True
         self.refresh()
 
@@ -46,6 +54,12 @@ class TrainingPlot(FigureCanvasQTAgg):
         self.dice.append(float(dice))
         self._dirty = True
 
+    def add_regions(self, step: int, disregarded: float, inconsistent: float) -> None:
+        self.region_steps.append(int(step))
+        self.disregarded.append(float(disregarded))
+        self.inconsistent.append(float(inconsistent))
+        self._dirty = True
+
     def refresh(self) -> None:
         """Redraw if data arrived since the last redraw (``draw_idle``: never blocks the caller)."""
         if not self._dirty:
@@ -53,6 +67,8 @@ class TrainingPlot(FigureCanvasQTAgg):
         self._dirty = False
         self._loss_line.set_data(self.loss_steps, self.loss)
         self._dice_line.set_data(self.dice_steps, self.dice)
+        self._dis_line.set_data(self.region_steps, self.disregarded)
+        self._inc_line.set_data(self.region_steps, self.inconsistent)
         if self.loss_steps:
             self.ax.set_xlim(0, max(self.loss_steps + self.dice_steps + [1]))
             lo, hi = min(self.loss), max(self.loss)

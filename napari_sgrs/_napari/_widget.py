@@ -604,6 +604,8 @@ class SGRSTrainWidget(QWidget):
                 + (f" · {float(mem):.0f} MB" if mem is not None else ""))
         elif kind == "validation" and event.get("dice") is not None:
             self.plot.add_dice(step, float(event["dice"]))
+        elif kind == "regions" and event.get("scope") == "batch":
+            self.plot.add_regions(step, float(event.get("disregarded", 0.0)), float(event.get("inconsistent", 0.0)))
         elif kind == "checkpoint" and not replay:
             self.request_predict(step)
         elif kind == "stopped":

@@ -161,7 +161,34 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: corrupt metadata in checkpoint ({exc})") from exc
+    _check_meta(path, meta, tensors)
     return Checkpoint(tensors=tensors, meta=meta, path=path, sha256=digest)
+
+
+def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """The metadata sizes the network that is built before the weights are loaded: a header that
+    lies (a billion classes, a text where a number goes) must fail here, not allocate or crash."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid sgrs checkpoint: {what}; use a checkpoint written by sgrs train")
+
+    if not isinstance(meta, dict):
+        raise bad("its metadata is not a JSON object")
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
+        raise bad("its settings are not a JSON object")
+    k, f = meta.get("num_classes"), config.get("base_filters")
+    head = tensors.get("student.head.weight")
+    if k is not None and (type(k) is not int or not 2 <= k <= 255):
+        raise bad(f"num_classes {k!r} is not an integer in 2..255")
+    if f is not None and (type(f) is not int or not 1 <= f <= 1024):
+        raise bad(f"base_filters {f!r} is not an integer in 1..1024")
+    if head is not None and k is not None and f is not None and tuple(head.shape[:2]) != (k, f):
+        raise bad(f"the metadata says {k} classes and {f} filters but the weights hold "
+                  f"{head.shape[0]} and {head.shape[1]}")
+    patch = config.get("patch_size", meta.get("patch_size"))
+    if patch is not None and not (isinstance(patch, list) and len(patch) == 3
+                                  and all(type(p) is int and 16 <= p <= 4096 and p % 16 == 0 for p in patch)):
+        raise bad(f"patch_size {patch!r} is not 3 multiples of 16")
 
 
 def _load_pickle_weights_only(path: Path, digest: str) -> Checkpoint:

@@ -31,7 +31,7 @@ from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_
 from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged
 from .events import EventKind, EventWriter
 from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
-from .vnet import VNet
+from .vnet import VNet, set_bn_segments
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
 
@@ -77,6 +77,7 @@ class TrainConfig:
     workers: int = 0
     foreground_fraction: float = 0.33
     dropout: float = 0.5
+    bn_streams: bool = False           # mixed images normalised with their own BN statistics (vnet.py)
     gate: str = "none"                 # none | teacher-dice: scale L_u by the teacher's Dice on labeled patches
 
     def validate(self) -> "TrainConfig":
@@ -255,7 +256,15 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         u_mix = S.mix_augment(u_noisy, x_noisy, lam, partner)
     else:
         u_mix = u_noisy  # ablation: the second view is the noisy unlabeled patch alone
-    logits = student(torch.cat([x, u, u_mix], 0))  # one forward over the concatenated batch
+    # One forward over the concatenated batch; with bn_streams the mixed images get their own
+    # BatchNorm statistics so the running statistics describe real images only.
+    if config.bn_streams:
+        set_bn_segments(student, (b + bu, bu))
+    try:
+        logits = student(torch.cat([x, u, u_mix], 0))
+    finally:
+        if config.bn_streams:
+            set_bn_segments(student, None)
     ls = S.supervised_loss(logits[:b], y, ignore)
     lu_logits, mix_logits = logits[b:b + bu], logits[b + bu:]
     with torch.no_grad():
@@ -328,6 +337,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
 
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        _share_cpu_threads()
     if distributed:
         import torch.distributed as dist
 
@@ -392,6 +403,9 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     best_dice: float | None = None
     if resume:
         step, best_dice = _restore(run_dir, config, student, teacher, optimizer, rng, gen, num_classes, patch)
+        if rank > 0:  # the checkpoint holds rank 0's generators: give the other ranks their own streams
+            rng.bit_generator.state = np.random.default_rng([config.seed, rank, step]).bit_generator.state
+            gen.manual_seed(config.seed + 7919 * (rank + 1) + step)
 
     forward_student = student
     if distributed:
@@ -410,8 +424,12 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
 
     writer = None
     if is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "STOP").unlink(missing_ok=True)
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "STOP").unlink(missing_ok=True)
+        except OSError as exc:  # read-only or full disk: one line, not a traceback
+            raise ResourceError(f"cannot write in the run folder {run_dir} ({exc.strerror}); choose a writable "
+                                f"--out") from exc
         from .checkpoint import atomic_write_bytes, remove_stale_temp_files
 
         for folder in (run_dir, run_dir / "checkpoints"):  # half-written files of a killed run
@@ -596,6 +614,20 @@ def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, devi
         return dice
     finally:
         student.train()
+
+
+def _share_cpu_threads() -> None:
+    """One intra-op thread per CPU this process may use (containers and taskset limit it below
+    os.cpu_count()), shared among the ranks of this node under torchrun. OMP_NUM_THREADS wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        usable = os.cpu_count() or 1
+    per_rank = max(1, usable // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if torch.get_num_threads() != per_rank:
+        torch.set_num_threads(per_rank)
 
 
 def _any_rank(flag: bool, distributed: bool, device: torch.device) -> bool:

@@ -13,24 +13,54 @@ from torch import nn
 from .errors import ConfigError
 
 
+class StreamBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d that can normalise segments of the batch with their own statistics.
+
+    With ``segments = (n_real, n_mixed)`` set (training only), the first ``n_real`` samples (real
+    images: labeled + unlabeled) are normalised with their batch statistics and update the
+    running statistics; the remaining ones (Mix-Augmented images, whose contrast is lower because
+    mixing two images shrinks their variance) are normalised with their own statistics and leave
+    the running statistics alone. One forward over the concatenated batch, and the statistics
+    used at inference describe real images only. Same parameters and buffers as BatchNorm3d.
+    """
+
+    segments: tuple[int, ...] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.segments or len(self.segments) < 2:
+            return super().forward(x)
+        parts = torch.split(x, list(self.segments), dim=0)
+        out = [super().forward(parts[0])]
+        for extra in parts[1:]:
+            out.append(nn.functional.batch_norm(extra, None, None, self.weight, self.bias, True, 0.0, self.eps))
+        return torch.cat(out, 0)
+
+
+def set_bn_segments(model: nn.Module, segments: tuple[int, ...] | None) -> None:
+    """Set (or clear, with None) the batch segments of every StreamBatchNorm3d in ``model``."""
+    for m in model.modules():
+        if isinstance(m, StreamBatchNorm3d):
+            m.segments = segments
+
+
 def _conv_stage(n_convs: int, c_in: int, c_out: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_convs):
         layers += [
             nn.Conv3d(c_in if i == 0 else c_out, c_out, kernel_size=3, padding=1),
-            nn.BatchNorm3d(c_out),
+            StreamBatchNorm3d(c_out),
             nn.ReLU(inplace=True),
         ]
     return nn.Sequential(*layers)
 
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 2, stride=2), StreamBatchNorm3d(c_out), nn.ReLU(inplace=True))
 
 
 def _up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.ConvTranspose3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)
+        nn.ConvTranspose3d(c_in, c_out, 2, stride=2), StreamBatchNorm3d(c_out), nn.ReLU(inplace=True)
     )
 
 

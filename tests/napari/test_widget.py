@@ -61,6 +61,9 @@ def test_full_loop(panel, qtbot, cohort, tmp_path):
     regions = widget.layer_for(unlabeled[0], "regions")
     assert regions.colormap.map(np.array([2]))[0][:3] == pytest.approx([0, 0x9E / 255, 0x73 / 255], abs=0.01)
     assert set(np.unique(regions.data)) <= {0, 1, 2, 3}
+    # the live plot carries loss and the per-step region shares from the event stream
+    assert widget.plot.loss and widget.plot.region_steps
+    assert all(0.0 <= v <= 1.0 for v in widget.plot.disregarded + widget.plot.inconsistent)
     assert [it.name for it in widget.queue.items] and len(widget.queue.items) == len(unlabeled)
 
     # Next: the worst case, centred on its largest inconsistent (or disregarded) region
