@@ -27,7 +27,8 @@ VARIANTS = {
     "sgrs": dict(method="sgrs"),
     "sgrs-no-mix": dict(method="sgrs", use_mix=False),
     "sgrs-no-regions": dict(method="sgrs", use_regions=False),
-    "sgrs-published": dict(method="sgrs", reference_compat=True, rampup_fraction=6000 / 15000),
+    # the published recipe: its defects, constant lr, and the ramp over 6,000 steps whatever the budget
+    "sgrs-published": dict(method="sgrs", reference_compat=True, lr_schedule="constant", rampup_steps=6000),
 }
 
 
@@ -58,6 +59,8 @@ def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
                   batch_size=args.batch_size, labeled_batch_size=args.labeled_batch_size, seed=seed,
                   device=args.device, checkpoint_every=args.iterations, log_every=50)
     kwargs.update(overrides)
+    if "rampup_steps" in kwargs:
+        kwargs["rampup_fraction"] = kwargs.pop("rampup_steps") / args.iterations
     cfg = TrainConfig(**kwargs)
     if args.supervised_batch == "labeled" and cfg.method == "supervised" and "batch_size" not in overrides:
         cfg.batch_size = args.labeled_batch_size

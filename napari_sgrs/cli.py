@@ -41,7 +41,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", default=None,
                    help="entropy threshold of the disregarded region (log10 units; paper 0.296), or 'auto' to "
                         "calibrate it on the labeled validation volumes")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (paper: 0.01)")
+    p.add_argument("--lr-schedule", choices=["poly", "constant"], default=None,
+                   help="poly (default): decays to 0 at the last step, so the last checkpoint is settled; "
+                        "constant: the paper's")
     p.add_argument("--no-mix", action="store_true", help="ablation: no Mix Augmentation")
     p.add_argument("--no-regions", action="store_true", help="ablation: one loss on every pseudo-label voxel")
     p.add_argument("--unsup-weight", type=float, default=None, help="weight of the unlabeled loss after ramp-up")
@@ -73,7 +76,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 PRESETS = {
     "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
-                  labeled_batch_size=2),
+                  labeled_batch_size=2, lr_schedule="constant"),
     # measured on 2 CPU cores (benchmarks/preview_benchmark.py): 32^3 and 8 filters train ~3x faster
     # per step than 48^3, and validating every 100 steps keeps validation off the critical path
     "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,
@@ -90,6 +93,7 @@ def _config_from_args(args: argparse.Namespace):
             setattr(cfg, k, v)
     mapping = {"iterations": "iterations", "patch_size": "patch_size", "base_filters": "base_filters",
                "batch_size": "batch_size", "labeled_batch_size": "labeled_batch_size", "lr": "lr",
+               "lr_schedule": "lr_schedule",
                "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction",
                "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",

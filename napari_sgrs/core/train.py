@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     lr: float = 0.01
+    lr_schedule: str = "poly"          # poly: lr (1 - t/T)^0.9 (nnU-Net), so the last checkpoint is a settled one; constant: the paper's
     momentum: float = 0.9
     weight_decay: float = 1e-4
     tau: float = S.PAPER_TAU
@@ -77,7 +78,7 @@ class TrainConfig:
     workers: int = 0
     foreground_fraction: float = 0.33
     dropout: float = 0.5
-    bn_streams: bool = False           # mixed images normalised with their own BN statistics (vnet.py)
+    bn_streams: bool = False           # per-stream BN statistics in the one student forward (vnet.py)
     gate: str = "none"                 # none | teacher-dice: scale L_u by the teacher's Dice on labeled patches
 
     def validate(self) -> "TrainConfig":
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"--workers must be >= 0 (0: load batches in the training process), got {self.workers}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
+        if self.lr_schedule not in ("poly", "constant"):
+            raise ConfigError(f"--lr-schedule must be poly or constant, got {self.lr_schedule!r}")
         if self.select not in ("last", "best"):
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
@@ -118,6 +121,13 @@ class TrainConfig:
             cfg.patch_size = tuple(cfg.patch_size)
         cfg.ct_window = tuple(cfg.ct_window)
         return cfg
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate at ``step``: constant (paper) or poly decay to 0 at the last step."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * (1.0 - min(step, config.iterations - 1) / config.iterations) ** 0.9
 
 
 def resolve_device(device: str) -> torch.device:
@@ -256,10 +266,11 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         u_mix = S.mix_augment(u_noisy, x_noisy, lam, partner)
     else:
         u_mix = u_noisy  # ablation: the second view is the noisy unlabeled patch alone
-    # One forward over the concatenated batch; with bn_streams the mixed images get their own
-    # BatchNorm statistics so the running statistics describe real images only.
+    # One forward over the concatenated batch; with bn_streams each stream (labeled, unlabeled,
+    # mixed) is normalised with its own BatchNorm statistics, and the running statistics come
+    # from the labeled stream alone, as in supervised training.
     if config.bn_streams:
-        set_bn_segments(student, (b + bu, bu))
+        set_bn_segments(student, (b, bu, bu))
     try:
         logits = student(torch.cat([x, u, u_mix], 0))
     finally:
@@ -508,6 +519,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                        f"checkpoint is kept. Lower --lr or check the images for extreme values")
                 writer.emit(EventKind.ERROR, step, message=msg)
                 raise TrainingDiverged(msg)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out.loss).backward()
             scaler.step(optimizer)

@@ -16,12 +16,12 @@ from .errors import ConfigError
 class StreamBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm3d that can normalise segments of the batch with their own statistics.
 
-    With ``segments = (n_real, n_mixed)`` set (training only), the first ``n_real`` samples (real
-    images: labeled + unlabeled) are normalised with their batch statistics and update the
-    running statistics; the remaining ones (Mix-Augmented images, whose contrast is lower because
-    mixing two images shrinks their variance) are normalised with their own statistics and leave
-    the running statistics alone. One forward over the concatenated batch, and the statistics
-    used at inference describe real images only. Same parameters and buffers as BatchNorm3d.
+    With ``segments = (n_0, n_1, ...)`` set (training only), each segment of the batch is
+    normalised with its own batch statistics, and only the first segment updates the running
+    statistics. The trainer uses (labeled, unlabeled, mixed): one forward over the concatenated
+    batch, while the labeled stream's normalisation - and the statistics used at inference - are
+    those of supervised training, untouched by unlabeled or Mix-Augmented images (mixing two
+    images lowers their contrast). Same parameters and buffers as BatchNorm3d.
     """
 
     segments: tuple[int, ...] | None = None

@@ -184,7 +184,7 @@ def test_hard_label_matches_argmax():
         assert torch.equal(S.hard_label(p), p.argmax(1))
 
 
-def test_stream_batchnorm_keeps_running_stats_of_real_images_only():
+def test_stream_batchnorm_keeps_running_stats_of_first_stream_only():
     from napari_sgrs.core.vnet import StreamBatchNorm3d, set_bn_segments
 
     torch.manual_seed(0)
