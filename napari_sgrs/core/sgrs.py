@@ -129,20 +129,32 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch
 
 
 def masked_soft_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                     smooth: float = 1.0) -> torch.Tensor:
+                     smooth: float = 1.0, skip_empty: bool = False) -> torch.Tensor:
     """1 - mean over foreground classes of soft Dice, counted only where mask is True.
 
     prob (B, K, ...), target (B, ...) long, mask (B, ...) bool. Background is left out, as in the
     V-Net/UA-MT code for small targets: its Dice is near 1 and would drown the target's.
+
+    ``skip_empty``: classes absent from the (masked) target are left out. Used for pseudo
+    labels: when the teacher marks no target in a patch, 1 - (0 + s) / (sum p + s) punishes every
+    foreground voxel the student dares to predict, which drives a young student to predict
+    background everywhere (we saw whole runs collapse to Dice 0); the CE terms still apply.
     """
     k = prob.shape[1]
     m = mask.unsqueeze(1).to(prob.dtype)
-    onehot = F.one_hot(target.clamp(0, k - 1), k).movedim(-1, 1).to(prob.dtype)
+    fg = prob[:, 1:] * m  # background is not scored: skip its products entirely
+    classes = torch.arange(1, k, device=target.device).view(1, k - 1, *([1] * (target.dim() - 1)))
+    onehot = (target.unsqueeze(1) == classes).to(prob.dtype) * m
     dims = (0,) + tuple(range(2, prob.dim()))
-    inter = (prob * onehot * m).sum(dims)
-    denom = (prob * m).sum(dims) + (onehot * m).sum(dims)
+    inter = (fg * onehot).sum(dims)
+    denom = fg.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth)
-    return 1.0 - dice[1:].mean()
+    if skip_empty:
+        present = onehot.sum(dims) > 0
+        if not bool(present.any()):
+            return fg.sum() * 0.0  # keeps the graph; no Dice signal from this region
+        return 1.0 - dice[present].mean()
+    return 1.0 - dice.mean()
 
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
@@ -170,18 +182,19 @@ def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.
     pseudo2 = torch.cat([pseudo, pseudo], 0)
     if not use_regions:
         everywhere = torch.ones_like(pseudo2, dtype=torch.bool)
-        dice = masked_soft_dice(prob2, pseudo2, everywhere)
+        dice = masked_soft_dice(prob2, pseudo2, everywhere, skip_empty=not reference_compat)
         ce = masked_cross_entropy(logits2, pseudo2, everywhere)
         return 0.5 * (dice + ce)
     c = torch.cat([regions.consistent] * 2, 0)
     i = torch.cat([regions.inconsistent] * 2, 0)
     c_ce = torch.cat([regions.agree] * 2, 0) if reference_compat else c
     b = logits.shape[0]
+    skip = not reference_compat
     dice_terms = [
-        masked_soft_dice(prob2[:b], pseudo, regions.consistent),
-        masked_soft_dice(prob2[b:], pseudo, regions.consistent),
-        masked_soft_dice(prob2[:b], pseudo, regions.inconsistent, smooth=inconsistent_smooth),
-        masked_soft_dice(prob2[b:], pseudo, regions.inconsistent, smooth=inconsistent_smooth),
+        masked_soft_dice(prob2[:b], pseudo, regions.consistent, skip_empty=skip),
+        masked_soft_dice(prob2[b:], pseudo, regions.consistent, skip_empty=skip),
+        masked_soft_dice(prob2[:b], pseudo, regions.inconsistent, smooth=inconsistent_smooth, skip_empty=skip),
+        masked_soft_dice(prob2[b:], pseudo, regions.inconsistent, smooth=inconsistent_smooth, skip_empty=skip),
     ]
     ce_terms = [
         masked_cross_entropy(logits2, pseudo2, c_ce),
