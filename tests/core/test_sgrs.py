@@ -205,3 +205,17 @@ def test_stream_batchnorm_keeps_running_stats_of_first_stream_only():
     bn2, ref2 = StreamBatchNorm3d(3), torch.nn.BatchNorm3d(3)
     x = torch.randn(6, 3, 2, 2, 2)
     assert torch.allclose(bn2(x), ref2(x), atol=1e-6)
+
+
+def test_pseudo_label_dice_skips_classes_absent_from_the_target():
+    prob = torch.full((1, 2, 4, 4, 4), 0.5, requires_grad=True)
+    target = torch.zeros(1, 4, 4, 4, dtype=torch.long)  # the teacher saw no target here
+    mask = torch.ones_like(target, dtype=torch.bool)
+    plain = S.masked_soft_dice(prob, target, mask)
+    assert plain.item() > 0.9  # 1 - 1 / (32 + 1): every foreground guess is punished
+    skipped = S.masked_soft_dice(prob, target, mask, skip_empty=True)
+    assert skipped.item() == 0.0
+    skipped.backward()
+    assert prob.grad.abs().max() == 0
+    target[0, 0, 0, 0] = 1  # once the class is present it is scored again
+    assert S.masked_soft_dice(prob, target, mask, skip_empty=True).item() > 0
