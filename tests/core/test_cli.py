@@ -16,7 +16,7 @@ from napari_sgrs.cli import main
 from napari_sgrs.core.io import Geometry, read_volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import TINY_ARGS  # noqa: E402
+from tiny import TINY_ARGS  # noqa: E402
 
 
 def _copy_cohort(c, tmp_path: Path) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ from napari_sgrs.cli import main
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import test_malformed as M  # noqa: E402
-from conftest import TINY_ARGS  # noqa: E402
+from tiny import TINY_ARGS  # noqa: E402
 
 # Inputs that the folder scan skips on purpose (a .png, a file that is not there, a looping
 # link are not volumes of the folder): the CLI meets them as the --images path itself.

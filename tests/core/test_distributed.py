@@ -21,7 +21,7 @@ from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.events import read_events
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import TINY_ARGS  # noqa: E402
+from tiny import TINY_ARGS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -108,7 +108,7 @@ def test_sync_bn_on_cpu_is_a_clear_error(tiny_cohort, tmp_path, monkeypatch):
     from napari_sgrs.core.errors import ConfigError
     from napari_sgrs.core.io import find_cases
     from napari_sgrs.core.train import train
-    from conftest import tiny_config
+    from tiny import tiny_config
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -144,7 +144,7 @@ def test_worker_streams_are_seeded_per_rank_and_worker(monkeypatch):
 def test_training_with_worker_processes(tiny_cohort, tmp_path):
     from napari_sgrs.core.io import find_cases
     from napari_sgrs.core.train import train
-    from conftest import tiny_config
+    from tiny import tiny_config
 
     cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
     result = train(tiny_config(workers=2, iterations=3, val_every=100), cases, tmp_path / "run")

@@ -34,7 +34,7 @@ from napari_sgrs.core.events import read_events
 from napari_sgrs.core.io import Geometry, find_cases, read_volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_config  # noqa: E402
+from tiny import tiny_config  # noqa: E402
 
 TEMP_NAME = re.compile(r"^\.(last|best)\.safetensors\..+\.tmp$")
 

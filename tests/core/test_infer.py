@@ -14,7 +14,7 @@ from napari_sgrs.core.sgrs import REGION_CONSISTENT, REGION_DISREGARDED, REGION_
 from napari_sgrs.core.vnet import VNet
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import tiny_config  # noqa: E402
+from tiny import tiny_config  # noqa: E402
 
 
 @pytest.mark.parametrize("size,patch,overlap", [

@@ -22,7 +22,7 @@ from napari_sgrs.core.memory import (
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import TINY_ARGS, tiny_config  # noqa: E402
+from tiny import TINY_ARGS, tiny_config  # noqa: E402
 
 
 def test_training_estimate_scales_with_patch_batch_filters_and_method():

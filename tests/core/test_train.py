@@ -16,7 +16,7 @@ from napari_sgrs.core.io import find_cases
 from napari_sgrs.core.train import train
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
-from conftest import tiny_config  # noqa: E402
+from tiny import tiny_config  # noqa: E402
 
 
 def _cases(c):
