@@ -106,8 +106,6 @@ def _config_from_args(args: argparse.Namespace):
             setattr(cfg, field_name, tuple(value) if isinstance(value, list) else value)
     if args.method == "mean-teacher" and args.unsup_weight is None:
         cfg.unsup_weight = 0.1  # the UA-MT / SSL4MIS consistency weight for the MSE
-    if args.method == "supervised" and args.batch_size is None and args.preset is None:
-        pass
     cfg.use_mix = not args.no_mix
     cfg.use_regions = not args.no_regions
     if args.tau is not None:
