@@ -58,11 +58,15 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
 
 
 def regions_colormap():
-    """Fixed Okabe-Ito colours for synergy regions; 0 (none) is transparent."""
+    """Fixed Okabe-Ito colours for synergy regions; 0 (none) is transparent, and consistent voxels
+    (most of a volume) are drawn faintly so the image and the regions to review stay visible."""
     from napari.utils.colormaps import DirectLabelColormap
+
+    from napari_sgrs.core.project import REGION_CONSISTENT
 
     colors = {REGION_NONE: "transparent", None: "transparent"}
     colors.update(REGION_COLORS)
+    colors[REGION_CONSISTENT] = REGION_COLORS[REGION_CONSISTENT] + "40"  # 25 % alpha
     return DirectLabelColormap(color_dict=colors)
 
 
