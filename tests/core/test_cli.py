@@ -191,3 +191,11 @@ def test_predict_refuses_a_pickle_checkpoint(tmp_path, tiny_cohort, capsys):
     code = main(["predict", "--run", str(ck), "--images", str(tiny_cohort.images_ts), "--out", str(tmp_path / "o")])
     out = capsys.readouterr()
     assert code == 2 and "refused" in out.err and "pwned" not in out.out
+
+
+def test_headless_demo_runs_the_whole_job(tmp_path, capsys):
+    assert main(["demo", str(tmp_path / "demo"), "--iterations", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Held-out demo test volumes" in out and "dice" in out
+    assert len(list((tmp_path / "demo" / "pseudo" / "regions").glob("*.nii.gz"))) == 4  # the unlabeled ones
+    assert json.loads((tmp_path / "demo" / "evaluation.json").read_text())["cases"]
