@@ -18,8 +18,10 @@ $(STAMP): setup.cfg pyproject.toml scripts/install_torch.sh
 # headless and saves a screenshot (see README).
 demo: setup
 	@if [ -n "$$DISPLAY" ]; then $(PY) -m napari_sgrs._napari.demo_app; \
-	else echo "no display: running the same loop headless under Xvfb"; \
-	     $(XVFB) $(PY) -m napari_sgrs._napari.demo_app --headless-screenshot demo/screenshot.png; fi
+	elif [ -n "$(XVFB)" ]; then echo "no display: running the same loop headless under Xvfb"; \
+	     $(XVFB) $(PY) -m napari_sgrs._napari.demo_app --headless-screenshot demo/screenshot.png; \
+	else echo "no display and no xvfb-run (apt-get install xvfb): running the engine demo instead"; \
+	     $(VENV)/bin/sgrs demo demo; fi
 
 # The engine alone: demo data -> train -> predict with regions -> evaluate.
 demo-headless: setup
