@@ -333,7 +333,8 @@ class SGRSTrainWidget(QWidget):
         for axis in range(min(len(world), self.viewer.dims.ndim)):
             if axis not in self.viewer.dims.displayed:
                 self.viewer.dims.set_point(axis, world[axis])
-        self.viewer.camera.center = world  # noqa - viewer.scene.camera only from napari 0.9
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9; viewer.camera before
+        (scene.camera if scene is not None else self.viewer.camera).center = world
         return world
 
     # ------------------------------------------------------------------ project
