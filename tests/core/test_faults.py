@@ -91,6 +91,17 @@ def _new_events(run: Path, offset: int) -> list[dict]:
     return read_events(run / "events.jsonl", offset)[0] if (run / "events.jsonl").exists() else []
 
 
+def _write_paused(tmp: Path) -> bool:
+    """True once the temp file has stopped growing, i.e. the writer sits in the test hook between
+    its complete temp file and the rename (the file exists from mkstemp on, before any byte)."""
+    try:
+        size = tmp.stat().st_size
+        time.sleep(0.1)
+        return size > 0 and tmp.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
 def _wait_and_kill(proc: subprocess.Popen, run: Path, offset: int, when: tuple) -> Path | None:
     """Poll until ``when`` holds, SIGKILL the trainer; returns the temp file being written, if any."""
     t0 = time.monotonic()
@@ -115,7 +126,7 @@ def _wait_and_kill(proc: subprocess.Popen, run: Path, offset: int, when: tuple) 
             temps = [p for p in _temp_files(folder) if p.name.startswith(f".{name}.")]
             seen = seen_temps.setdefault(name, set())
             seen.update(p.name for p in temps)
-            if temps and len(seen) >= when[2]:
+            if temps and len(seen) >= when[2] and _write_paused(temps[0]):
                 writing = temps[0]
                 break
         time.sleep(0.01)
