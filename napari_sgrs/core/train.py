@@ -242,8 +242,10 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
     bu = u.shape[0]
     weight = config.unsup_weight * S.sigmoid_rampup(step, rampup_len)
     u_noisy = S.add_noise(u, generator=gen)
-    x_noisy = S.add_noise(x, generator=gen)
     gated = config.gate == "teacher-dice"
+    # the noisy labeled patches feed the mix and the gate only: no noise drawn when neither is on
+    needs_x_noisy = gated or (config.method == "sgrs" and config.use_mix)
+    x_noisy = S.add_noise(x, generator=gen) if needs_x_noisy else None
     with torch.no_grad():
         # With the gate, the teacher also sees the noisy labeled patches (one batched forward):
         # its Dice there says how far its pseudo labels can be trusted right now.
