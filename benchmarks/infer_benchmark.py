@@ -10,7 +10,8 @@
    averaging of the softmax). On the demo's 48^3 volumes the trained patch is 32^3, so the
    dense strides keep the published stride-to-patch ratios: 18/112 and 4/80 of 32 -> (2, 5, 5)
    in (D, H, W) after rounding.
-3. Peak memory of whole-volume inference: ru_maxrss of a fresh process per volume size; the
+3. Peak memory of whole-volume inference: the current RSS sampled every millisecond during
+   ``Predictor.predict`` in a fresh process per volume size, minus the RSS just before it; the
    slope of peak memory over the size of one probability map (K x D x H x W float32) is the
    number of probability-map copies inference holds (activations and the network cancel out).
 
@@ -24,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -184,11 +184,35 @@ def memory_child(shape, regions: bool, filters: int, patch) -> dict:
     # warm-up at the same windows-per-forward, so the activations are in the baseline
     predictor.predict(np.zeros((patch[0], patch[1], 4 * patch[2]), np.float32), regions=regions)
     image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # ru_maxrss is a high-water mark since process start, so the warm-up's peak can hide the one we
+    # want; sample the CURRENT resident size instead, every millisecond, while predict runs.
+    import gc
+    import threading
+
+    gc.collect()
+    before = _rss_now()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_now())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = predictor.predict(image, regions=regions)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], _rss_now())
     del out
-    return {"shape": list(shape), "regions": regions, "rss_before_bytes": before, "peak_bytes": peak}
+    return {"shape": list(shape), "regions": regions, "rss_before_bytes": before, "peak_bytes": peak[0]}
+
+
+def _rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def memory(filters: int, patch, sizes, regions: bool) -> dict:

@@ -48,6 +48,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mix", action="store_true", help="ablation: no Mix Augmentation")
     p.add_argument("--no-regions", action="store_true", help="ablation: one loss on every pseudo-label voxel")
     p.add_argument("--unsup-weight", type=float, default=None, help="weight of the unlabeled loss after ramp-up")
+    p.add_argument("--gate", choices=["teacher-dice", "none"], default=None,
+                   help="sgrs: scale the unlabeled loss by the teacher's Dice on the step's labeled patches "
+                        "(default teacher-dice; none: the paper's)")
+    p.add_argument("--region-weighting", choices=["voxels", "terms"], default=None,
+                   help="sgrs: voxels (default): every scored voxel weighs the same; terms: the paper's mean of "
+                        "the region terms, which gives the small inconsistent region half the weight")
     p.add_argument("--rampup-fraction", type=float, default=None,
                    help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
     p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)
@@ -76,7 +82,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 PRESETS = {
     "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
-                  labeled_batch_size=2, lr_schedule="constant"),
+                  labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="terms"),
     # measured on 2 CPU cores (benchmarks/preview_benchmark.py): 32^3 and 8 filters train ~3x faster
     # per step than 48^3, and validating every 100 steps keeps validation off the critical path
     "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,
@@ -94,7 +100,8 @@ def _config_from_args(args: argparse.Namespace):
     mapping = {"iterations": "iterations", "patch_size": "patch_size", "base_filters": "base_filters",
                "batch_size": "batch_size", "labeled_batch_size": "labeled_batch_size", "lr": "lr",
                "lr_schedule": "lr_schedule",
-               "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction",
+               "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
+               "region_weighting": "region_weighting",
                "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
@@ -162,7 +169,8 @@ def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     given = {a.replace("-", "_") for a in _given_options(getattr(args, "argv", sys.argv[1:]))}
     for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
                  "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
-                 "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat"):
+                 "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat", "gate",
+                 "region_weighting"):
         flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
         if flag not in given:
             setattr(cfg, name, getattr(saved, name))

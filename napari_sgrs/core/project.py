@@ -261,8 +261,8 @@ class TrainSettings:
     iterations: int = 2000
     patch_size: tuple[int, int, int] = (96, 96, 96)
     base_filters: int = 16
-    batch_size: int = 4
-    labeled_batch_size: int = 2
+    batch_size: int | None = None          # None: the engine's default (TrainConfig._resolve_batch)
+    labeled_batch_size: int | None = None
     device: str = "auto"
     seed: int = 1337
     ignore_index: int = IGNORE_INDEX
@@ -271,9 +271,12 @@ class TrainSettings:
     def cli_args(self) -> list[str]:
         args = ["--method", self.method, "--iterations", str(int(self.iterations)),
                 "--patch-size", *[str(int(v)) for v in self.patch_size],
-                "--base-filters", str(int(self.base_filters)), "--batch-size", str(int(self.batch_size)),
-                "--labeled-batch-size", str(int(self.labeled_batch_size)), "--device", self.device,
+                "--base-filters", str(int(self.base_filters)), "--device", self.device,
                 "--seed", str(int(self.seed)), "--ignore-index", str(int(self.ignore_index))]
+        if self.batch_size is not None:
+            args += ["--batch-size", str(int(self.batch_size))]
+        if self.labeled_batch_size is not None:
+            args += ["--labeled-batch-size", str(int(self.labeled_batch_size))]
         if self.checkpoint_every:
             args += ["--checkpoint-every", str(int(self.checkpoint_every))]
         return args

@@ -169,7 +169,7 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
 def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.Tensor,
                   regions: SynergyRegions, use_regions: bool = True,
                   reference_compat: bool = False, smoothing: float = 0.2,
-                  inconsistent_smooth: float = 20.0) -> torch.Tensor:
+                  inconsistent_smooth: float = 20.0, weighting: str = "terms") -> torch.Tensor:
     """L_u of SGRS-Net on the student's logits for U and U_mix against the teacher's pseudo label.
 
     Consistent voxels: hard CE + soft Dice (smooth 1). Inconsistent voxels: CE with label
@@ -200,7 +200,34 @@ def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.
         masked_cross_entropy(logits2, pseudo2, c_ce),
         masked_cross_entropy(logits2, pseudo2, i, label_smoothing=smoothing),
     ]
-    return 0.5 * (torch.stack(dice_terms).mean() + torch.stack(ce_terms).mean())
+    if weighting == "terms":
+        return 0.5 * (torch.stack(dice_terms).mean() + torch.stack(ce_terms).mean())
+    if weighting != "voxels":
+        raise ValueError(f"region weighting must be 'terms' or 'voxels', got {weighting!r}")
+    # every scored voxel weighs the same: a region's terms count in proportion to its voxels
+    nc, ni = float(regions.consistent.sum()), float(regions.inconsistent.sum())
+    if nc + ni == 0:
+        return logits2.sum() * 0.0
+    sc, si = nc / (nc + ni), ni / (nc + ni)
+    dice = 0.5 * (sc * (dice_terms[0] + dice_terms[1]) + si * (dice_terms[2] + dice_terms[3]))
+    ce = sc * ce_terms[0] + si * ce_terms[1]
+    return 0.5 * (dice + ce)
+
+
+def teacher_reliability(prob: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> float:
+    """The teacher's soft Dice on the labeled patches of the step, in [0, 1]: the gate on L_u.
+
+    prob (B, K, ...) the teacher's probabilities for the (noisy) labeled patches, target (B, ...).
+    Over the foreground classes present in ``target``; 0.0 when no labeled voxel is foreground, so a
+    batch that cannot show the teacher finds the target never opens the gate (a teacher that
+    predicts background everywhere would otherwise score a perfect "Dice" on an empty batch).
+    """
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    if not bool(((safe > 0) & valid).any()):
+        return 0.0
+    loss = masked_soft_dice(prob.float(), safe, valid, skip_empty=True)
+    return float(min(max(1.0 - float(loss), 0.0), 1.0))
 
 
 def sigmoid_rampup(step: int, length: float) -> float:

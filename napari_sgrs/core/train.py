@@ -34,6 +34,8 @@ from .memory import check_memory, estimate_training_memory  # noqa: F401 - estim
 from .vnet import VNet, set_bn_segments
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
+DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
+DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-teacher
 
 
 @dataclass
@@ -44,8 +46,10 @@ class TrainConfig:
     iterations: int = 15000
     patch_size: tuple[int, int, int] | None = None  # (D, H, W); None: auto from the volumes
     base_filters: int = 16
-    batch_size: int = 4
-    labeled_batch_size: int = 2
+    # None: resolved in validate(). Every method sees the same labeled patches per step
+    # (DEFAULT_LABELED_BATCH); sgrs / mean-teacher add DEFAULT_UNLABELED_BATCH unlabeled ones on top.
+    batch_size: int | None = None
+    labeled_batch_size: int | None = None
     seed: int = 1337
     device: str = "auto"
     lr: float = 0.01
@@ -79,7 +83,8 @@ class TrainConfig:
     foreground_fraction: float = 0.33
     dropout: float = 0.5
     bn_streams: bool = False           # per-stream BN statistics in the one student forward (vnet.py)
-    gate: str = "none"                 # none | teacher-dice: scale L_u by the teacher's Dice on labeled patches
+    gate: str = "teacher-dice"         # teacher-dice: scale L_u by the teacher's Dice on the step's labeled patches | none (paper)
+    region_weighting: str = "voxels"   # voxels: each scored voxel weighs the same | terms: the paper's mean of region terms
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -88,6 +93,7 @@ class TrainConfig:
             raise ConfigError(f"--iterations must be >= 1, got {self.iterations}")
         if self.patch_size is not None:
             self.patch_size = check_patch(tuple(self.patch_size))
+        self._resolve_batch()
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.method != "supervised" and not 1 <= self.labeled_batch_size < self.batch_size:
@@ -104,11 +110,36 @@ class TrainConfig:
             raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.lr_schedule not in ("poly", "constant"):
             raise ConfigError(f"--lr-schedule must be poly or constant, got {self.lr_schedule!r}")
+        if self.gate not in ("none", "teacher-dice"):
+            raise ConfigError(f"--gate must be none or teacher-dice, got {self.gate!r}")
+        if self.region_weighting not in ("voxels", "terms"):
+            raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
         if self.select not in ("last", "best"):
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         return self
+
+    def _resolve_batch(self) -> None:
+        """Fill in the batch sizes left unset (None).
+
+        supervised: ``batch_size`` labeled patches (default 4; ``--labeled-batch-size`` alone
+        also sets it). sgrs / mean-teacher: ``labeled_batch_size`` labeled (default 4, the same
+        labeled stream as supervised training) plus ``batch_size - labeled_batch_size``
+        unlabeled (default 2 more); ``--batch-size B`` alone splits B in half, as the paper's
+        2 + 2. A semi-supervised run therefore never trains on fewer labeled patches per step
+        than the supervised baseline it is compared with (benchmarks/RESULTS.md).
+        """
+        if self.method == "supervised":
+            n = self.batch_size if self.batch_size is not None else self.labeled_batch_size
+            n = DEFAULT_LABELED_BATCH if n is None else int(n)
+            self.batch_size = self.labeled_batch_size = n
+            return
+        if self.labeled_batch_size is None:
+            self.labeled_batch_size = (DEFAULT_LABELED_BATCH if self.batch_size is None
+                                       else max(1, int(self.batch_size) // 2))
+        if self.batch_size is None:
+            self.batch_size = int(self.labeled_batch_size) + DEFAULT_UNLABELED_BATCH
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,7 +273,7 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
     bu = u.shape[0]
     weight = config.unsup_weight * S.sigmoid_rampup(step, rampup_len)
     u_noisy = S.add_noise(u, generator=gen)
-    gated = config.gate == "teacher-dice"
+    gated = config.gate == "teacher-dice" and config.method == "sgrs"  # mean-teacher stays the textbook baseline
     # the noisy labeled patches feed the mix and the gate only: no noise drawn when neither is on
     needs_x_noisy = gated or (config.method == "sgrs" and config.use_mix)
     x_noisy = S.add_noise(x, generator=gen) if needs_x_noisy else None
@@ -252,10 +283,7 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         t_out = teacher(torch.cat([u_noisy, x_noisy], 0) if gated else u_noisy)
         teacher_logits = t_out[:bu]
         if gated:
-            valid = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
-            reliability = 1.0 - float(S.masked_soft_dice(torch.softmax(t_out[bu:].float(), 1),
-                                                         torch.where(valid, y, torch.zeros_like(y)), valid))
-            weight *= max(reliability, 0.0)
+            weight *= S.teacher_reliability(torch.softmax(t_out[bu:].float(), 1), y, ignore)
     if config.method == "mean-teacher":
         logits = student(torch.cat([x, u], 0))
         ls = S.supervised_loss(logits[:b], y, ignore)
@@ -284,7 +312,8 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         regions = S.synergy_regions(torch.softmax(lu_logits.float(), 1), torch.softmax(mix_logits.float(), 1),
                                     config.tau)
     lu = S.regional_loss(lu_logits.float(), mix_logits.float(), pseudo, regions,
-                         use_regions=config.use_regions, reference_compat=config.reference_compat)
+                         use_regions=config.use_regions, reference_compat=config.reference_compat,
+                         weighting=config.region_weighting)
     return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight, regions.fractions())
 
 

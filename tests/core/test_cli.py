@@ -145,7 +145,7 @@ BAD = {
     "patch-not-divisible-by-16": (None, ["--patch-size", "16", "20", "16"], "16"),
     "unknown-device": (None, ["--device", "tpu"], "tpu"),
     "cuda-absent": (None, ["--device", "cuda"], "cuda"),
-    "unknown-method-option": (None, ["--labeled-batch-size", "4"], "labeled-batch-size"),
+    "no-room-for-unlabeled": (None, ["--batch-size", "4", "--labeled-batch-size", "4"], "labeled-batch-size"),
 }
 
 

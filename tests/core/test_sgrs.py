@@ -219,3 +219,58 @@ def test_pseudo_label_dice_skips_classes_absent_from_the_target():
     assert prob.grad.abs().max() == 0
     target[0, 0, 0, 0] = 1  # once the class is present it is scored again
     assert S.masked_soft_dice(prob, target, mask, skip_empty=True).item() > 0
+
+
+def _one_inconsistent_voxel():
+    torch.manual_seed(0)
+    shape = (1, 2, 4, 4, 4)
+    logits, logits_mix = torch.randn(shape), torch.randn(shape)
+    pseudo = torch.randint(0, 2, (1, 4, 4, 4))
+    pseudo[0, 0, 0, 0] = 1
+    i = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    i[0, 0, 0, 0] = True
+    return logits, logits_mix, pseudo, S.SynergyRegions(~i, i, torch.zeros_like(i), ~i), i
+
+
+def _gradient_share_of_inconsistent_voxel(weighting: str) -> float:
+    logits, logits_mix, pseudo, regions, i = _one_inconsistent_voxel()
+    lg = logits.clone().requires_grad_(True)
+    S.regional_loss(lg, logits_mix, pseudo, regions, weighting=weighting).backward()
+    per_voxel = lg.grad.abs().sum(1)[0]
+    return float(per_voxel[i[0]].sum() / per_voxel.sum())
+
+
+def test_voxel_weighting_gives_a_lone_inconsistent_voxel_its_share_only():
+    # 1 inconsistent voxel among 63 consistent ones. The paper's mean of region terms gives it as much
+    # weight as all the consistent voxels together; voxel weighting gives it about 1/64 of the loss.
+    assert _gradient_share_of_inconsistent_voxel("terms") > 0.2
+    assert _gradient_share_of_inconsistent_voxel("voxels") < 0.05
+    with pytest.raises(ValueError, match="weighting"):
+        logits, logits_mix, pseudo, regions, _ = _one_inconsistent_voxel()
+        S.regional_loss(logits, logits_mix, pseudo, regions, weighting="area")
+
+
+def test_voxel_weighting_with_consistent_voxels_only_is_plain_ce_plus_dice():
+    logits, logits_mix, pseudo, _, _ = _one_inconsistent_voxel()
+    none = torch.zeros_like(pseudo, dtype=torch.bool)
+    regions = S.SynergyRegions(~none, none, none, ~none)
+    got = S.regional_loss(logits, logits_mix, pseudo, regions, weighting="voxels")
+    both = torch.cat([logits, logits_mix])
+    ce = torch.nn.functional.cross_entropy(both, torch.cat([pseudo, pseudo]))
+    dice = [S.masked_soft_dice(torch.softmax(x, 1), pseudo, ~none) for x in (logits, logits_mix)]
+    assert got.item() == pytest.approx((0.5 * (0.5 * (dice[0] + dice[1]) + ce)).item(), rel=1e-5)
+
+
+def test_teacher_reliability_gate():
+    y = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    y[0, 1:3, 1:3, 1:3] = 1
+    perfect = torch.nn.functional.one_hot(y, 2).permute(0, 4, 1, 2, 3).float()
+    assert S.teacher_reliability(perfect, y) == pytest.approx(1.0, abs=0.02)
+    background = torch.zeros_like(perfect)
+    background[:, 0] = 1.0
+    assert S.teacher_reliability(background, y) < 0.2
+    # no target in the labeled patches: nothing shows the teacher can find it -> gate closed
+    assert S.teacher_reliability(background, torch.zeros_like(y)) == 0.0
+    # voxels marked with the ignore value are left out (here: every foreground voxel)
+    ignored = torch.where(y == 1, torch.full_like(y, 255), y)
+    assert S.teacher_reliability(perfect, ignored, ignore_index=255) == 0.0

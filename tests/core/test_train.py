@@ -148,3 +148,20 @@ def test_no_labeled_volume_is_an_error(tiny_cohort, tmp_path):
 def test_volumes_smaller_than_patch_are_padded(tiny_cohort, tmp_path):
     result = train(tiny_config(patch_size=(32, 32, 32), iterations=2), _cases(tiny_cohort), tmp_path / "run")
     assert result.step == 2
+
+
+@pytest.mark.parametrize("method, given, expected", [
+    ("supervised", {}, (4, 4)),
+    ("sgrs", {}, (6, 4)),
+    ("mean-teacher", {}, (6, 4)),
+    ("sgrs", {"batch_size": 4}, (4, 2)),            # the paper's 2 + 2
+    ("sgrs", {"labeled_batch_size": 3}, (5, 3)),
+    ("sgrs", {"batch_size": 8, "labeled_batch_size": 6}, (8, 6)),
+    ("supervised", {"batch_size": 2}, (2, 2)),
+    ("supervised", {"labeled_batch_size": 3}, (3, 3)),
+])
+def test_batch_defaults_give_every_method_the_same_labeled_stream(method, given, expected):
+    from napari_sgrs.core.train import TrainConfig
+
+    cfg = TrainConfig(method=method, **given).validate()
+    assert (cfg.batch_size, cfg.labeled_batch_size) == expected
