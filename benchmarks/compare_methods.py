@@ -147,6 +147,33 @@ def plot(results: list[dict], variants: list[str], path: Path, title: str) -> No
     fig.savefig(path, dpi=120)
 
 
+def merge(args) -> int:
+    """One table and plot from several results.json (the same cohort and budget, split by seed/variant)."""
+    results, commands, settings = [], [], set()
+    for folder in args.merge:
+        d = json.loads((folder / "results.json").read_text())
+        a = d["args"]
+        settings.add((a["kind"], a["iterations"], tuple(a["patch"]), a["filters"], a["labeled"], a["data_seed"]))
+        results += d["results"]
+        commands.append(f"python benchmarks/compare_methods.py {a.get('cmd', '')}".strip())
+    if len(settings) != 1:
+        raise SystemExit(f"the folders were run with different settings: {sorted(settings)}")
+    kind, iterations, patch, filters, labeled, _ = settings.pop()
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"merged_from": [str(f) for f in args.merge],
+                                                       "results": results}, indent=1))
+    header = (f"{kind} cohort, {labeled} labeled; {iterations} steps, patch {patch}, {filters} filters; LAST "
+              f"checkpoint (no selection); mean ± std over seeds {seeds}. Merged from "
+              + ", ".join(f"`{f}`" for f in args.merge) + " (each folder's results.json holds its command).\n\n")
+    table = summarise(results, variants)
+    (args.out / "table.md").write_text(header + table + "\n")
+    plot(results, variants, args.out / "dice.png", f"{kind}: {labeled} labels, {iterations} steps, last checkpoint")
+    print(header + table)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", choices=["blob", "vessel"], default="blob")
@@ -166,7 +193,12 @@ def main(argv=None) -> int:
     p.add_argument("--data-seed", type=int, default=100)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/compare"))
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="no training: merge the results.json of these --out folders (runs split across "
+                        "processes) into one table and plot in --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
 
     from napari_sgrs.core.demo import make_demo_cohort
 
@@ -178,8 +210,9 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for v in args.variants:
             results.append(run_one(v, seed, cohort, args, args.out))
-            results_path.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
-                                                         for k, v in vars(args).items()},
+            results_path.write_text(json.dumps({"args": {**{k: (str(v) if isinstance(v, Path) else v)
+                                                            for k, v in vars(args).items()},
+                                                         "cmd": " ".join(sys.argv[1:])},
                                                 "results": results}, indent=1))
     table = summarise(results, args.variants)
     cmd = "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:])
