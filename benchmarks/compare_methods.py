@@ -155,7 +155,10 @@ def merge(args) -> int:
         a = d["args"]
         settings.add((a["kind"], a["iterations"], tuple(a["patch"]), a["filters"], a["labeled"], a["data_seed"]))
         results += d["results"]
-        commands.append(f"python benchmarks/compare_methods.py {a.get('cmd', '')}".strip())
+        cmd = a.get("cmd") or " ".join(  # results written before the command was recorded: rebuild it
+            [f"--kind {a['kind']} --iterations {a['iterations']} --seeds {' '.join(map(str, a['seeds']))}",
+             "--variants " + " ".join(f'"{v}"' for v in a["variants"]), f"--out {a['out']}"])
+        commands.append(f"python benchmarks/compare_methods.py {cmd}")
     if len(settings) != 1:
         raise SystemExit(f"the folders were run with different settings: {sorted(settings)}")
     kind, iterations, patch, filters, labeled, _ = settings.pop()
@@ -163,15 +166,61 @@ def merge(args) -> int:
     seeds = sorted({r["seed"] for r in results})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"merged_from": [str(f) for f in args.merge],
-                                                       "results": results}, indent=1))
+                                                       "commands": commands, "results": results}, indent=1))
     header = (f"{kind} cohort, {labeled} labeled; {iterations} steps, patch {patch}, {filters} filters; LAST "
-              f"checkpoint (no selection); mean ± std over seeds {seeds}. Merged from "
-              + ", ".join(f"`{f}`" for f in args.merge) + " (each folder's results.json holds its command).\n\n")
+              f"checkpoint (no selection); mean ± std over seeds {seeds}. Merged from:\n\n"
+              + "\n".join(f"    OMP_NUM_THREADS=1 {c}" for c in commands) + "\n\n")
     table = summarise(results, variants)
     (args.out / "table.md").write_text(header + table + "\n")
     plot(results, variants, args.out / "dice.png", f"{kind}: {labeled} labels, {iterations} steps, last checkpoint")
+    if any(v.startswith("sgrs[tau") for v in variants):
+        tau_plot(results, args.out / "tau.png", f"{kind}: sgrs Dice against tau, {iterations} steps, last checkpoint")
     print(header + table)
     return 0
+
+
+def tau_of(variant: str) -> float | str | None:
+    """The tau of an sgrs variant: a number, "auto", or None for other methods."""
+    from napari_sgrs.core.sgrs import PAPER_TAU
+
+    if variant != "sgrs" and not variant.startswith("sgrs["):
+        return None
+    o = parse_variant(variant)
+    if any(k not in ("method", "tau", "tau_auto") for k in o):
+        return None  # another change as well: not a point of the tau curve
+    return "auto" if o.get("tau_auto") else float(o.get("tau", PAPER_TAU))
+
+
+def tau_plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed, auto = {}, []
+    for r in results:
+        t = tau_of(r["variant"])
+        if t == "auto":
+            auto.append(r["dice"])
+        elif t is not None:
+            fixed.setdefault(t, []).append(r["dice"])
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    taus = sorted(fixed)
+    for t in taus:
+        ax.scatter([t] * len(fixed[t]), fixed[t], color="#0072B2", zorder=3)
+    ax.plot(taus, [np.mean(fixed[t]) for t in taus], color="#0072B2", label="fixed tau (mean)")
+    if auto:
+        ax.axhline(np.mean(auto), color="#D55E00", ls="--", label=f"tau auto (mean of {len(auto)})")
+    sup = [r["dice"] for r in results if r["variant"] == "supervised"]
+    if sup:
+        ax.axhline(np.mean(sup), color="0.4", ls=":", label="supervised (mean)")
+    ax.set_xlabel("tau (normalised entropy, log10 units; paper 0.296)")
+    ax.set_ylabel("Dice, held-out test volumes")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
