@@ -246,6 +246,9 @@ def main(argv=None) -> int:
                    help="no training: merge the results.json of these --out folders (runs split across "
                         "processes) into one table and plot in --out")
     args = p.parse_args(argv)
+    import shlex
+
+    cmd_args = shlex.join(sys.argv[1:] if argv is None else list(argv))
     if args.merge:
         return merge(args)
 
@@ -261,10 +264,10 @@ def main(argv=None) -> int:
             results.append(run_one(v, seed, cohort, args, args.out))
             results_path.write_text(json.dumps({"args": {**{k: (str(v) if isinstance(v, Path) else v)
                                                             for k, v in vars(args).items()},
-                                                         "cmd": " ".join(sys.argv[1:])},
+                                                         "cmd": cmd_args},
                                                 "results": results}, indent=1))
     table = summarise(results, args.variants)
-    cmd = "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/compare_methods.py " + cmd_args
     header = (f"{args.kind} cohort: {args.labeled} labeled + {args.cases - args.labeled} unlabeled training "
               f"volumes {tuple(args.shape)}, {args.test} held-out test volumes; {args.iterations} steps, patch "
               f"{tuple(args.patch)}, {args.filters} filters; LAST checkpoint (no selection); mean ± std over "

@@ -1,0 +1,51 @@
+"""The method-comparison benchmark runs end to end on a tiny setting, and its merge mode joins runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_methods.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("compare_methods", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_methods_table_plot_and_merge(tmp_path):
+    cm = _load()
+    tiny = ["--kind", "blob", "--iterations", "3", "--shape", "32", "32", "32", "--patch", "16", "16", "16",
+            "--filters", "2", "--cases", "4", "--labeled", "2", "--test", "1", "--seeds", "0"]
+    assert cm.main(tiny + ["--variants", "supervised", "sgrs", "--out", str(tmp_path / "a")]) == 0
+    assert cm.main(tiny + ["--variants", "sgrs[tau=0.1]", "sgrs[tau_auto=True]", "--out", str(tmp_path / "b")]) == 0
+    res = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
+    by = {r["variant"]: r for r in res}
+    assert by["supervised"]["batch"] == [4, 0] and by["sgrs"]["batch"] == [4, 2]
+    assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["dice_unlabeled"] <= 1.0 for r in res)
+
+    assert cm.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    table = (tmp_path / "m" / "table.md").read_text()
+    for v in ("supervised", "sgrs", "sgrs[tau=0.1]", "sgrs[tau_auto=True]"):
+        assert f"| {v} |" in table
+    assert "--variants supervised sgrs" in table  # each part's command is kept
+    assert (tmp_path / "m" / "dice.png").stat().st_size > 0 and (tmp_path / "m" / "tau.png").stat().st_size > 0
+    assert cm.tau_of("sgrs") == 0.296 and cm.tau_of("sgrs[tau=0.1]") == 0.1
+    assert cm.tau_of("sgrs[tau_auto=True]") == "auto" and cm.tau_of("sgrs-no-mix") is None
+    assert cm.tau_of("sgrs[tau=0.1,use_mix=False]") is None
+
+
+def test_merge_refuses_runs_with_different_settings(tmp_path):
+    import pytest
+
+    cm = _load()
+    for name, it in (("a", 600), ("b", 1800)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"args": {
+            "kind": "blob", "iterations": it, "patch": [32, 32, 32], "filters": 8, "labeled": 4, "data_seed": 100,
+            "seeds": [0], "variants": ["sgrs"], "out": name}, "results": []}))
+    with pytest.raises(SystemExit, match="different settings"):
+        cm.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
