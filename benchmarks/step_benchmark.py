@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import platform
+import resource
 import sys
 import time
 
@@ -114,11 +115,14 @@ def main(argv=None) -> int:
             else:
                 t = time.perf_counter()
                 u_noisy = S.add_noise(u, generator=gen)
-                with torch.no_grad():
-                    pseudo = S.hard_label(teacher(u_noisy))
+                x_noisy = S.add_noise(x, generator=gen)
+                gated = cfg.gate == "teacher-dice"
+                with torch.no_grad():  # with the gate the teacher also sees the labeled patches (sgrs_step)
+                    t_out = teacher(torch.cat([u_noisy, x_noisy], 0) if gated else u_noisy)
+                    pseudo = S.hard_label(t_out[:u.shape[0]])
+                    gate = S.teacher_reliability(torch.softmax(t_out[u.shape[0]:].float(), 1), y, 255) if gated else 1.0
                 _sync(device); phases["teacher_forward"] += time.perf_counter() - t
                 t = time.perf_counter()
-                x_noisy = S.add_noise(x, generator=gen)
                 lam = S.sample_mix_lambda(u.shape[0], 0.75, rng)
                 u_mix = S.mix_augment(u_noisy, x_noisy, lam, torch.from_numpy(rng.integers(0, x.shape[0], u.shape[0])))
                 logits = student(torch.cat([x, u, u_mix], 0))
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
                 lu_l, mx_l = logits[b:b + bu].float(), logits[b + bu:].float()
                 with torch.no_grad():
                     reg = S.synergy_regions(torch.softmax(lu_l, 1), torch.softmax(mx_l, 1))
-                loss = ls + S.regional_loss(lu_l, mx_l, pseudo, reg)
+                loss = ls + gate * S.regional_loss(lu_l, mx_l, pseudo, reg, weighting=cfg.region_weighting)
                 _sync(device); phases["regions_losses"] += time.perf_counter() - t
                 phases["student_forward_backward"] += fwd
         t = time.perf_counter()
@@ -150,12 +154,17 @@ def main(argv=None) -> int:
         "unlabeled": args.unlabeled, "channels_last": cl, "amp": str(amp_dtype), "step_s": step_s,
         "phases_s": phases,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        # the process does nothing but these steps, so its high-water mark is the training peak
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gate": cfg.gate, "region_weighting": cfg.region_weighting,
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.method} step at patch {tuple(args.patch)}, F={args.filters}, {args.labeled}+{args.unlabeled}, "
-              f"channels_last={cl}, {result['device']} x{result['threads']} threads: {step_s:.3f} s/step")
+              f"channels_last={cl}, {result['device']} x{result['threads']} threads: {step_s:.3f} s/step, "
+              f"peak RSS {result['peak_rss_mb']:.0f} MiB" + (f", peak GPU {result['peak_gpu_mb']:.0f} MiB"
+                                                             if result["peak_gpu_mb"] else ""))
         for k, v in phases.items():
             print(f"  {k:26s} {v:.3f} s")
     return 0

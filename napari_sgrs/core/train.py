@@ -85,6 +85,7 @@ class TrainConfig:
     bn_streams: bool = False           # per-stream BN statistics in the one student forward (vnet.py)
     gate: str = "teacher-dice"         # teacher-dice: scale L_u by the teacher's Dice on the step's labeled patches | none (paper)
     region_weighting: str = "voxels"   # voxels: each scored voxel weighs the same | terms: the paper's mean of region terms
+    pseudo_views: str = "both"         # both: L_u on P and P_mix (paper) | mix: on P_mix only (experiment)
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -311,6 +312,8 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
     with torch.no_grad():
         regions = S.synergy_regions(torch.softmax(lu_logits.float(), 1), torch.softmax(mix_logits.float(), 1),
                                     config.tau)
+    if config.pseudo_views == "mix":
+        lu_logits = lu_logits.detach()  # the pseudo label only teaches the view that did not make it
     lu = S.regional_loss(lu_logits.float(), mix_logits.float(), pseudo, regions,
                          use_regions=config.use_regions, reference_compat=config.reference_compat,
                          weighting=config.region_weighting)
