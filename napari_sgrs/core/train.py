@@ -115,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"--gate must be none or teacher-dice, got {self.gate!r}")
         if self.region_weighting not in ("voxels", "terms"):
             raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
+        if self.pseudo_views not in ("both", "mix"):
+            raise ConfigError(f"pseudo_views must be both or mix, got {self.pseudo_views!r}")
         if self.select not in ("last", "best"):
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:

@@ -165,3 +165,37 @@ def test_batch_defaults_give_every_method_the_same_labeled_stream(method, given,
 
     cfg = TrainConfig(method=method, **given).validate()
     assert (cfg.batch_size, cfg.labeled_batch_size) == expected
+
+
+def test_pseudo_views_mix_sends_no_unlabeled_gradient_through_the_plain_view():
+    """pseudo_views="mix": L_u teaches only P_mix. Checked on sgrs_step's loss: with the supervised
+    and mixed parts of the batch taken out of the graph, nothing flows back to the U patches."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from napari_sgrs.core.train import TrainConfig, build_model, sgrs_step
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(patch_size=(16, 16, 16), base_filters=2, batch_size=4, labeled_batch_size=2,
+                      dropout=0.0, gate="none", use_mix=True).validate()
+    student = build_model(cfg, 2).eval()  # eval: BatchNorm per sample, so samples do not interact
+    teacher = copy.deepcopy(student)
+    x, u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16, requires_grad=True)
+    y = torch.zeros(2, 16, 16, 16, dtype=torch.long)
+    y[:, 4:12, 4:12, 4:12] = 1
+
+    def grad_on_u(views):
+        cfg.pseudo_views = views
+        u.grad = None
+        out = sgrs_step(student, teacher, x, y, u, 10_000, cfg, np.random.default_rng(0),
+                        torch.Generator().manual_seed(0), 1.0, 2)
+        (out.loss - out.loss_sup).backward()
+        return u.grad.abs().sum().item()
+
+    both, mix_only = grad_on_u("both"), grad_on_u("mix")
+    assert both > 0 and mix_only > 0      # U still reaches L_u through U_mix = lam U' + ...
+    assert mix_only < both                 # ...but no longer through P itself
+    with pytest.raises(ConfigError, match="pseudo_views"):
+        TrainConfig(pseudo_views="plain").validate()
