@@ -89,17 +89,12 @@ def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
     # Transductive: the unlabeled TRAINING volumes, scored against the demo's hidden labels (the
     # generator is a pure function of its seed). This is what the plugin's user gets: pseudo labels
     # for the volumes they did not label. Reported apart from the held-out test Dice.
-    from napari_sgrs.core.demo import make_demo_case
-
-    info = json.loads((cohort.root / "cohort.json").read_text())
     dices = []
-    for name in info["unlabeled_names"]:
-        index = int(name.rsplit("_", 1)[1])
-        truth = make_demo_case(info["kind"], shape=tuple(info["shape"]), seed=info["seed"], index=index,
-                               n_classes=info["n_classes"])[1]
+    for name in cohort.unlabeled_names:
         img = read_volume(cohort.images_tr / f"{name}.nii.gz")
         pred = predictor.predict(img.array)
-        dices += [r.dice for r in case_metrics(pred.label, truth, spacing=img.geometry.spacing, name=name)]
+        dices += [r.dice for r in case_metrics(pred.label, cohort.hidden_label(name), spacing=img.geometry.spacing,
+                                               name=name)]
     res["dice_unlabeled"] = float(np.mean(dices)) if dices else float("nan")
     print(json.dumps(res), flush=True)
     return res

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("train_args", nargs="*", help="extra `sgrs train` arguments (after --)")
     args = p.parse_args(argv)
 
-    from napari_sgrs.core.demo import make_demo_case, make_demo_cohort
+    from napari_sgrs.core.demo import make_demo_cohort
     from napari_sgrs.core.io import read_volume
 
     work = args.workdir
@@ -66,10 +66,9 @@ def main(argv=None) -> int:
                            "--quiet"], check=True)
     t_total = time.time() - t0
 
-    names = list(cohort.train_names)
     dices, region_share = {}, {}
     for name in cohort.unlabeled_names:
-        _, truth = make_demo_case("blob", shape=cohort.shape, seed=args.seed, index=names.index(name))
+        truth = cohort.hidden_label(name)
         pred = read_volume(pseudo / f"{name}.nii.gz").array
         regions = read_volume(pseudo / "regions" / f"{name}.nii.gz").array
         dices[name] = dice(pred, truth)

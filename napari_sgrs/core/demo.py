@@ -61,6 +61,16 @@ class DemoCohort:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     json_path: Path
+    seed: int = 0
+
+    def hidden_label(self, name: str) -> np.ndarray:
+        """The label of any case, unlabeled ones included: the generator is a pure function of
+        (kind, seed, index), so benchmarks can score pseudo labels without the files holding it."""
+        names = self.train_names + self.test_names
+        if name not in names:
+            raise ConfigError(f"{name!r} is not a case of this demo cohort ({self.root})")
+        return make_demo_case(self.kind, shape=self.shape, seed=self.seed, index=names.index(name),
+                              n_classes=self.n_classes)[1]
 
 
 def make_demo_case(
@@ -188,6 +198,7 @@ def make_demo_cohort(
         spacing=spacing_t,  # type: ignore[arg-type]
         origin=origin,  # type: ignore[arg-type]
         json_path=root / "cohort.json",
+        seed=int(seed),
     )
     meta = {
         "kind": kind,

@@ -205,10 +205,11 @@ def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.
     if weighting != "voxels":
         raise ValueError(f"region weighting must be 'terms' or 'voxels', got {weighting!r}")
     # every scored voxel weighs the same: a region's terms count in proportion to its voxels
-    nc, ni = float(regions.consistent.sum()), float(regions.inconsistent.sum())
-    if nc + ni == 0:
-        return logits2.sum() * 0.0
-    sc, si = nc / (nc + ni), ni / (nc + ni)
+    # (shares stay tensors: no host sync on the hot path; with no scored voxel both are 0)
+    nc = regions.consistent.sum().to(logits2.dtype)
+    ni = regions.inconsistent.sum().to(logits2.dtype)
+    total = (nc + ni).clamp_min(1.0)
+    sc, si = nc / total, ni / total
     dice = 0.5 * (sc * (dice_terms[0] + dice_terms[1]) + si * (dice_terms[2] + dice_terms[3]))
     ce = sc * ce_terms[0] + si * ce_terms[1]
     return 0.5 * (dice + ce)
@@ -223,8 +224,8 @@ def teacher_reliability(prob: torch.Tensor, target: torch.Tensor, ignore_index: 
     predicts background everywhere would otherwise score a perfect "Dice" on an empty batch).
     """
     valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target))
-    if not bool(((safe > 0) & valid).any()):
+    safe = torch.where(valid, target, torch.zeros_like(target))  # ignored voxels become background
+    if not bool((safe > 0).any()):
         return 0.0
     loss = masked_soft_dice(prob.float(), safe, valid, skip_empty=True)
     return float(min(max(1.0 - float(loss), 0.0), 1.0))

@@ -212,3 +212,18 @@ def test_default_labels_half_of_the_training_cases(tmp_path):
     c = make_demo_cohort(tmp_path, shape=(16, 16, 16), n_cases=3, n_test=0)
     assert c.labeled_names == ("blob_000",) and c.test_names == ()
     assert _names(c.labels_tr) == ["blob_000"] and _names(c.images_ts) == []
+
+
+def test_hidden_label_regenerates_every_case_label(tmp_path):
+    from napari_sgrs.core.errors import ConfigError
+    from napari_sgrs.core.io import read_volume
+
+    c = make_demo_cohort(tmp_path, n_cases=3, n_labeled=1, n_test=1, shape=(24, 24, 24), seed=7)
+    for name in (c.labeled_names[0], c.test_names[0]):
+        folder = c.labels_tr if name in c.labeled_names else c.labels_ts
+        assert np.array_equal(c.hidden_label(name), read_volume(folder / f"{name}.nii.gz").array)
+    unlabeled = c.hidden_label(c.unlabeled_names[0])
+    assert unlabeled.shape == (24, 24, 24) and unlabeled.any()
+    assert not (c.labels_tr / f"{c.unlabeled_names[0]}.nii.gz").exists()
+    with pytest.raises(ConfigError, match="blob_999"):
+        c.hidden_label("blob_999")

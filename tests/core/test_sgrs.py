@@ -274,3 +274,11 @@ def test_teacher_reliability_gate():
     # voxels marked with the ignore value are left out (here: every foreground voxel)
     ignored = torch.where(y == 1, torch.full_like(y, 255), y)
     assert S.teacher_reliability(perfect, ignored, ignore_index=255) == 0.0
+
+
+def test_voxel_weighting_with_nothing_scored_is_zero_with_a_graph():
+    logits, logits_mix, pseudo, _, _ = _one_inconsistent_voxel()
+    lg = logits.clone().requires_grad_(True)
+    none = torch.zeros_like(pseudo, dtype=torch.bool)
+    loss = S.regional_loss(lg, logits_mix, pseudo, S.SynergyRegions(none, none, ~none, none), weighting="voxels")
+    assert loss.item() == 0.0 and loss.requires_grad
