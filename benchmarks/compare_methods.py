@@ -29,9 +29,13 @@ VARIANTS = {
     "sgrs-no-regions": dict(method="sgrs", use_regions=False),
     # the published recipe: its defects, constant lr, and the ramp over 6,000 steps whatever the budget
     "sgrs-published": dict(method="sgrs", reference_compat=True, lr_schedule="constant", rampup_steps=6000,
-                           batch_size=4, labeled_batch_size=2, gate="none", region_weighting="terms"),
+                           batch_size=4, labeled_batch_size=2, gate="none", region_weighting="terms",
+                           pseudo_views="both"),
     # the paper's loss and batch at our budget-scaled ramp and poly lr (what our defaults replace)
-    "sgrs-paper-loss": dict(method="sgrs", batch_size=4, labeled_batch_size=2, gate="none", region_weighting="terms"),
+    "sgrs-paper-loss": dict(method="sgrs", batch_size=4, labeled_batch_size=2, gate="none", region_weighting="terms",
+                            pseudo_views="both"),
+    # our defaults, but L_u on both views as in the paper (the ablation of pseudo_views="mix")
+    "sgrs-both-views": dict(method="sgrs", pseudo_views="both"),
 }
 
 
@@ -142,29 +146,43 @@ def plot(results: list[dict], variants: list[str], path: Path, title: str) -> No
     fig.savefig(path, dpi=120)
 
 
+def parse_rename(item: str) -> tuple[str, str]:
+    """``OLD=NEW`` for --rename; OLD may hold '=' inside brackets (``sgrs[pseudo_views=mix]=sgrs``)."""
+    depth = 0
+    for i, ch in enumerate(item):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "=" and depth == 0:
+            return item[:i], item[i + 1:]
+    raise SystemExit(f"--rename wants OLD=NEW, got {item!r}")
+
+
 def merge(args) -> int:
     """One table and plot from several results.json (the same cohort and budget, split by seed/variant)."""
     results, commands, settings = [], [], set()
+    renames = dict(parse_rename(item) for item in args.rename or [])
     for folder in args.merge:
         d = json.loads((folder / "results.json").read_text())
         a = d["args"]
-        settings.add((a["kind"], a["iterations"], tuple(a["patch"]), a["filters"], a["labeled"], a["data_seed"]))
-        results += d["results"]
+        settings.add((a["kind"], a["iterations"], tuple(a["patch"]), a["filters"], a["labeled"], a["data_seed"],
+                      a.get("cases", 12), a.get("test", 8)))
+        results += [{**r, "variant": renames.get(r["variant"], r["variant"])} for r in d["results"]]
         cmd = a.get("cmd") or " ".join(  # results written before the command was recorded: rebuild it
             [f"--kind {a['kind']} --iterations {a['iterations']} --seeds {' '.join(map(str, a['seeds']))}",
              "--variants " + " ".join(f'"{v}"' for v in a["variants"]), f"--out {a['out']}"])
         commands.append(f"python benchmarks/compare_methods.py {cmd}")
     if len(settings) != 1:
         raise SystemExit(f"the folders were run with different settings: {sorted(settings)}")
-    kind, iterations, patch, filters, labeled, _ = settings.pop()
+    kind, iterations, patch, filters, labeled, _, cases, test = settings.pop()
     variants = list(dict.fromkeys(r["variant"] for r in results))
     seeds = sorted({r["seed"] for r in results})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"merged_from": [str(f) for f in args.merge],
                                                        "commands": commands, "results": results}, indent=1))
-    header = (f"{kind} cohort, {labeled} labeled; {iterations} steps, patch {patch}, {filters} filters; LAST "
-              f"checkpoint (no selection); mean ± std over seeds {seeds}. Merged from:\n\n"
-              + "\n".join(f"    OMP_NUM_THREADS=1 {c}" for c in commands) + "\n\n")
+    renamed = "".join(f"\n    (variant {old!r} shown as {new!r})" for old, new in renames.items())
+    header = (f"{kind} cohort, {labeled} labeled + {cases - labeled} unlabeled training volumes, {test} test "
+              f"volumes; {iterations} steps, patch {patch}, {filters} filters; LAST checkpoint (no selection); "
+              f"mean ± std over seeds {seeds}. Merged from:\n\n"
+              + "\n".join(f"    OMP_NUM_THREADS=1 {c}" for c in commands) + renamed + "\n\n")
     table = summarise(results, variants)
     (args.out / "table.md").write_text(header + table + "\n")
     plot(results, variants, args.out / "dice.png", f"{kind}: {labeled} labels, {iterations} steps, last checkpoint")
@@ -240,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="no training: merge the results.json of these --out folders (runs split across "
                         "processes) into one table and plot in --out")
+    p.add_argument("--rename", nargs="+", default=None, metavar="OLD=NEW",
+                   help="with --merge: show variant OLD as NEW (runs made under an explicit setting that "
+                        "has since become the default); the table's header records each renaming")
     args = p.parse_args(argv)
     import shlex
 

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
                 lu_l, mx_l = logits[b:b + bu].float(), logits[b + bu:].float()
                 with torch.no_grad():
                     reg = S.synergy_regions(torch.softmax(lu_l, 1), torch.softmax(mx_l, 1))
-                loss = ls + gate * S.regional_loss(lu_l, mx_l, pseudo, reg, weighting=cfg.region_weighting)
+                taught = lu_l.detach() if cfg.pseudo_views == "mix" else lu_l  # as sgrs_step
+                loss = ls + gate * S.regional_loss(taught, mx_l, pseudo, reg, weighting=cfg.region_weighting)
                 _sync(device); phases["regions_losses"] += time.perf_counter() - t
                 phases["student_forward_backward"] += fwd
         t = time.perf_counter()
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         # the process does nothing but these steps, so its high-water mark is the training peak
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "gate": cfg.gate, "region_weighting": cfg.region_weighting,
+        "gate": cfg.gate, "region_weighting": cfg.region_weighting, "pseudo_views": cfg.pseudo_views,
     }
     if args.json:
         print(json.dumps(result))

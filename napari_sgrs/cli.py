@@ -54,6 +54,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region-weighting", choices=["voxels", "terms"], default=None,
                    help="sgrs: voxels (default): every scored voxel weighs the same; terms: the paper's mean of "
                         "the region terms, which gives the small inconsistent region half the weight")
+    p.add_argument("--pseudo-views", choices=["mix", "both"], default=None,
+                   help="sgrs: which student views the pseudo labels teach: mix (default), only the mixed view, "
+                        "never the view they were made from; both: the plain and the mixed view (the paper's)")
     p.add_argument("--rampup-fraction", type=float, default=None,
                    help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
     p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)
@@ -82,7 +85,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 PRESETS = {
     "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
-                  labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="terms"),
+                  labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="terms",
+                  pseudo_views="both"),
     # measured on 2 CPU cores (benchmarks/preview_benchmark.py): 32^3 and 8 filters train ~3x faster
     # per step than 48^3, and validating every 100 steps keeps validation off the critical path
     "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,
@@ -101,7 +105,7 @@ def _config_from_args(args: argparse.Namespace):
                "batch_size": "batch_size", "labeled_batch_size": "labeled_batch_size", "lr": "lr",
                "lr_schedule": "lr_schedule",
                "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
-               "region_weighting": "region_weighting",
+               "region_weighting": "region_weighting", "pseudo_views": "pseudo_views",
                "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
@@ -170,7 +174,7 @@ def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
                  "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
                  "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat", "gate",
-                 "region_weighting"):
+                 "region_weighting", "pseudo_views"):
         flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
         if flag not in given:
             setattr(cfg, name, getattr(saved, name))

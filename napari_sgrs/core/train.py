@@ -38,6 +38,10 @@ DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
 DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-teacher
 
 
+#: The loss of runs whose config.json predates these fields (the paper's, as trained then).
+_LEGACY_LOSS = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both"}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run; saved as RUN/config.json and in each checkpoint."""
@@ -85,7 +89,9 @@ class TrainConfig:
     bn_streams: bool = False           # per-stream BN statistics in the one student forward (vnet.py)
     gate: str = "teacher-dice"         # teacher-dice: scale L_u by the teacher's Dice on the step's labeled patches | none (paper)
     region_weighting: str = "voxels"   # voxels: each scored voxel weighs the same | terms: the paper's mean of region terms
-    pseudo_views: str = "both"         # both: L_u on P and P_mix (paper) | mix: on P_mix only (experiment)
+    # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
+    # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
+    pseudo_views: str = "mix"
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -116,7 +122,7 @@ class TrainConfig:
         if self.region_weighting not in ("voxels", "terms"):
             raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
         if self.pseudo_views not in ("both", "mix"):
-            raise ConfigError(f"pseudo_views must be both or mix, got {self.pseudo_views!r}")
+            raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
         if self.select not in ("last", "best"):
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
@@ -150,6 +156,9 @@ class TrainConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
+        # a run saved before a loss setting existed was trained with its old behaviour: a resumed
+        # run keeps the loss it started with instead of switching to today's default
+        d = {**{k: v for k, v in _LEGACY_LOSS.items() if k not in d}, **d}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         if cfg.patch_size is not None:
             cfg.patch_size = tuple(cfg.patch_size)

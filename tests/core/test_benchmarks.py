@@ -36,16 +36,27 @@ def test_compare_methods_table_plot_and_merge(tmp_path):
     assert cm.tau_of("sgrs") == 0.296 and cm.tau_of("sgrs[tau=0.1]") == 0.1
     assert cm.tau_of("sgrs[tau_auto=True]") == "auto" and cm.tau_of("sgrs-no-mix") is None
     assert cm.tau_of("sgrs[tau=0.1,use_mix=False]") is None
+    assert "2 labeled + 2 unlabeled training volumes, 1 test volumes" in table
+
+    # runs made under an explicit setting that later became the default are shown under the new name
+    assert cm.main(["--merge", str(tmp_path / "b"), "--out", str(tmp_path / "r"),
+                    "--rename", "sgrs[tau=0.1]=sgrs-low-tau"]) == 0
+    renamed = (tmp_path / "r" / "table.md").read_text()
+    assert "| sgrs-low-tau |" in renamed and "| sgrs[tau=0.1] |" not in renamed
+    assert "(variant 'sgrs[tau=0.1]' shown as 'sgrs-low-tau')" in renamed
+    assert cm.parse_rename("sgrs[pseudo_views=mix]=sgrs") == ("sgrs[pseudo_views=mix]", "sgrs")
 
 
 def test_merge_refuses_runs_with_different_settings(tmp_path):
     import pytest
 
     cm = _load()
-    for name, it in (("a", 600), ("b", 1800)):
+    # a different budget, or a different number of (unlabeled) training volumes
+    for name, it, cases in (("a", 600, 12), ("b", 1800, 12), ("c", 600, 24)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"args": {
             "kind": "blob", "iterations": it, "patch": [32, 32, 32], "filters": 8, "labeled": 4, "data_seed": 100,
-            "seeds": [0], "variants": ["sgrs"], "out": name}, "results": []}))
-    with pytest.raises(SystemExit, match="different settings"):
-        cm.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+            "cases": cases, "test": 8, "seeds": [0], "variants": ["sgrs"], "out": name}, "results": []}))
+    for other in ("b", "c"):
+        with pytest.raises(SystemExit, match="different settings"):
+            cm.main(["--merge", str(tmp_path / "a"), str(tmp_path / other), "--out", str(tmp_path / "m")])

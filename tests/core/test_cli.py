@@ -199,3 +199,56 @@ def test_headless_demo_runs_the_whole_job(tmp_path, capsys):
     assert "Held-out demo test volumes" in out and "dice" in out
     assert len(list((tmp_path / "demo" / "pseudo" / "regions").glob("*.nii.gz"))) == 4  # the unlabeled ones
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text())["cases"]
+
+
+def _train_config(argv: list[str]):
+    from napari_sgrs.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["train", "--images", "I", "--out", "R", *argv])
+    return _config_from_args(args).validate()
+
+
+def test_loss_defaults_flags_and_the_paper_preset():
+    """Our default sgrs loss, each flag that switches a part back to the paper's, and --preset paper
+    giving the paper's whole recipe (benchmarks/RESULTS.md compares the two)."""
+    ours = _train_config([])
+    assert (ours.pseudo_views, ours.gate, ours.region_weighting, ours.lr_schedule) == \
+        ("mix", "teacher-dice", "voxels", "poly")
+    assert (ours.batch_size, ours.labeled_batch_size) == (6, 4)
+    assert _train_config(["--pseudo-views", "both"]).pseudo_views == "both"
+    assert _train_config(["--gate", "none"]).gate == "none"
+    assert _train_config(["--region-weighting", "terms"]).region_weighting == "terms"
+    paper = _train_config(["--preset", "paper"])
+    assert (paper.pseudo_views, paper.gate, paper.region_weighting, paper.lr_schedule) == \
+        ("both", "none", "terms", "constant")
+    assert (paper.batch_size, paper.labeled_batch_size, paper.iterations) == (4, 2, 15000)
+    assert _train_config(["--preset", "paper", "--pseudo-views", "mix"]).pseudo_views == "mix"
+
+
+def test_resume_keeps_the_loss_a_run_started_with(tmp_path):
+    """A run saved before the loss switches existed resumes with the paper's loss it was trained
+    with, and one saved with explicit settings keeps them, whatever today's defaults are."""
+    from dataclasses import asdict
+
+    from napari_sgrs.cli import _inherit_run_settings, build_parser
+    from napari_sgrs.core.train import TrainConfig
+
+    old = asdict(TrainConfig(iterations=50).validate())
+    for key in ("gate", "region_weighting", "pseudo_views"):
+        del old[key]
+    (tmp_path / "config.json").write_text(json.dumps({"config": old}))
+    args = build_parser().parse_args(["train", "--images", "I", "--out", str(tmp_path), "--resume"])
+    args.argv = ["--resume"]
+    cfg = TrainConfig()
+    _inherit_run_settings(cfg, args)
+    assert (cfg.gate, cfg.region_weighting, cfg.pseudo_views, cfg.iterations) == ("none", "terms", "both", 50)
+
+    saved = asdict(TrainConfig(pseudo_views="both", gate="teacher-dice").validate())
+    (tmp_path / "config.json").write_text(json.dumps({"config": saved}))
+    cfg = TrainConfig()
+    _inherit_run_settings(cfg, args)
+    assert (cfg.pseudo_views, cfg.gate, cfg.region_weighting) == ("both", "teacher-dice", "voxels")
+    args.argv = ["--resume", "--pseudo-views", "mix"]  # a flag given again wins
+    cfg = TrainConfig(pseudo_views="mix")
+    _inherit_run_settings(cfg, args)
+    assert cfg.pseudo_views == "mix"
