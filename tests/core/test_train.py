@@ -197,5 +197,5 @@ def test_pseudo_views_mix_sends_no_unlabeled_gradient_through_the_plain_view():
     both, mix_only = grad_on_u("both"), grad_on_u("mix")
     assert both > 0 and mix_only > 0      # U still reaches L_u through U_mix = lam U' + ...
     assert mix_only < both                 # ...but no longer through P itself
-    with pytest.raises(ConfigError, match="pseudo_views"):
+    with pytest.raises(ConfigError, match="--pseudo-views must be mix or both, got .plain."):
         TrainConfig(pseudo_views="plain").validate()
