@@ -60,3 +60,23 @@ def test_merge_refuses_runs_with_different_settings(tmp_path):
     for other in ("b", "c"):
         with pytest.raises(SystemExit, match="different settings"):
             cm.main(["--merge", str(tmp_path / "a"), str(tmp_path / other), "--out", str(tmp_path / "m")])
+
+
+def test_error_breakdown_counts_far_false_positives():
+    """error_breakdown.breakdown: a false positive next to the target's boundary is near, a blob
+    elsewhere is far; volumes, FP and FN are voxel counts."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("error_breakdown", BENCH.parent / "error_breakdown.py")
+    eb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eb)
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[5:10, 5:10, 5:10] = 1                      # 125 true voxels
+    pred = ref.copy()
+    pred[5:10, 5:10, 10] = 1                       # 25 FP touching the target (1 mm away)
+    pred[15:17, 15:17, 15:17] = 1                  # 8 FP far away (a distractor)
+    pred[5, 5, 5] = 0                              # 1 FN
+    b = eb.breakdown(pred, ref, (1.0, 1.0, 1.0), far_mm=3.0)
+    assert b == {"pred": 157.0, "true": 125.0, "fp": 33.0, "fn": 1.0, "fp_far": 8.0}
+    # spacing counts: with 0.1 mm voxels the distractor is 0.8 mm from the target, not far
+    assert eb.breakdown(pred, ref, (0.1, 0.1, 0.1), far_mm=3.0)["fp_far"] == 0.0
