@@ -172,7 +172,7 @@ def merge(args) -> int:
         commands.append(f"python benchmarks/compare_methods.py {cmd}")
     if len(settings) != 1:
         raise SystemExit(f"the folders were run with different settings: {sorted(settings)}")
-    kind, iterations, patch, filters, labeled, _, cases, test = settings.pop()
+    kind, iterations, patch, filters, labeled, data_seed, cases, test = settings.pop()
     variants = list(dict.fromkeys(r["variant"] for r in results))
     seeds = sorted({r["seed"] for r in results})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,8 @@ def merge(args) -> int:
               + "\n".join(f"    OMP_NUM_THREADS=1 {c}" for c in commands) + renamed + "\n\n")
     table = summarise(results, variants)
     (args.out / "table.md").write_text(header + table + "\n")
-    plot(results, variants, args.out / "dice.png", f"{kind}: {labeled} labels, {iterations} steps, last checkpoint")
+    plot(results, variants, args.out / "dice.png", f"{kind} (data seed {data_seed}): {labeled} labeled + "
+         f"{cases - labeled} unlabeled volumes, {iterations} steps, last checkpoint")
     if any(v.startswith("sgrs[tau") for v in variants):
         tau_plot(results, args.out / "tau.png", f"{kind}: sgrs Dice against tau, {iterations} steps, last checkpoint")
     print(header + table)
