@@ -146,6 +146,18 @@ def plot(results: list[dict], variants: list[str], path: Path, title: str) -> No
     fig.savefig(path, dpi=120)
 
 
+def describe(a: dict, seeds) -> tuple[str, str]:
+    """The table header's first line and the plot title for runs made with the arguments ``a``
+    (``vars(args)``, or the ``args`` a results.json stores): one wording for single runs and merges."""
+    kind, labeled, cases, iterations = a["kind"], a["labeled"], a.get("cases", 12), a["iterations"]
+    header = (f"{kind} cohort, {labeled} labeled + {cases - labeled} unlabeled training volumes, "
+              f"{a.get('test', 8)} test volumes; {iterations} steps, patch {tuple(a['patch'])}, {a['filters']} "
+              f"filters; LAST checkpoint (no selection); mean ± std over seeds {list(seeds)}.")
+    title = (f"{kind} (data seed {a['data_seed']}): {labeled} labeled + {cases - labeled} unlabeled volumes, "
+             f"{iterations} steps, last checkpoint")
+    return header, title
+
+
 def parse_rename(item: str) -> tuple[str, str]:
     """``OLD=NEW`` for --rename; OLD may hold '=' inside brackets (``sgrs[pseudo_views=mix]=sgrs``)."""
     depth = 0
@@ -172,23 +184,21 @@ def merge(args) -> int:
         commands.append(f"python benchmarks/compare_methods.py {cmd}")
     if len(settings) != 1:
         raise SystemExit(f"the folders were run with different settings: {sorted(settings)}")
-    kind, iterations, patch, filters, labeled, data_seed, cases, test = settings.pop()
     variants = list(dict.fromkeys(r["variant"] for r in results))
     seeds = sorted({r["seed"] for r in results})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"merged_from": [str(f) for f in args.merge],
                                                        "commands": commands, "results": results}, indent=1))
     renamed = "".join(f"\n    (variant {old!r} shown as {new!r})" for old, new in renames.items())
-    header = (f"{kind} cohort, {labeled} labeled + {cases - labeled} unlabeled training volumes, {test} test "
-              f"volumes; {iterations} steps, patch {patch}, {filters} filters; LAST checkpoint (no selection); "
-              f"mean ± std over seeds {seeds}. Merged from:\n\n"
+    first, title = describe(a, seeds)  # the settings are one and the same for every folder
+    header = (first + " Merged from:\n\n"
               + "\n".join(f"    OMP_NUM_THREADS=1 {c}" for c in commands) + renamed + "\n\n")
     table = summarise(results, variants)
     (args.out / "table.md").write_text(header + table + "\n")
-    plot(results, variants, args.out / "dice.png", f"{kind} (data seed {data_seed}): {labeled} labeled + "
-         f"{cases - labeled} unlabeled volumes, {iterations} steps, last checkpoint")
+    plot(results, variants, args.out / "dice.png", title)
     if any(v.startswith("sgrs[tau") for v in variants):
-        tau_plot(results, args.out / "tau.png", f"{kind}: sgrs Dice against tau, {iterations} steps, last checkpoint")
+        tau_plot(results, args.out / "tau.png",
+                 f"{a['kind']}: sgrs Dice against tau, {a['iterations']} steps, last checkpoint")
     print(header + table)
     return 0
 
@@ -285,13 +295,10 @@ def main(argv=None) -> int:
                                                 "results": results}, indent=1))
     table = summarise(results, args.variants)
     cmd = "python benchmarks/compare_methods.py " + cmd_args
-    header = (f"{args.kind} cohort: {args.labeled} labeled + {args.cases - args.labeled} unlabeled training "
-              f"volumes {tuple(args.shape)}, {args.test} held-out test volumes; {args.iterations} steps, patch "
-              f"{tuple(args.patch)}, {args.filters} filters; LAST checkpoint (no selection); mean ± std over "
-              f"seeds {args.seeds}.\n\n`{cmd}`\n\n")
+    first, title = describe(vars(args), args.seeds)
+    header = f"{first} Volumes {tuple(args.shape)}.\n\n`{cmd}`\n\n"
     (args.out / "table.md").write_text(header + table + "\n")
-    plot(results, args.variants, args.out / "dice.png",
-         f"{args.kind}: {args.labeled} labels, {args.iterations} steps, last checkpoint")
+    plot(results, args.variants, args.out / "dice.png", title)
     print(header + table)
     return 0
 
