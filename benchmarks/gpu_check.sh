@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_check.sh                 # on a GPU machine
 #   bash benchmarks/gpu_check.sh --cpu-smoke     # tiny, on CPU: checks the script end to end
 #   STEPS=500 PYTHON=python3.11 bash benchmarks/gpu_check.sh
+#   AMP=fp16 WORKERS=8 bash benchmarks/gpu_check.sh   # another precision / number of loader processes
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -46,7 +47,7 @@ if [[ $SMOKE == 1 ]]; then
   WINDOW=${WINDOW:-10}
 else
   STEPS=${STEPS:-300}; SHAPE="96 128 128"; CASES=8
-  TRAIN=(--patch-size 80 112 112 --base-filters 16 --device cuda --amp bf16 --workers 4)
+  TRAIN=(--patch-size 80 112 112 --base-filters 16 --device cuda --amp "${AMP:-bf16}" --workers "${WORKERS:-4}")
   WINDOW=${WINDOW:-20}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi

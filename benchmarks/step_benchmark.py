@@ -40,18 +40,19 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="sgrs", choices=["sgrs", "supervised"])
     p.add_argument("--no-channels-last", action="store_true", help="contiguous (NCDHW) tensors, as the published code")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN's heuristic algorithms, no autotuning")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     from napari_sgrs.core import sgrs as S
     from napari_sgrs.core.data import PatchSampler, TwoStreamBatches, make_sample
-    from napari_sgrs.core.train import TrainConfig, _amp_dtype, build_model, resolve_device, sgrs_step
+    from napari_sgrs.core.train import TrainConfig, _amp_dtype, build_model, configure_backends, resolve_device, sgrs_step
 
     device = resolve_device(args.device)
     cl = not args.no_channels_last
     cfg = TrainConfig(method=args.method, base_filters=args.filters, patch_size=tuple(args.patch),
                       batch_size=args.labeled + args.unlabeled, labeled_batch_size=args.labeled,
-                      channels_last=cl, amp=args.amp)
+                      channels_last=cl, amp=args.amp, cudnn_benchmark=not args.no_cudnn_benchmark)
     rng = np.random.default_rng(0)
     gen = torch.Generator(device=device).manual_seed(0)
     vol = tuple(int(s * 1.5) for s in args.patch)
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
                                              for s in samples[2:]],
                                n_lab, 0 if args.method == "supervised" else args.unlabeled,
                                PatchSampler(tuple(args.patch), rng))
+    configure_backends(device, cfg)  # cuDNN autotuning on CUDA, as the trainer
     student = build_model(cfg, 2).to(device)
     if cl:
         student = student.to(memory_format=torch.channels_last_3d)
@@ -158,6 +160,7 @@ def main(argv=None) -> int:
         # the process does nothing but these steps, so its high-water mark is the training peak
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gate": cfg.gate, "region_weighting": cfg.region_weighting, "pseudo_views": cfg.pseudo_views,
+        "cudnn_benchmark": cfg.cudnn_benchmark,
     }
     if args.json:
         print(json.dumps(result))

@@ -73,6 +73,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=None)
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=None,
+                   help="on CUDA, use cuDNN's heuristic algorithms instead of timing them for the patch "
+                        "shape (slower; repeatable run to run)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes drawing patches (default 0: in the training process, "
@@ -110,6 +113,7 @@ def _config_from_args(args: argparse.Namespace):
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
                "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn",
+               "cudnn_benchmark": "cudnn_benchmark",
                "reference_compat": "reference_compat", "workers": "workers", "log_every": "log_every"}
     for arg, field_name in mapping.items():
         value = getattr(args, arg, None)

@@ -124,7 +124,7 @@ class Predictor:
                  model: str = "student") -> "Predictor":
         """Load ``RUN/checkpoints/<checkpoint>.safetensors`` (or a checkpoint file path)."""
         from .checkpoint import load_checkpoint
-        from .train import build_model, resolve_device
+        from .train import TrainConfig, build_model, configure_backends, resolve_device
 
         run = Path(run)
         path = run if run.is_file() else run / "checkpoints" / f"{checkpoint}.safetensors"
@@ -137,6 +137,7 @@ class Predictor:
             raise CheckpointError(f"{path}: checkpoint metadata lacks num_classes; use a checkpoint written by "
                                   f"sgrs train")
         dev = resolve_device(device)
+        configure_backends(dev, TrainConfig.from_json(meta["config"]))  # windows have one shape: cuDNN autotunes
         net = build_model(meta["config"], meta["num_classes"])
         state = ckpt.state_dict(model)
         if not state:

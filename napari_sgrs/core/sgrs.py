@@ -247,16 +247,22 @@ def ema_alpha(step: int, decay: float = 0.99) -> float:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     """teacher = alpha * teacher + (1 - alpha) * student, for parameters and float buffers
-    (BatchNorm running statistics too, so the teacher can run in eval mode)."""
-    t_params = [p for p in teacher.parameters()]
-    s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(t_params, alpha)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
-        if tb.dtype.is_floating_point:
-            tb.mul_(alpha).add_(sb.detach(), alpha=1.0 - alpha)
+    (BatchNorm running statistics too, so the teacher can run in eval mode); integer buffers
+    (BatchNorm's batch counter) are copied. A few multi-tensor kernels per step instead of
+    two small kernels per tensor: on a GPU the per-tensor loop cost more than the arithmetic."""
+    t_float, s_float, t_int, s_int = [], [], [], []
+    for t, s in zip(list(teacher.parameters()) + list(teacher.buffers()),
+                    list(student.parameters()) + list(student.buffers())):
+        if t.dtype.is_floating_point:
+            t_float.append(t)
+            s_float.append(s.detach())
         else:
-            tb.copy_(sb)
+            t_int.append(t)
+            s_int.append(s)
+    if t_float:
+        torch._foreach_lerp_(t_float, s_float, 1.0 - alpha)
+    if t_int:
+        torch._foreach_copy_(t_int, s_int)
 
 
 @torch.no_grad()

@@ -82,6 +82,9 @@ class TrainConfig:
     amp: str = "auto"                  # auto | off | bf16 | fp16
     channels_last: bool = True         # channels_last_3d: ~5-10x faster conv backward on CPU (benchmarks/)
     compile: bool = False
+    # on CUDA, let cuDNN time its algorithms for the fixed patch shape once and keep the fastest
+    # (nnU-Net does the same); off: cuDNN's heuristic choice, repeatable run to run on one GPU
+    cudnn_benchmark: bool = True
     sync_bn: bool = False
     workers: int = 0
     foreground_fraction: float = 0.33
@@ -412,6 +415,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=60))
 
+    configure_backends(device, config)
     # Determinism on CPU for a given seed: seeded generators, deterministic algorithms.
     torch.manual_seed(config.seed + rank)
     rng = np.random.default_rng(config.seed + rank)
@@ -714,6 +718,12 @@ def _batch_source(batches: TwoStreamBatches, config: TrainConfig, rank: int, wor
     loader = DataLoader(stream, batch_size=None, num_workers=config.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4, persistent_workers=True)
     return iter(loader)
+
+
+def configure_backends(device: torch.device, config: TrainConfig) -> None:
+    """Backend switches for a run on ``device``; the step benchmark calls it too, so both time the same thing."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(config.cudnn_benchmark)
 
 
 def _amp_dtype(mode: str, device: torch.device):

@@ -225,6 +225,29 @@ def test_loss_defaults_flags_and_the_paper_preset():
     assert _train_config(["--preset", "paper", "--pseudo-views", "mix"]).pseudo_views == "mix"
 
 
+def test_cudnn_benchmark_is_on_for_cuda_runs_unless_switched_off():
+    """cuDNN times its algorithms for the fixed patch on CUDA (a large speed-up of 3D convs,
+    benchmarks/RESULTS.md); --no-cudnn-benchmark keeps the heuristic choice; CPU runs are untouched."""
+    import torch
+
+    from napari_sgrs.core.train import configure_backends
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        assert _train_config([]).cudnn_benchmark is True
+        off = _train_config(["--no-cudnn-benchmark"])
+        assert off.cudnn_benchmark is False
+        torch.backends.cudnn.benchmark = False
+        configure_backends(torch.device("cpu"), _train_config([]))
+        assert torch.backends.cudnn.benchmark is False
+        configure_backends(torch.device("cuda"), _train_config([]))
+        assert torch.backends.cudnn.benchmark is True
+        configure_backends(torch.device("cuda"), off)
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def test_resume_keeps_the_loss_a_run_started_with(tmp_path):
     """A run saved before the loss switches existed resumes with the paper's loss it was trained
     with, and one saved with explicit settings keeps them, whatever today's defaults are."""

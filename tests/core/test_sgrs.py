@@ -152,6 +152,33 @@ def test_ema_update_parameters_and_bn_buffers():
     assert teacher.num_batches_tracked.item() == 7
 
 
+def test_ema_update_matches_the_per_tensor_formula_on_a_vnet():
+    """The multi-tensor EMA equals alpha * teacher + (1 - alpha) * student for every parameter and
+    float buffer of a real network, copies the integer buffers, and leaves the student alone."""
+    from napari_sgrs.core.vnet import VNet
+
+    torch.manual_seed(0)
+    student, teacher = VNet(1, 2, 4), VNet(1, 2, 4)
+    with torch.no_grad():
+        for t in list(student.parameters()) + list(student.buffers()):
+            t.copy_(torch.randint(1, 9, t.shape) if not t.dtype.is_floating_point else torch.randn(t.shape))
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before_s = {k: v.clone() for k, v in student.state_dict().items()}
+    S.ema_update(teacher, student, 0.9)
+    after = teacher.state_dict()
+    assert any(not v.dtype.is_floating_point for v in after.values())
+    for k, v in after.items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, 0.9 * before_t[k] + 0.1 * before_s[k])
+        else:
+            assert torch.equal(v, before_s[k]), k
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before_s[k]), k
+    S.ema_update(teacher, student, 0.0)  # step 0: the teacher becomes the student exactly
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, student.state_dict()[k]), k
+
+
 def test_rampup_values_and_scaling_with_budget():
     assert S.sigmoid_rampup(0, 6000) == pytest.approx(math.exp(-5))
     assert S.sigmoid_rampup(6000, 6000) == 1.0 and S.sigmoid_rampup(9000, 6000) == 1.0
