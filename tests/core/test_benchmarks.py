@@ -80,3 +80,40 @@ def test_error_breakdown_counts_far_false_positives():
     assert b == {"pred": 157.0, "true": 125.0, "fp": 33.0, "fn": 1.0, "fp_far": 8.0}
     # spacing counts: with 0.1 mm voxels the distractor is 0.8 mm from the target, not far
     assert eb.breakdown(pred, ref, (0.1, 0.1, 0.1), far_mm=3.0)["fp_far"] == 0.0
+
+
+def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh is what a lent GPU runs, once, with little time to spare: its CPU
+    smoke mode must keep working (demo data, training through the CLI, the JSON it reports)."""
+    import os
+    import subprocess
+    import sys
+
+    script = BENCH.parent / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "WORK": str(tmp_path / "work"),
+           "STEPS": "30", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(script), "--cpu-smoke"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["steps"] == 30 and result["cpu_smoke"] is True and result["device"] == "cpu"
+    assert result["loss_falls"] is True and result["loss_sup_last"] < result["loss_sup_first"]
+    assert result["steps_per_s"] > 0 and result["projected_15000_steps_min"] > 0
+    assert "OK: loss" in done.stdout
+    bad = subprocess.run(["bash", str(script), "--gpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown argument: --gpu" in bad.stderr
+
+
+def test_step_benchmark_reports_every_phase(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(BENCH.parent / "step_benchmark.py"), "--patch", "16", "16", "16",
+                           "--filters", "2", "--steps", "2", "--warmup", "1", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(out["phases_s"]) == {"data", "teacher_forward", "student_forward_backward", "regions_losses",
+                                    "optimizer", "ema"}
+    assert all(v > 0 for v in out["phases_s"].values()) and out["step_s"] > 0
+    assert out["cudnn_benchmark"] is True and out["pseudo_views"] == "mix"
