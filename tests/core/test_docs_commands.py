@@ -1,0 +1,42 @@
+"""Every `sgrs ...` command in the README and docs/REPRODUCE.md parses with today's CLI, so the
+documented flags cannot drift from the real ones."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _commands(text: str) -> list[str]:
+    """The `sgrs` command lines of the bash blocks, with continuation lines joined and comments dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            line = re.sub(r"^torchrun .*?\$\(which sgrs\)", "sgrs", line)
+            if line.startswith("sgrs "):
+                out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/REPRODUCE.md"])
+def test_documented_commands_parse(doc):
+    from napari_sgrs.cli import build_parser
+
+    commands = _commands((ROOT / doc).read_text())
+    assert len(commands) >= 3, f"{doc}: expected several sgrs commands, found {commands}"
+    parser = build_parser()
+    for cmd in commands:
+        # a synopsis such as `sgrs demo-data DIR [--kind blob|vessel]`: the options, first choice
+        cmd = re.sub(r"\[([^\]]*)\]", r"\1", cmd.replace('"$LA"', "LA"))
+        argv = [t.split("|")[0] for t in shlex.split(cmd)[1:]]
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exc:  # argparse's way of refusing
+            pytest.fail(f"{doc}: `{cmd}` does not parse (exit {exc.code})")
