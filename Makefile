@@ -28,6 +28,10 @@ demo-headless: setup
 	$(VENV)/bin/sgrs demo demo
 
 test: setup
+	@if [ -z "$$DISPLAY" ] && [ -z "$(XVFB)" ]; then \
+	  echo "make test: the napari tests need a display and there is none: install Xvfb and Mesa" \
+	       "(the apt-get line in .ci/run, or run .ci/run itself) or run 'make test-core' for the engine" \
+	       "tests alone" >&2; exit 2; fi
 	$(XVFB) $(PY) -m pytest -q
 
 test-core: setup

@@ -171,7 +171,7 @@ def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     from .core.train import TrainConfig
 
     try:
-        saved = TrainConfig.from_json(json.loads((args.out / "config.json").read_text())["config"])
+        saved = TrainConfig.from_json(json.loads((args.out / "config.json").read_text(encoding="utf-8"))["config"])
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{args.out / 'config.json'}: unreadable run settings ({exc}); cannot resume") from exc
     given = {a.replace("-", "_") for a in _given_options(getattr(args, "argv", sys.argv[1:]))}
@@ -196,7 +196,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run_cfg = {}
     cfg_path = Path(args.run) / "config.json"
     if cfg_path.exists():
-        run_cfg = json.loads(cfg_path.read_text()).get("config", {})
+        run_cfg = json.loads(cfg_path.read_text(encoding="utf-8")).get("config", {})
     which = args.checkpoint or run_cfg.get("select", "last")
     predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which, model=args.model)
     if args.h5_root is not None:

@@ -29,7 +29,7 @@ def _commands(text: str) -> list[str]:
 def test_documented_commands_parse(doc):
     from napari_sgrs.cli import build_parser
 
-    commands = _commands((ROOT / doc).read_text())
+    commands = _commands((ROOT / doc).read_text(encoding="utf-8"))
     assert len(commands) >= 3, f"{doc}: expected several sgrs commands, found {commands}"
     parser = build_parser()
     for cmd in commands:
