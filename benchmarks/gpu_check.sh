@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_check.sh --cpu-smoke     # tiny, on CPU: checks the script end to end
 #   STEPS=500 PYTHON=python3.11 bash benchmarks/gpu_check.sh
 #   AMP=fp16 WORKERS=8 bash benchmarks/gpu_check.sh   # another precision / number of loader processes
+#   COMPILE=1 bash benchmarks/gpu_check.sh             # with --compile (the rate skips the first 10 %)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -49,6 +50,7 @@ else
   STEPS=${STEPS:-300}; SHAPE="96 128 128"; CASES=8
   TRAIN=(--patch-size 80 112 112 --base-filters 16 --device cuda --amp "${AMP:-bf16}" --workers "${WORKERS:-4}")
   WINDOW=${WINDOW:-20}
+  [[ ${COMPILE:-0} == 1 ]] && TRAIN+=(--compile)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 
@@ -82,8 +84,10 @@ result = {
     "loss_sup_first": round(first, 4), "loss_sup_last": round(last, 4), "loss_falls": last < first,
     "loss_total_first": round(sum(e["loss"] for e in prog[:n]) / n, 4),
     "loss_total_last": round(sum(e["loss"] for e in prog[-n:]) / n, 4),
+    "steps_per_s": round(rate, 2),
+    "first_step_s": round(prog[0]["time"] - started["time"], 1),  # start-up (and compilation with --compile)
     # CUDA: torch.cuda.max_memory_allocated; CPU smoke: the process's peak RSS
-    "steps_per_s": round(rate, 2), "peak_memory_mb": round(prog[-1]["memory_mb"], 1),
+    "peak_memory_mb": round(prog[-1]["memory_mb"], 1),
     "projected_15000_steps_min": round(15000 / rate / 60, 1),
     "train_wall_s": round(time.time() - int(os.environ["T_TRAIN"]), 1),
     "script_wall_s": round(time.time() - int(os.environ["T_START"]), 1),

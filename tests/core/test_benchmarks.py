@@ -99,6 +99,7 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert result["steps"] == 30 and result["cpu_smoke"] is True and result["device"] == "cpu"
     assert result["loss_falls"] is True and result["loss_sup_last"] < result["loss_sup_first"]
     assert result["steps_per_s"] > 0 and result["projected_15000_steps_min"] > 0
+    assert 0 <= result["first_step_s"] < result["train_wall_s"]
     assert "OK: loss" in done.stdout
     bad = subprocess.run(["bash", str(script), "--gpu"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument: --gpu" in bad.stderr
