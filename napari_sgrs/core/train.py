@@ -11,6 +11,7 @@ so a 600-step run ramps over 240 steps instead of never reaching weight 1.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -412,8 +413,9 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
 
             # Rank 0 validates and checkpoints while the others wait in the next collective:
             # a generous timeout keeps a long validation from killing the run.
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=60))
+            with _signals_to_main_thread():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        timeout=datetime.timedelta(minutes=60))
 
     configure_backends(device, config)
     # Determinism on CPU for a given seed: seeded generators, deterministic algorithms.
@@ -610,6 +612,10 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
             writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=str(last_path))
         elif is_main:
             writer.emit(EventKind.FINISHED, step, path=str(last_path), best_dice=best_dice)
+        if distributed:
+            # Clean end only (an exception skips this, so a failed rank cannot leave the others
+            # waiting here): no rank tears its connections down while rank 0 still writes.
+            _barrier(device)
     except SGRSError as exc:
         if not isinstance(exc, TrainingDiverged):
             writer.emit(EventKind.ERROR, step, message=str(exc))
@@ -690,6 +696,33 @@ def _share_cpu_threads() -> None:
     per_rank = max(1, usable // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if torch.get_num_threads() != per_rank:
         torch.set_num_threads(per_rank)
+
+
+@contextlib.contextmanager
+def _signals_to_main_thread():
+    """Block SIGINT/SIGTERM while the process group starts its communication threads, which
+    inherit the mask: a stop signal then always lands on the main thread (where Python runs the
+    handler) and never interrupts a system call inside a gloo/NCCL thread. Main thread, POSIX only;
+    a signal that arrives meanwhile stays pending and is delivered when the mask is restored."""
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _barrier(device: torch.device) -> None:
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
 
 
 def _any_rank(flag: bool, distributed: bool, device: torch.device) -> bool:

@@ -102,6 +102,30 @@ def test_sigterm_to_one_rank_stops_every_rank(tiny_cohort, tmp_path):
     assert load_checkpoint(run).meta["step"] == stopped[0]["step"] < 100000
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks only")
+def test_threads_started_for_the_process_group_leave_stop_signals_to_the_main_thread():
+    """Threads made while the process group starts (gloo's, NCCL's) inherit a mask that blocks
+    SIGINT/SIGTERM, so the stop signal reaches the main thread's handler and never interrupts a
+    system call in a communication thread; the main thread's own mask is restored afterwards."""
+    import threading
+
+    from napari_sgrs.core.train import _signals_to_main_thread
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    seen = {}
+
+    def record():
+        seen["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+    with _signals_to_main_thread():
+        t = threading.Thread(target=record)
+        t.start()
+        t.join()
+    assert {signal.SIGINT, signal.SIGTERM} <= seen["mask"]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+    assert signal.SIGTERM not in before  # the main thread still takes the stop signal
+
+
 def test_sync_bn_on_cpu_is_a_clear_error(tiny_cohort, tmp_path, monkeypatch):
     """PyTorch's SyncBatchNorm runs on GPUs only: on CPU ranks --sync-bn is refused before any
     process group exists (checked in-process with the rank variables torchrun would set)."""
