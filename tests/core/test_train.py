@@ -199,3 +199,59 @@ def test_pseudo_views_mix_sends_no_unlabeled_gradient_through_the_plain_view():
     assert mix_only < both                 # ...but no longer through P itself
     with pytest.raises(ConfigError, match="--pseudo-views must be mix or both, got .plain."):
         TrainConfig(pseudo_views="plain").validate()
+
+
+def test_separate_pseudo_head_keeps_pseudo_labels_out_of_the_predicting_head():
+    """pseudo_head="separate": L_u trains the second output layer only. The predicting head gets
+    the same gradient whatever the unlabeled weight (labels alone), the pseudo head gets L_u's; with
+    the shared head (the paper's) L_u does reach the predicting head."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from napari_sgrs.core.train import TrainConfig, build_model, sgrs_step
+
+    def head_grads(pseudo_head: str, unsup_weight: float):
+        torch.manual_seed(0)
+        cfg = TrainConfig(patch_size=(16, 16, 16), base_filters=2, batch_size=4, labeled_batch_size=2,
+                          dropout=0.0, gate="none", pseudo_head=pseudo_head, unsup_weight=unsup_weight).validate()
+        student = build_model(cfg, 2)
+        teacher = copy.deepcopy(student).eval()
+        g = torch.Generator().manual_seed(1)
+        x, u = torch.randn(2, 1, 16, 16, 16, generator=g), torch.randn(2, 1, 16, 16, 16, generator=g)
+        y = torch.zeros(2, 16, 16, 16, dtype=torch.long)
+        y[:, 4:12, 4:12, 4:12] = 1
+        out = sgrs_step(student, teacher, x, y, u, 10_000, cfg, np.random.default_rng(0),
+                        torch.Generator().manual_seed(0), 1.0, 2)
+        out.loss.backward()
+        other = student.pseudo_head.weight.grad.clone() if student.pseudo_head is not None else None
+        return student.head.weight.grad.clone(), other, out
+
+    head_on, pseudo_on, out = head_grads("separate", 1.0)
+    head_off, pseudo_off, _ = head_grads("separate", 0.0)
+    assert out.loss_unsup > 0
+    assert torch.allclose(head_on, head_off, atol=1e-7)            # labels alone train the predicting head
+    assert pseudo_on.abs().sum() > 0 and pseudo_off.abs().sum() == 0
+    shared_on, none_on, _ = head_grads("shared", 1.0)
+    shared_off, _, _ = head_grads("shared", 0.0)
+    assert none_on is None and not torch.allclose(shared_on, shared_off, atol=1e-7)
+    with pytest.raises(ConfigError, match="--pseudo-head separate is an sgrs option"):
+        TrainConfig(method="supervised", pseudo_head="separate").validate()
+
+
+def test_separate_pseudo_head_run_predicts_with_its_own_config(tiny_cohort, tmp_path):
+    """A run trained with the pseudo head loads for prediction (the extra layer is in the
+    checkpoint and the model is rebuilt with it) and predicts with the output head."""
+    from napari_sgrs.core.checkpoint import load_checkpoint
+    from napari_sgrs.core.infer import Predictor
+    from napari_sgrs.core.io import find_cases, read_volume
+    from napari_sgrs.core.train import train
+    from tiny import tiny_config
+
+    cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
+    train(tiny_config(pseudo_head="separate", iterations=2), cases, tmp_path / "run")
+    assert "student.pseudo_head.weight" in load_checkpoint(tmp_path / "run").tensors
+    pred = Predictor.from_run(tmp_path / "run", device="cpu").predict(
+        read_volume(next(tiny_cohort.images_ts.iterdir())).array)
+    assert pred.label.shape == (24, 24, 24)
