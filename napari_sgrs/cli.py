@@ -57,10 +57,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pseudo-views", choices=["mix", "both"], default=None,
                    help="sgrs: which student views the pseudo labels teach: mix (default), only the mixed view, "
                         "never the view they were made from; both: the plain and the mixed view (the paper's)")
-    p.add_argument("--pseudo-head", choices=["shared", "separate"], default=None,
-                   help="sgrs: which output layer the pseudo labels train: shared (default, the paper's), the "
-                        "one that predicts; separate: a second layer on the same features, so the predicting "
-                        "layer learns from your labels only")
     p.add_argument("--rampup-fraction", type=float, default=None,
                    help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
     p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)
@@ -112,7 +108,7 @@ def _config_from_args(args: argparse.Namespace):
                "batch_size": "batch_size", "labeled_batch_size": "labeled_batch_size", "lr": "lr",
                "lr_schedule": "lr_schedule",
                "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
-               "region_weighting": "region_weighting", "pseudo_views": "pseudo_views", "pseudo_head": "pseudo_head",
+               "region_weighting": "region_weighting", "pseudo_views": "pseudo_views",
                "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
@@ -182,7 +178,7 @@ def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
                  "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
                  "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat", "gate",
-                 "region_weighting", "pseudo_views", "pseudo_head"):
+                 "region_weighting", "pseudo_views"):
         flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
         if flag not in given:
             setattr(cfg, name, getattr(saved, name))

@@ -96,9 +96,6 @@ class TrainConfig:
     # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
     # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
     pseudo_views: str = "mix"
-    # shared (default, the paper): L_u trains the output head; separate: L_u trains a second output
-    # layer on the same features and the output head learns from labels only (Debiased Self-Training)
-    pseudo_head: str = "shared"
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -130,11 +127,6 @@ class TrainConfig:
             raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
         if self.pseudo_views not in ("both", "mix"):
             raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
-        if self.pseudo_head not in ("shared", "separate"):
-            raise ConfigError(f"--pseudo-head must be shared or separate, got {self.pseudo_head!r}")
-        if self.pseudo_head == "separate" and self.method != "sgrs":
-            raise ConfigError(f"--pseudo-head separate is an sgrs option (the pseudo labels' own output "
-                              f"layer); drop it or use --method sgrs, got --method {self.method}")
         if self.select not in ("last", "best"):
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
@@ -210,8 +202,7 @@ def resolve_device(device: str) -> torch.device:
 
 def build_model(config: TrainConfig | dict, num_classes: int) -> VNet:
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_json(config)
-    return VNet(1, num_classes, cfg.base_filters, dropout=cfg.dropout,
-                pseudo_head=cfg.method == "sgrs" and cfg.pseudo_head == "separate")
+    return VNet(1, num_classes, cfg.base_filters, dropout=cfg.dropout)
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -327,15 +318,12 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
     if config.bn_streams:
         set_bn_segments(student, (b, bu, bu))
     try:
-        if config.pseudo_head == "separate":  # labels train the output head, pseudo labels the other
-            logits, pseudo_logits = student(torch.cat([x, u, u_mix], 0), pseudo=True)
-        else:
-            logits = pseudo_logits = student(torch.cat([x, u, u_mix], 0))
+        logits = student(torch.cat([x, u, u_mix], 0))
     finally:
         if config.bn_streams:
             set_bn_segments(student, None)
     ls = S.supervised_loss(logits[:b], y, ignore)
-    lu_logits, mix_logits = pseudo_logits[b:b + bu], pseudo_logits[b + bu:]
+    lu_logits, mix_logits = logits[b:b + bu], logits[b + bu:]
     with torch.no_grad():
         regions = S.synergy_regions(torch.softmax(lu_logits.float(), 1), torch.softmax(mix_logits.float(), 1),
                                     config.tau)

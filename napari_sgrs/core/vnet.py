@@ -68,7 +68,7 @@ class VNet(nn.Module):
     """Encoder stages of 1,2,3,3,3 convs (widths F..16F), additive skips, decoder of 3,3,2,1."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_filters: int = 16,
-                 dropout: float = 0.5, pseudo_head: bool = False):
+                 dropout: float = 0.5):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"num_classes must be >= 2 (background + target), got {num_classes}")
@@ -86,18 +86,10 @@ class VNet(nn.Module):
         self.up7, self.dec8 = _up(4 * f, 2 * f), _conv_stage(2, 2 * f, 2 * f)
         self.up8, self.dec9 = _up(2 * f, f), _conv_stage(1, f, f)
         self.head = nn.Conv3d(f, num_classes, kernel_size=1)
-        # Optional second output layer on the same features for the pseudo-label loss (decoupled
-        # head, Debiased Self-Training): the pseudo labels shape the shared features but never the
-        # head that predicts, so a confirmed pseudo-label error does not reach the output directly.
-        self.pseudo_head = nn.Conv3d(f, num_classes, kernel_size=1) if pseudo_head else None
         # Dropout3d is active only in train mode (nn.Module semantics).
         self.dropout = nn.Dropout3d(p=dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pseudo: bool = False):
-        """Logits of the output head; with ``pseudo=True`` (needs ``pseudo_head``) the pair
-        (output head, pseudo head) from one pass."""
-        if pseudo and self.pseudo_head is None:
-            raise ConfigError("this V-Net has no pseudo head: build it with pseudo_head=True")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % 16 for s in x.shape[2:]):
             raise ConfigError(f"V-Net input sizes must be divisible by 16, got {tuple(x.shape[2:])}")
         x1 = self.enc1(x)
@@ -108,10 +100,8 @@ class VNet(nn.Module):
         y = self.dec6(self.up5(x5) + x4)
         y = self.dec7(self.up6(y) + x3)
         y = self.dec8(self.up7(y) + x2)
-        y = self.dropout(self.dec9(self.up8(y) + x1))
-        if pseudo:
-            return self.head(y), self.pseudo_head(y)
-        return self.head(y)
+        y = self.dec9(self.up8(y) + x1)
+        return self.head(self.dropout(y))
 
 
 def count_trainable(model: nn.Module) -> int:
