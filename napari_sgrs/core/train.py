@@ -471,6 +471,12 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
 
     forward_student = student
     if distributed:
+        # A 1x1x1 kernel is contiguous and channels-last at once; channels_last gives it strides
+        # that the autograd gradient does not have, and DDP then warns ("grad strides do not match
+        # bucket view strides") and copies that gradient every step. Plain strides match it.
+        for p in student.parameters():
+            if p.dim() == 5 and tuple(p.shape[2:]) == (1, 1, 1):
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
         forward_student = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
