@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -344,9 +345,7 @@ class _StopFlag:
         self._old = {}
 
     def install(self) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
+        if not _on_main_thread():  # Python sets signal handlers from the main thread only
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handler)
@@ -704,15 +703,17 @@ def _share_cpu_threads() -> None:
         torch.set_num_threads(per_rank)
 
 
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def _signals_to_main_thread():
     """Block SIGINT/SIGTERM while the process group starts its communication threads, which
     inherit the mask: a stop signal then always lands on the main thread (where Python runs the
     handler) and never interrupts a system call inside a gloo/NCCL thread. Main thread, POSIX only;
     a signal that arrives meanwhile stays pending and is delivered when the mask is restored."""
-    import threading
-
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if not hasattr(signal, "pthread_sigmask") or not _on_main_thread():
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
