@@ -169,15 +169,13 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
 def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.Tensor,
                   regions: SynergyRegions, use_regions: bool = True,
                   reference_compat: bool = False, smoothing: float = 0.2,
-                  inconsistent_smooth: float = 20.0, weighting: str = "terms",
-                  dice: bool = True) -> torch.Tensor:
+                  inconsistent_smooth: float = 20.0, weighting: str = "terms") -> torch.Tensor:
     """L_u of SGRS-Net on the student's logits for U and U_mix against the teacher's pseudo label.
 
     Consistent voxels: hard CE + soft Dice (smooth 1). Inconsistent voxels: CE with label
     smoothing + soft Dice with a large smooth (a relaxed target). Disregarded voxels: no loss.
     ``use_regions=False`` (ablation) treats every voxel as consistent.
     ``reference_compat`` reproduces the published code's hard CE over C instead of C'.
-    ``dice=False`` drops every Dice term and keeps the CE terms as they are (experiment).
     """
     logits2 = torch.cat([logits, logits_mix], 0)
     prob2 = torch.softmax(logits2, 1)
@@ -192,8 +190,7 @@ def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.
     c_ce = torch.cat([regions.agree] * 2, 0) if reference_compat else c
     b = logits.shape[0]
     skip = not reference_compat
-    zero = torch.zeros((), device=logits2.device, dtype=logits2.dtype)
-    dice_terms = [zero] * 4 if not dice else [
+    dice_terms = [
         masked_soft_dice(prob2[:b], pseudo, regions.consistent, skip_empty=skip),
         masked_soft_dice(prob2[b:], pseudo, regions.consistent, skip_empty=skip),
         masked_soft_dice(prob2[:b], pseudo, regions.inconsistent, smooth=inconsistent_smooth, skip_empty=skip),

@@ -97,7 +97,6 @@ class TrainConfig:
     # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
     # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
     pseudo_views: str = "mix"
-    pseudo_dice: bool = True           # False: L_u keeps its CE terms only (experiment: benchmarks/out/headroom/RULE_LONG2.md)
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -333,7 +332,7 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         lu_logits = lu_logits.detach()  # the pseudo label only teaches the view that did not make it
     lu = S.regional_loss(lu_logits.float(), mix_logits.float(), pseudo, regions,
                          use_regions=config.use_regions, reference_compat=config.reference_compat,
-                         weighting=config.region_weighting, dice=config.pseudo_dice)
+                         weighting=config.region_weighting)
     return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight, regions.fractions())
 
 
