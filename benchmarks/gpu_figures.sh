@@ -21,11 +21,18 @@ export OUT=${OUT:-$PWD/gpu_figures_out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
 
+# gpu_check NAME [VAR=value ...]: one gpu_check.sh run with those settings, its JSON kept as
+# $OUT/gpu_check_NAME.json
+gpu_check() {
+  local name=$1
+  shift
+  env "$@" timeout 200 bash benchmarks/gpu_check.sh 2>&1 | tail -22
+  mv "$OUT/gpu_check.json" "$OUT/gpu_check_$name.json" 2>/dev/null
+}
+
 echo "== 1. gpu_check.sh (STEPS=${STEPS:-300}), bf16 then fp16"
-STEPS=${STEPS:-300} timeout 200 bash benchmarks/gpu_check.sh 2>&1 | tail -22
-cp "$OUT/gpu_check.json" "$OUT/gpu_check_bf16.json" 2>/dev/null
-AMP=fp16 STEPS=${STEPS:-300} timeout 200 bash benchmarks/gpu_check.sh 2>&1 | tail -22
-mv "$OUT/gpu_check.json" "$OUT/gpu_check_fp16.json" 2>/dev/null
+gpu_check bf16 COMPILE=0 STEPS="${STEPS:-300}"
+gpu_check fp16 COMPILE=0 AMP=fp16 STEPS="${STEPS:-300}"
 
 echo "== 2. step breakdown at the paper setting"
 paper=(--patch 80 112 112 --filters 16 --device cuda --steps 20 --warmup 5 --json)
@@ -39,5 +46,4 @@ done
 
 [[ ${COMPILE:-0} == 1 ]] || exit 0
 echo "== 3. gpu_check.sh with --compile (STEPS=${COMPILE_STEPS:-200})"
-COMPILE=1 STEPS=${COMPILE_STEPS:-200} timeout 200 bash benchmarks/gpu_check.sh 2>&1 | tail -22
-mv "$OUT/gpu_check.json" "$OUT/gpu_check_compile.json" 2>/dev/null
+gpu_check compile COMPILE=1 STEPS="${COMPILE_STEPS:-200}"

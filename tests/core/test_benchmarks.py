@@ -105,6 +105,34 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert bad.returncode == 2 and "unknown argument: --gpu" in bad.stderr
 
 
+def test_gpu_figures_keeps_each_gpu_check_with_its_own_settings(tmp_path):
+    """benchmarks/gpu_figures.sh runs gpu_check.sh three times: bf16, fp16, and (COMPILE=1) compiled.
+    With stand-ins for gpu_check.sh and step_benchmark.py that echo their settings, each JSON must
+    hold its own run's settings; COMPILE=1 in the caller's environment must not compile parts 1."""
+    import os
+    import shutil
+    import subprocess
+
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH.parent / "gpu_figures.sh", root / "benchmarks")
+    (root / "benchmarks" / "gpu_check.sh").write_text(
+        'echo "{\\"amp\\": \\"${AMP:-bf16}\\", \\"steps\\": ${STEPS}, \\"compile\\": ${COMPILE:-0}}" '
+        '> "$OUT/gpu_check.json"\n')
+    (root / "benchmarks" / "step_benchmark.py").write_text("print('{}')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "COMPILE": "1", "STEPS": "7", "COMPILE_STEPS": "5",
+           "PYTHON": "python3", "PATH": os.environ["PATH"]}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_figures.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    got = {name: json.loads((out / f"gpu_check_{name}.json").read_text()) for name in ("bf16", "fp16", "compile")}
+    assert got == {"bf16": {"amp": "bf16", "steps": 7, "compile": 0},
+                   "fp16": {"amp": "fp16", "steps": 7, "compile": 0},
+                   "compile": {"amp": "bf16", "steps": 5, "compile": 1}}
+    assert not (out / "gpu_check.json").exists()
+
+
 def test_step_benchmark_reports_every_phase(tmp_path):
     import subprocess
     import sys
