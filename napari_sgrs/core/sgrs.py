@@ -117,46 +117,6 @@ def synergy_regions(prob: torch.Tensor, prob_mix: torch.Tensor, tau: float = PAP
                           agree=agree)
 
 
-def component_veto(pseudo: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
-    """Foreground pseudo-label components that a second opinion does not support at all.
-
-    pseudo, check (B, D, H, W) integer labels: the teacher's pseudo label and the label of an
-    independent network (trained on the labeled volumes only). For each sample and foreground class
-    k, a connected component (26-connectivity) of ``pseudo == k`` is vetoed when not one of its
-    voxels has ``check == k``. A component that the checker sees in part (a target whose boundary
-    the teacher extends) is kept whole; a component it does not see (a distractor the self-trained
-    teacher has come to call target) is vetoed. Returns a bool mask (B, D, H, W) of vetoed voxels.
-    Runs scipy's labelling on the host (one copy of two small integer patches per step).
-    """
-    from scipy import ndimage
-
-    if pseudo.shape != check.shape:
-        raise ValueError(f"pseudo and check shapes differ: {tuple(pseudo.shape)} vs {tuple(check.shape)}")
-    p = pseudo.detach().cpu().numpy()
-    c = check.detach().cpu().numpy()
-    veto = np.zeros(p.shape, dtype=bool)
-    structure = np.ones((3, 3, 3), dtype=bool)
-    for b in range(p.shape[0]):
-        for k in np.unique(p[b]):
-            if k == 0:
-                continue
-            comp, n = ndimage.label(p[b] == k, structure=structure)
-            if n == 0:
-                continue
-            supported = np.zeros(n + 1, dtype=bool)
-            supported[np.unique(comp[(c[b] == k) & (comp > 0)])] = True
-            supported[0] = True
-            veto[b] |= ~supported[comp]
-    return torch.from_numpy(veto).to(pseudo.device)
-
-
-def veto_regions(regions: SynergyRegions, veto: torch.Tensor) -> SynergyRegions:
-    """The regions with ``veto`` voxels moved to disregarded (no loss)."""
-    keep = ~veto
-    return SynergyRegions(consistent=regions.consistent & keep, inconsistent=regions.inconsistent & keep,
-                          disregarded=regions.disregarded | veto, agree=regions.agree)
-
-
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                          label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean CE over voxels where mask is True. mask has the target's shape (B, D, H, W):

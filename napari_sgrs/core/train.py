@@ -97,9 +97,6 @@ class TrainConfig:
     # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
     # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
     pseudo_views: str = "mix"
-    # labels-net (experimental): a second network trained on the labeled patches only; a foreground
-    # component of a pseudo label that its EMA does not overlap at all is disregarded (sgrs.component_veto)
-    pseudo_check: str = "none"
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -131,8 +128,6 @@ class TrainConfig:
             raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
         if self.pseudo_views not in ("both", "mix"):
             raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
-        if self.pseudo_check not in ("none", "labels-net"):
-            raise ConfigError(f"pseudo_check must be none or labels-net, got {self.pseudo_check!r}")
         if self.select not in ("last", "best"):
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
@@ -284,7 +279,7 @@ class StepOutput:
 
 
 def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np.random.Generator,
-              gen: torch.Generator | None, rampup_len: float, num_classes: int, checker=None) -> StepOutput:
+              gen: torch.Generator | None, rampup_len: float, num_classes: int) -> StepOutput:
     """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None."""
     b = x.shape[0]
     ignore = config.ignore_index
@@ -333,19 +328,12 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
     with torch.no_grad():
         regions = S.synergy_regions(torch.softmax(lu_logits.float(), 1), torch.softmax(mix_logits.float(), 1),
                                     config.tau)
-        vetoed = None
-        if checker is not None:  # pseudo_check=labels-net: components the label-only network does not see
-            veto = S.component_veto(pseudo, S.hard_label(checker(u_noisy)))
-            regions, vetoed = S.veto_regions(regions, veto), float(veto.float().mean())
     if config.pseudo_views == "mix":
         lu_logits = lu_logits.detach()  # the pseudo label only teaches the view that did not make it
     lu = S.regional_loss(lu_logits.float(), mix_logits.float(), pseudo, regions,
                          use_regions=config.use_regions, reference_compat=config.reference_compat,
                          weighting=config.region_weighting)
-    fractions = regions.fractions()
-    if vetoed is not None:
-        fractions["vetoed"] = vetoed
-    return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight, fractions)
+    return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight, regions.fractions())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -471,21 +459,6 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         p.requires_grad_(False)
     optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    checker_net = checker = checker_opt = None
-    if config.method == "sgrs" and config.pseudo_check == "labels-net":
-        if resume or distributed:
-            raise ConfigError("pseudo_check=labels-net is experimental: it does not resume or run distributed yet")
-        with torch.random.fork_rng(devices=[]):  # its own initialisation, the student's stream untouched
-            torch.manual_seed(config.seed + 104729)
-            checker_net = build_model(config, num_classes).to(device)
-        if config.channels_last:
-            checker_net = checker_net.to(memory_format=torch.channels_last_3d)
-        checker = copy.deepcopy(checker_net)
-        for p in checker.parameters():
-            p.requires_grad_(False)
-        checker.eval()
-        checker_opt = torch.optim.SGD(checker_net.parameters(), lr=config.lr, momentum=config.momentum,
-                                      weight_decay=config.weight_decay)
 
     step = 0
     best_dice: float | None = None
@@ -594,7 +567,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
-                                num_classes, checker=checker)
+                                num_classes)
             if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
                 value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
                          else "non-finite on another rank")
@@ -612,15 +585,6 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 S.reference_weight_decay(student)
                 S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
             S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
-            if checker_net is not None:  # the label-only network: a supervised step on the same patches
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss_c = S.supervised_loss(checker_net(x), y, config.ignore_index)
-                for group in checker_opt.param_groups:
-                    group["lr"] = learning_rate(config, step)
-                checker_opt.zero_grad(set_to_none=True)
-                loss_c.backward()
-                checker_opt.step()
-                S.ema_update(checker, checker_net, S.ema_alpha(step, config.ema_decay))
             step += 1
             if bar is not None:
                 bar.update(1)

@@ -309,25 +309,3 @@ def test_voxel_weighting_with_nothing_scored_is_zero_with_a_graph():
     none = torch.zeros_like(pseudo, dtype=torch.bool)
     loss = S.regional_loss(lg, logits_mix, pseudo, S.SynergyRegions(none, none, ~none, none), weighting="voxels")
     assert loss.item() == 0.0 and loss.requires_grad
-
-
-def test_component_veto_drops_only_unsupported_components_per_sample_and_class():
-    pseudo = torch.zeros(2, 8, 8, 8, dtype=torch.long)
-    check = torch.zeros_like(pseudo)
-    pseudo[0, 1:3, 1:3, 1:3] = 1          # supported in one voxel: kept whole
-    check[0, 1, 1, 1] = 1
-    pseudo[0, 5:7, 5:7, 5:7] = 1          # not seen by the checker: vetoed
-    check[0, 5:7, 5:7, 5:7] = 2           # the checker calls it another class: still vetoed for class 1
-    pseudo[1, 5:7, 5:7, 5:7] = 2          # sample 1, class 2, supported by sample 1's check only
-    check[1, 6, 6, 6] = 2
-    veto = S.component_veto(pseudo, check)
-    assert veto.dtype == torch.bool and veto.shape == pseudo.shape
-    assert not veto[0, 1:3, 1:3, 1:3].any()
-    assert veto[0, 5:7, 5:7, 5:7].all()
-    assert not veto[1].any()
-    assert int(veto.sum()) == 8
-    regions = S.synergy_regions(torch.full((2, 3, 8, 8, 8), 0.0).softmax(1) * 0 + torch.eye(3)[pseudo].permute(0, 4, 1, 2, 3),
-                                torch.eye(3)[pseudo].permute(0, 4, 1, 2, 3).float())
-    vetoed = S.veto_regions(regions, veto)
-    assert not (vetoed.consistent & veto).any() and vetoed.disregarded[veto].all()
-    assert int(vetoed.consistent.sum()) == int(regions.consistent.sum()) - 8
