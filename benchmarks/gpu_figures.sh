@@ -22,7 +22,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
 
 # gpu_check NAME [VAR=value ...]: one gpu_check.sh run with those settings, its JSON kept as
-# $OUT/gpu_check_NAME.json
+# $OUT/gpu_check_NAME.json. Each call names AMP and COMPILE, so a caller's exported values
+# (COMPILE=1 selects part 3) cannot change what a part measures.
 gpu_check() {
   local name=$1
   shift
@@ -31,7 +32,7 @@ gpu_check() {
 }
 
 echo "== 1. gpu_check.sh (STEPS=${STEPS:-300}), bf16 then fp16"
-gpu_check bf16 COMPILE=0 STEPS="${STEPS:-300}"
+gpu_check bf16 COMPILE=0 AMP=bf16 STEPS="${STEPS:-300}"
 gpu_check fp16 COMPILE=0 AMP=fp16 STEPS="${STEPS:-300}"
 
 echo "== 2. step breakdown at the paper setting"
@@ -46,4 +47,4 @@ done
 
 [[ ${COMPILE:-0} == 1 ]] || exit 0
 echo "== 3. gpu_check.sh with --compile (STEPS=${COMPILE_STEPS:-200})"
-gpu_check compile COMPILE=1 STEPS="${COMPILE_STEPS:-200}"
+gpu_check compile COMPILE=1 AMP=bf16 STEPS="${COMPILE_STEPS:-200}"

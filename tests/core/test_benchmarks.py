@@ -108,7 +108,8 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
 def test_gpu_figures_keeps_each_gpu_check_with_its_own_settings(tmp_path):
     """benchmarks/gpu_figures.sh runs gpu_check.sh three times: bf16, fp16, and (COMPILE=1) compiled.
     With stand-ins for gpu_check.sh and step_benchmark.py that echo their settings, each JSON must
-    hold its own run's settings; COMPILE=1 in the caller's environment must not compile part 1's runs."""
+    hold its own run's settings; COMPILE=1 or AMP=fp16 in the caller's environment must not leak into
+    the runs that name other settings."""
     import os
     import shutil
     import subprocess
@@ -122,7 +123,7 @@ def test_gpu_figures_keeps_each_gpu_check_with_its_own_settings(tmp_path):
         '> "$OUT/gpu_check.json"\n')
     (root / "benchmarks" / "step_benchmark.py").write_text("print('{}')\n")
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "COMPILE": "1", "STEPS": "7", "COMPILE_STEPS": "5",
+    env = {**os.environ, "OUT": str(out), "COMPILE": "1", "AMP": "fp16", "STEPS": "7", "COMPILE_STEPS": "5",
            "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_figures.sh")], env=env, capture_output=True,
                           text=True, timeout=120)
