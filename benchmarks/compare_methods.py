@@ -81,9 +81,10 @@ def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
     rows = []
     for case in find_cases(cohort.images_ts, cohort.labels_ts):
         img, ref = read_volume(case.image), read_volume(case.label)
-        pred = predictor.predict(img.array)
+        pred = predictor.predict(img.array, largest_component=args.largest_component)
         rows += case_metrics(pred.label, ref.array, spacing=img.geometry.spacing, name=case.name)
-    res = {"variant": variant, "seed": seed, "train_s": train_s, "batch": [cfg.labeled_batch_size,
+    res = {"variant": variant, "seed": seed, "train_s": train_s, "largest_component": args.largest_component,
+           "batch": [cfg.labeled_batch_size,
            cfg.batch_size - cfg.labeled_batch_size if cfg.method != "supervised" else 0]}
     for key in ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox"):
         vals = np.array([getattr(r, key) for r in rows], dtype=float)
@@ -96,7 +97,7 @@ def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
     dices = []
     for name in cohort.unlabeled_names:
         img = read_volume(cohort.images_tr / f"{name}.nii.gz")
-        pred = predictor.predict(img.array)
+        pred = predictor.predict(img.array, largest_component=args.largest_component)
         dices += [r.dice for r in case_metrics(pred.label, cohort.hidden_label(name), spacing=img.geometry.spacing,
                                                name=name)]
     res["dice_unlabeled"] = float(np.mean(dices)) if dices else float("nan")
@@ -265,6 +266,8 @@ def main(argv=None) -> int:
                                                      "sgrs-no-regions"])
     p.add_argument("--data-seed", type=int, default=100)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--largest-component", choices=["off", "auto", "on"], default="off",
+                   help="post-process every prediction as `sgrs predict --largest-component` does")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/compare"))
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="no training: merge the results.json of these --out folders (runs split across "

@@ -199,6 +199,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         run_cfg = json.loads(cfg_path.read_text(encoding="utf-8")).get("config", {})
     which = args.checkpoint or run_cfg.get("select", "last")
     predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which, model=args.model)
+    _note_largest_component(args.largest_component, predictor, quiet=args.quiet)
     if args.h5_root is not None:
         from .core.io import read_h5_benchmark
 
@@ -228,7 +229,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                regions=want_regions, base_filters=getattr(predictor.model, "base_filters", 16),
                                sw_batch_size=args.sw_batch_size, name=str(case.image))
         pred = predictor.predict(vol.array, regions=want_regions, overlap=args.overlap,
-                                 batch_size=args.sw_batch_size)
+                                 batch_size=args.sw_batch_size, largest_component=args.largest_component)
         name = f"{case.name}.nii.gz" if args.h5_root is not None else _output_name(case.image)
         write_volume(out / name, pred.label, vol.geometry)
         if want_regions:
@@ -236,6 +237,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             write_volume(out / "regions" / name, pred.regions, vol.geometry)
     print(f"wrote {len(cases)} label volume(s) to {out}" + (" with probability/ and regions/" if args.regions else ""))
     return 0
+
+
+def _note_largest_component(mode: str, predictor, quiet: bool) -> None:
+    """Say which classes --largest-component reduces, and why none where auto finds none."""
+    from .core.postprocess import resolve_largest_component
+
+    classes = resolve_largest_component(mode, predictor.meta, predictor.num_classes)
+    if mode == "off" or quiet:
+        return
+    if classes:
+        print(f"largest-component ({mode}): keeping one connected component of class(es) "
+              f"{', '.join(map(str, classes))}", file=sys.stderr)
+    elif "single_component_classes" not in predictor.meta:
+        print("largest-component (auto): this run was trained before the check was recorded, so nothing is "
+              "post-processed; pass --largest-component on to apply it to every class", file=sys.stderr)
+    else:
+        print("largest-component (auto): no class is one connected component in every labeled volume, so "
+              "nothing is post-processed", file=sys.stderr)
 
 
 def _output_name(image_path: Path) -> str:
@@ -348,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["student", "teacher"], default="student")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--largest-component", choices=["off", "auto", "on"], default="off",
+                   help="keep only the largest connected component of a class in the label volume; auto: the "
+                        "classes that are one component in every labeled training volume; on: every class")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -25,6 +25,7 @@ import torch
 
 from .data import normalise, pad_to
 from .errors import CheckpointError, ConfigError
+from .postprocess import keep_largest_component, resolve_largest_component
 from .sgrs import PAPER_TAU, synergy_regions
 
 INFERENCE_MIX_LAMBDA = 0.75
@@ -162,8 +163,14 @@ class Predictor:
     @torch.no_grad()
     def predict(self, image: np.ndarray, regions: bool = False, overlap: float = 0.5,
                 batch_size: int = 4, keep_probabilities: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> Prediction:
-        """Segment one (D, H, W) volume given in raw intensities (normalised here as in training)."""
+                progress: Callable[[int, int], None] | None = None,
+                largest_component: str = "off") -> Prediction:
+        """Segment one (D, H, W) volume given in raw intensities (normalised here as in training).
+
+        ``largest_component`` (off, auto, on; :mod:`.postprocess`) reduces classes of the label to
+        their largest connected component; the probability and region maps stay the network's.
+        """
+        classes = resolve_largest_component(largest_component, self.meta, self.num_classes)
         if image.ndim != 3:
             raise ConfigError(f"expected a 3D volume (D, H, W), got shape {image.shape}")
         x = normalise(image, self.normalization, self.ct_window)
@@ -189,7 +196,10 @@ class Predictor:
         crop = (slice(None),) + region
         prob = prob[crop]
         label = prob.argmax(0).to(torch.uint8)
-        out = Prediction(label=label.cpu().numpy(), probability=(1.0 - prob[0]).cpu().numpy().astype(np.float32))
+        label = label.cpu().numpy()
+        if classes:
+            label = keep_largest_component(label, classes)
+        out = Prediction(label=label, probability=(1.0 - prob[0]).cpu().numpy().astype(np.float32))
         if regions:
             reg = synergy_regions(prob[None], prob_mix[crop][None], self.tau)
             out.regions = reg.as_map()[0].cpu().numpy()

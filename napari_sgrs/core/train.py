@@ -33,6 +33,7 @@ from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_
 from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged
 from .events import EventKind, EventWriter
 from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
+from .postprocess import single_component_classes
 from .vnet import VNet, set_bn_segments
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
@@ -486,7 +487,9 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
 
     meta_base = {"config": config.to_json(), "num_classes": num_classes, "tau": config.tau,
                  "patch_size": list(patch), "train_cases": [c.name for c in train_lab],
-                 "val_cases": [c.name for c in val], "unlabeled_cases": [c.name for c in unlabeled]}
+                 "val_cases": [c.name for c in val], "unlabeled_cases": [c.name for c in unlabeled],
+                 # which classes `predict --largest-component auto` may reduce to one component
+                 "single_component_classes": single_component_classes([c.label for c in labeled], num_classes)}
     partner = torch.from_numpy(partner_patch(train_lab[0], patch, config))
 
     writer = None
