@@ -3,7 +3,7 @@
 A prediction of a structure that is one connected piece (a left atrium, a pancreas) often carries
 small islands elsewhere: bright look-alikes that the network labels too. Keeping each such class's
 largest 26-connected component removes them; the removed voxels become background (0). nnU-Net
-decides this per class on validation data; peers' LA test scripts apply it always (``--nms``).
+decides this per class on validation data; some peers' LA test scripts offer it (``--nms``).
 With the few labels of a semi-supervised run there is no useful validation split, so the run's
 labels decide it: a class qualifies only if it is exactly one connected component in *every*
 labeled training volume (:func:`single_component_classes`, stored in the run's checkpoint
