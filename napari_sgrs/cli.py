@@ -328,10 +328,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"training SGRS-Net for {cfg.iterations} steps on {len(cohort.labeled_names)} labeled + "
           f"{len(cohort.unlabeled_names)} unlabeled demo volumes ...")
     train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run, progress_bar=True)
-    ns = argparse.Namespace(run=run, images=cohort.images_ts, labels=None, out=root / "pred_test", regions=False,
-                            h5_root=None, list=None,
-                            device=args.device, checkpoint=None, model="student", overlap=0.5,
-                            sw_batch_size=4, quiet=False)
+    # Parsed, not built by hand: every predict option gets its command-line default.
+    ns = build_parser().parse_args(["predict", "--run", str(run), "--images", str(cohort.images_ts),
+                                    "--out", str(root / "pred_test"), "--device", args.device])
     cmd_predict(ns)
     ns_unl = argparse.Namespace(**{**vars(ns), "images": cohort.images_tr, "labels": cohort.labels_tr,
                                    "out": root / "pseudo", "regions": True})
