@@ -113,7 +113,7 @@ def test_the_predictor_post_processes_the_label_only():
 
 def test_training_records_the_single_component_classes(tiny_cohort, tmp_path):
     from napari_sgrs.core.checkpoint import load_checkpoint
-    from napari_sgrs.core.io import find_cases, read_volume
+    from napari_sgrs.core.io import find_cases, read_volume, write_volume
     from napari_sgrs.core.train import train
 
     train(tiny_config(iterations=2, val_every=100), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr),
@@ -134,7 +134,6 @@ def test_training_records_the_single_component_classes(tiny_cohort, tmp_path):
         if i == 0:
             arr[0:2, 0:2, 0:2] = 1   # a far corner island: class 1 now has two components here
             assert count_components(arr == 1) == 2
-        from napari_sgrs.core.io import write_volume
         write_volume(labs / f.name, arr, vol.geometry)
     train(tiny_config(iterations=2, val_every=100), find_cases(images, labs), tmp_path / "run2")
     assert load_checkpoint(tmp_path / "run2" / "checkpoints" / "last.safetensors").meta[
