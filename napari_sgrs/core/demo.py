@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_sgrs.core.errors import ConfigError, InputError
+from napari_sgrs.core.postprocess import largest_component
 
 __all__ = ["DEMO_KINDS", "DemoCohort", "make_demo_case", "make_demo_cohort", "partial_label"]
 
@@ -417,11 +418,7 @@ def _deformed_ellipsoid(
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected component of a boolean mask (the mask itself if empty)."""
-    components, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(components.ravel())[1:]
-    return components == (int(np.argmax(sizes)) + 1)
+    return largest_component(mask, full_connectivity=False)
 
 
 def _normalized_grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

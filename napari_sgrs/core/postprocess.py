@@ -41,19 +41,27 @@ def single_component_classes(labels: Iterable[np.ndarray], num_classes: int) -> 
     return [k for k in range(1, num_classes) if all(count_components(lab == k) == 1 for lab in labels)]
 
 
+def largest_component(mask: np.ndarray, full_connectivity: bool = True) -> np.ndarray:
+    """The largest connected component of a boolean mask of any dimension (the mask itself if it has
+    at most one). ``full_connectivity``: diagonal neighbours touch (26 in 3D), else only face
+    neighbours (6 in 3D). Ties keep the component found first in C order (the same every time)."""
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if full_connectivity else 1)
+    components, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    return components == (int(np.argmax(sizes)) + 1)
+
+
 def keep_largest_component(label: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """A copy of ``label`` where each class in ``classes`` keeps only its largest 26-connected
-    component; the voxels of its other components become background (0). Ties keep the component
-    found first in C order (the same every time)."""
+    component; the voxels of its other components become background (0)."""
     if label.ndim != 3:
         raise ConfigError(f"largest-component post-processing needs a 3D label volume, got shape {label.shape}")
     out = label.copy()
     for k in classes:
-        components, n = ndimage.label(label == k, structure=_CONNECTIVITY)
-        if n <= 1:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        out[(components > 0) & (components != int(np.argmax(sizes)) + 1)] = 0
+        mask = label == k
+        out[mask & ~largest_component(mask)] = 0
     return out
 
 

@@ -211,21 +211,20 @@ def largest_region(regions: np.ndarray, region: int = REGION_INCONSISTENT) -> Re
     """
     from scipy import ndimage
 
+    from .postprocess import largest_component
+
     regions = np.asarray(regions)
     for value in (region, REGION_DISREGARDED) if region == REGION_INCONSISTENT else (region,):
         mask = regions == value
         if not mask.any():
             continue
-        components, n = ndimage.label(mask, structure=np.ones((3,) * regions.ndim, bool))
-        sizes = np.bincount(components.ravel())[1:]
-        best = int(np.argmax(sizes)) + 1
-        component = components == best
+        component = largest_component(mask)
         center = tuple(float(c) for c in ndimage.center_of_mass(component))
         # The centre of mass of a curved region can fall outside it: snap to its nearest voxel.
         idx = np.argwhere(component)
         nearest = idx[np.argmin(((idx - np.asarray(center)) ** 2).sum(axis=1))]
         box = ndimage.find_objects(component.astype(np.int8))[0]
-        return RegionFocus(region=value, center=tuple(float(v) for v in nearest), size=int(sizes[best - 1]),
+        return RegionFocus(region=value, center=tuple(float(v) for v in nearest), size=int(component.sum()),
                            bbox=tuple((s.start, s.stop) for s in box))
     return None
 
