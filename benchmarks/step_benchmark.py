@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return t.to(memory_format=torch.channels_last_3d) if (cl and t.dim() == 5) else t
 
     def plain_step(step):
-        x, y, u = (to_dev(t) for t in next(batches))
+        x, y, u = (to_dev(t) for t in next(batches)[:3])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = sgrs_step(student, teacher, x, y, u, step, cfg, rng, gen, 100.0, 2)
         opt.zero_grad(set_to_none=True)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                                "optimizer", "ema")}
     for i in range(args.steps):
         t = time.perf_counter()
-        x, y, u = (to_dev(tt) for tt in next(batches))
+        x, y, u = (to_dev(tt) for tt in next(batches)[:3])
         _sync(device); phases["data"] += time.perf_counter() - t
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             if args.method == "supervised":

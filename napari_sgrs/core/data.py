@@ -58,6 +58,9 @@ class Sample:
     image: np.ndarray          # (D, H, W) float32, normalised and padded to >= patch
     label: np.ndarray | None   # (D, H, W) uint8/int64, padded with ignore_index
     foreground: np.ndarray | None = None  # (N, 3) coordinates of labeled foreground voxels
+    # unlabeled volumes under --pseudo-islands background: voxels of the teacher's last whole-volume
+    # prediction that lie outside the largest component of a one-piece class (train.refresh_islands)
+    islands: np.ndarray | None = None
 
 
 def make_sample(name: str, image: np.ndarray, label: np.ndarray | None, patch: tuple[int, int, int],
@@ -96,10 +99,14 @@ class PatchSampler:
         return tuple(int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch))
 
     def draw(self, sample: Sample, labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """An image patch and its companion under the same crop, flips and rotation: the label
+        patch for a labeled draw; for an unlabeled one the island mask when the sample has one
+        (as int64 0/1), else None."""
         z, y, x = self._corner(sample, labeled)
         d, h, w = self.patch
         img = sample.image[z:z + d, y:y + h, x:x + w]
-        lab = sample.label[z:z + d, y:y + h, x:x + w] if (labeled and sample.label is not None) else None
+        companion = sample.label if labeled else sample.islands
+        lab = companion[z:z + d, y:y + h, x:x + w] if companion is not None else None
         if self.augment:
             if h == w:
                 k = int(self.rng.integers(4))
@@ -115,7 +122,9 @@ class PatchSampler:
 
 
 class TwoStreamBatches:
-    """Infinite iterator of (labeled images, labels, unlabeled images) batches.
+    """Infinite iterator of (labeled images, labels, unlabeled images, unlabeled island masks)
+    batches; the last two are None without unlabeled patches, the masks (bool) also when no
+    unlabeled volume has one (a volume without a mask gives an all-False one).
 
     Each step draws ``labeled_batch`` patches from labeled volumes and ``unlabeled_batch``
     from unlabeled ones, volumes picked uniformly at random with replacement. With several
@@ -134,7 +143,7 @@ class TwoStreamBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         rng = self.sampler.rng
         imgs, labs = [], []
         for i in rng.integers(0, len(self.labeled), self.labeled_batch):
@@ -143,12 +152,15 @@ class TwoStreamBatches:
             labs.append(lab)
         x = torch.from_numpy(np.stack(imgs)[:, None])
         y = torch.from_numpy(np.stack(labs))
-        u = None
+        u = masks = None
         if self.unlabeled_batch > 0 and self.unlabeled:
-            us = [self.sampler.draw(self.unlabeled[i], labeled=False)[0]
-                  for i in rng.integers(0, len(self.unlabeled), self.unlabeled_batch)]
-            u = torch.from_numpy(np.stack(us)[:, None])
-        return x, y, u
+            draws = [self.sampler.draw(self.unlabeled[i], labeled=False)
+                     for i in rng.integers(0, len(self.unlabeled), self.unlabeled_batch)]
+            u = torch.from_numpy(np.stack([img for img, _ in draws])[:, None])
+            if any(m is not None for _, m in draws):
+                masks = torch.from_numpy(np.stack([m.astype(bool) if m is not None else np.zeros(img.shape, bool)
+                                                   for img, m in draws]))
+        return x, y, u, masks
 
 
 class BatchStream(torch.utils.data.IterableDataset):

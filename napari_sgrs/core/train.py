@@ -33,7 +33,7 @@ from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_
 from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged
 from .events import EventKind, EventWriter
 from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
-from .postprocess import single_component_classes
+from .postprocess import island_mask, single_component_classes
 from .vnet import VNet, set_bn_segments
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
@@ -98,6 +98,11 @@ class TrainConfig:
     # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
     # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
     pseudo_views: str = "mix"
+    # keep (default): the teacher's pseudo label as it is. background: every val_every steps the
+    # teacher predicts each unlabeled volume whole; for each class that is one connected piece in
+    # every labeled volume (postprocess.single_component_classes), the voxels outside its largest
+    # component ("islands") are taught as background until the next refresh (refresh_islands)
+    pseudo_islands: str = "keep"
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -129,6 +134,12 @@ class TrainConfig:
             raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
         if self.pseudo_views not in ("both", "mix"):
             raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
+        if self.pseudo_islands not in ("keep", "background"):
+            raise ConfigError(f"--pseudo-islands must be keep or background, got {self.pseudo_islands!r}")
+        if self.pseudo_islands == "background" and self.workers > 0:
+            raise ConfigError(f"--pseudo-islands background needs --workers 0 (got {self.workers}): worker "
+                              f"processes hold their own copies of the volumes and would not see the "
+                              f"refreshed island masks")
         if self.select not in ("last", "best"):
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
@@ -280,8 +291,10 @@ class StepOutput:
 
 
 def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np.random.Generator,
-              gen: torch.Generator | None, rampup_len: float, num_classes: int) -> StepOutput:
-    """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None."""
+              gen: torch.Generator | None, rampup_len: float, num_classes: int,
+              islands: torch.Tensor | None = None) -> StepOutput:
+    """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None;
+    islands (bu,D,H,W) bool or None: voxels whose pseudo label is set to background (sgrs only)."""
     b = x.shape[0]
     ignore = config.ignore_index
     if config.method == "supervised" or u is None:
@@ -308,6 +321,8 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         lu = F.mse_loss(torch.softmax(logits[b:], 1), torch.softmax(teacher_logits.float(), 1))
         return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight)
     pseudo = S.hard_label(teacher_logits)
+    if islands is not None:
+        pseudo = pseudo.masked_fill(islands, 0)
     if config.use_mix:
         lam = S.sample_mix_lambda(bu, config.mix_alpha, rng)
         partner = torch.from_numpy(rng.integers(0, b, bu))
@@ -538,6 +553,14 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 unlabeled=len(unlabeled), validation=len(val), world_size=world, ranks=per_rank_volumes,
                 workers=config.workers)
     batch_source = _batch_source(batches, config, rank, world, device, step)
+    island_classes = (meta_base["single_component_classes"]
+                      if config.method == "sgrs" and config.pseudo_islands == "background" else [])
+    if config.method == "sgrs" and config.pseudo_islands == "background" and not island_classes:
+        writer.emit(EventKind.REGIONS, step, scope="islands", classes=[], islands=0.0,
+                    note="--pseudo-islands background does nothing: no class is one connected piece in "
+                         "every labeled volume")
+    if island_classes and step > 0:  # a resumed run: masks from the teacher it resumes with
+        refresh_islands(teacher, batches.unlabeled, island_classes, patch, num_classes, device)
 
     bar = None
     if progress_bar and is_main:
@@ -558,19 +581,20 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 stopped = True
                 stop.reason = stop.reason or "stop requested on another rank"
                 break
-            x, y, u = next(batch_source)
+            x, y, u, isl = next(batch_source)
             if device.type == "cuda" and config.workers == 0:  # workers pin in the DataLoader
                 x, y = x.pin_memory(), y.pin_memory()
                 u = u.pin_memory() if u is not None else None
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             u = u.to(device, non_blocking=True) if u is not None else None
+            isl = isl.to(device, non_blocking=True) if isl is not None else None
             if config.channels_last:
                 x = x.to(memory_format=torch.channels_last_3d)
                 u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
-                                num_classes)
+                                num_classes, islands=isl)
             if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
                 value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
                          else "non-finite on another rank")
@@ -602,6 +626,9 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}",
                                     val_dice="-" if last_val is None else f"{last_val:.3f}")
+            if island_classes and step % val_every == 0 and step < config.iterations:
+                share = refresh_islands(teacher, batches.unlabeled, island_classes, patch, num_classes, device)
+                writer.emit(EventKind.REGIONS, step, scope="islands", classes=island_classes, islands=share)
             if is_main and val and (step % val_every == 0 or step == config.iterations):
                 last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step, config)
                 if best_dice is None or last_val > best_dice:
@@ -646,6 +673,36 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
 
             dist.destroy_process_group()
     return TrainResult(run_dir, step, stopped, best_dice, last_path)
+
+
+@torch.no_grad()
+def refresh_islands(teacher, samples: list, classes: list[int], patch: tuple[int, int, int], num_classes: int,
+                    device: torch.device) -> float:
+    """Give each unlabeled sample its island mask (``Sample.islands``): the teacher predicts the
+    whole (normalised, padded) volume by sliding window, and the voxels of each class in ``classes``
+    outside that class's largest 26-connected component are marked. Returns the marked share of
+    all voxels. Under ``--pseudo-islands background`` the pseudo labels there become background
+    until the next refresh: a structure known to be one piece does not grow its look-alikes."""
+    from .infer import sliding_window
+
+    was_training = teacher.training
+    teacher.eval()
+    marked = total = 0
+    try:
+        for sample in samples:
+            vol = torch.from_numpy(sample.image)[None].to(device)
+
+            def forward(w):
+                return (torch.softmax(teacher(w).float(), 1),)
+
+            (prob,) = sliding_window(vol, forward, patch, 1, num_classes, overlap=0.5)
+            mask = island_mask(prob.argmax(0).cpu().numpy(), classes)
+            sample.islands = mask if mask.any() else None
+            marked += int(mask.sum())
+            total += mask.size
+    finally:
+        teacher.train(was_training)
+    return marked / max(total, 1)
 
 
 def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, device, writer, step,
