@@ -148,3 +148,13 @@ def test_step_benchmark_reports_every_phase(tmp_path):
                                     "optimizer", "ema"}
     assert all(v > 0 for v in out["phases_s"].values()) and out["step_s"] > 0
     assert out["cudnn_benchmark"] is True and out["pseudo_views"] == "mix"
+
+
+def test_postprocess_benchmark_times_the_rule_on_one_piece_labels(tmp_path):
+    spec = importlib.util.spec_from_file_location("postprocess_benchmark", BENCH.parent / "postprocess_benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--volumes", "3", "--shape", "24", "24", "24", "--json", str(tmp_path / "r.json")])
+    assert out["single_component_classes_s"] > 0 and out["island_mask_ms_per_volume"] > 0
+    assert out["islands_marked_voxels"] > 0  # the extra islands were found
+    assert json.loads((tmp_path / "r.json").read_text()) == out
