@@ -114,7 +114,8 @@ def _config_from_args(args: argparse.Namespace):
                "lr_schedule": "lr_schedule",
                "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
                "region_weighting": "region_weighting", "pseudo_views": "pseudo_views",
-               "pseudo_islands": "pseudo_islands", "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
+               "pseudo_islands": "pseudo_islands",
+               "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
                "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn",
@@ -164,7 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and (args.out / "config.json").exists():
         _inherit_run_settings(cfg, args)
     cases = _cases_from_args(args)
-    result = train(cfg, cases, args.out, resume=args.resume, progress_bar=not args.quiet)
+    result = train(cfg, cases, args.out, resume=args.resume, progress_bar=not args.quiet,
+                   listeners=[_print_notes])
     state = "stopped" if result.stopped else "finished"
     best = "" if result.best_dice is None else f", best validation Dice {result.best_dice:.4f}"
     print(f"{state} at step {result.step}{best}; checkpoint {result.last_checkpoint}")
@@ -242,6 +244,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             write_volume(out / "regions" / name, pred.regions, vol.geometry)
     print(f"wrote {len(cases)} label volume(s) to {out}" + (" with probability/ and regions/" if args.regions else ""))
     return 0
+
+
+def _print_notes(event) -> None:
+    """Events that carry a ``note`` (a setting that will do nothing, say) go to the terminal too."""
+    note = event.data.get("note")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _note_largest_component(mode: str, predictor, quiet: bool) -> None:

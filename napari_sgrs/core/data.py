@@ -101,7 +101,7 @@ class PatchSampler:
     def draw(self, sample: Sample, labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """An image patch and its companion under the same crop, flips and rotation: the label
         patch for a labeled draw; for an unlabeled one the island mask when the sample has one
-        (as int64 0/1), else None."""
+        (bool), else None."""
         z, y, x = self._corner(sample, labeled)
         d, h, w = self.patch
         img = sample.image[z:z + d, y:y + h, x:x + w]
@@ -117,7 +117,7 @@ class PatchSampler:
                     img = np.flip(img, axis)
                     lab = np.flip(lab, axis) if lab is not None else None
         img = np.ascontiguousarray(img, dtype=np.float32)
-        lab = np.ascontiguousarray(lab, dtype=np.int64) if lab is not None else None
+        lab = np.ascontiguousarray(lab, dtype=np.int64 if labeled else bool) if lab is not None else None
         return img, lab
 
 
@@ -158,7 +158,7 @@ class TwoStreamBatches:
                      for i in rng.integers(0, len(self.unlabeled), self.unlabeled_batch)]
             u = torch.from_numpy(np.stack([img for img, _ in draws])[:, None])
             if any(m is not None for _, m in draws):
-                masks = torch.from_numpy(np.stack([m.astype(bool) if m is not None else np.zeros(img.shape, bool)
+                masks = torch.from_numpy(np.stack([m if m is not None else np.zeros(img.shape, bool)
                                                    for img, m in draws]))
         return x, y, u, masks
 

@@ -155,3 +155,27 @@ def test_settings_are_checked(tiny_cohort, tmp_path, capsys):
     assert code == 2
     assert "--workers 0" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_terminal_says_when_no_class_qualifies(tiny_cohort, tmp_path, capsys):
+    """A label with a second piece leaves no one-piece class: the option would do nothing, and the
+    run says so on the terminal and in its event stream instead of training as if it worked."""
+    from napari_sgrs.core.io import read_volume, write_volume
+
+    images, labels = tmp_path / "img", tmp_path / "lab"
+    images.mkdir()
+    labels.mkdir()
+    for f in tiny_cohort.images_tr.iterdir():
+        (images / f.name).symlink_to(f)
+    for i, f in enumerate(sorted(tiny_cohort.labels_tr.iterdir())):
+        vol = read_volume(f)
+        arr = vol.array.copy()
+        if i == 0:
+            arr[0:2, 0:2, 0:2] = 1   # a far corner island: class 1 is two pieces in this label
+        write_volume(labels / f.name, arr, vol.geometry)
+    code = main(["train", "--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "run"),
+                 *TINY_ARGS, "--pseudo-islands", "background"])
+    assert code == 0
+    assert "note: --pseudo-islands background does nothing" in capsys.readouterr().err
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["classes"] for e in events if e.get("scope") == "islands"] == [[]]
