@@ -62,6 +62,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "class that is one connected piece in every labeled volume, teach the teacher's "
                         "islands outside its largest component (whole-volume prediction, refreshed at each "
                         "validation) as background")
+    p.add_argument("--pseudo-cap", choices=["off", "labels"], default=None,
+                   help="sgrs: off (default); labels: at each validation interval cap each class's share of the "
+                        "pseudo labels (teacher's whole-volume prediction) at its share of the labeled voxels, "
+                        "turning its least confident pseudo-label voxels into background")
     p.add_argument("--rampup-fraction", type=float, default=None,
                    help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
     p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)
@@ -114,7 +118,7 @@ def _config_from_args(args: argparse.Namespace):
                "lr_schedule": "lr_schedule",
                "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
                "region_weighting": "region_weighting", "pseudo_views": "pseudo_views",
-               "pseudo_islands": "pseudo_islands",
+               "pseudo_islands": "pseudo_islands", "pseudo_cap": "pseudo_cap",
                "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
@@ -185,7 +189,7 @@ def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
                  "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
                  "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat", "gate",
-                 "region_weighting", "pseudo_views", "pseudo_islands"):
+                 "region_weighting", "pseudo_views", "pseudo_islands", "pseudo_cap"):
         flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
         if flag not in given:
             setattr(cfg, name, getattr(saved, name))

@@ -59,7 +59,7 @@ class Sample:
     label: np.ndarray | None   # (D, H, W) uint8/int64, padded with ignore_index
     foreground: np.ndarray | None = None  # (N, 3) coordinates of labeled foreground voxels
     # unlabeled volumes under --pseudo-islands background: voxels of the teacher's last whole-volume
-    # prediction that lie outside the largest component of a one-piece class (train.refresh_islands)
+    # prediction that lie outside the largest component of a one-piece class (train.sweep_unlabeled)
     islands: np.ndarray | None = None
 
 

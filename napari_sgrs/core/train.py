@@ -101,8 +101,12 @@ class TrainConfig:
     # keep (default): the teacher's pseudo label as it is. background: every val_every steps the
     # teacher predicts each unlabeled volume whole; for each class that is one connected piece in
     # every labeled volume (postprocess.single_component_classes), the voxels outside its largest
-    # component ("islands") are taught as background until the next refresh (refresh_islands)
+    # component ("islands") are taught as background until the next refresh (sweep_unlabeled)
     pseudo_islands: str = "keep"
+    # off (default): no cap. labels: at the same refreshes, each foreground class's share of the
+    # pseudo labels is capped at its share of the labeled voxels: its least confident pseudo-label
+    # voxels become background until the share fits (distribution alignment; sgrs.share_floors)
+    pseudo_cap: str = "off"
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -136,6 +140,8 @@ class TrainConfig:
             raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
         if self.pseudo_islands not in ("keep", "background"):
             raise ConfigError(f"--pseudo-islands must be keep or background, got {self.pseudo_islands!r}")
+        if self.pseudo_cap not in ("off", "labels"):
+            raise ConfigError(f"--pseudo-cap must be off or labels, got {self.pseudo_cap!r}")
         if self.pseudo_islands == "background" and self.workers > 0:
             raise ConfigError(f"--pseudo-islands background needs --workers 0 (got {self.workers}): worker "
                               f"processes hold their own copies of the volumes and would not see the "
@@ -292,9 +298,10 @@ class StepOutput:
 
 def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np.random.Generator,
               gen: torch.Generator | None, rampup_len: float, num_classes: int,
-              islands: torch.Tensor | None = None) -> StepOutput:
+              islands: torch.Tensor | None = None, floors: torch.Tensor | None = None) -> StepOutput:
     """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None;
-    islands (bu,D,H,W) bool or None: voxels whose pseudo label is set to background (sgrs only)."""
+    islands (bu,D,H,W) bool or None: voxels whose pseudo label is set to background; floors (K,)
+    or None: per-class probability below which a pseudo-label voxel becomes background (sgrs only)."""
     b = x.shape[0]
     ignore = config.ignore_index
     if config.method == "supervised" or u is None:
@@ -323,6 +330,8 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
     pseudo = S.hard_label(teacher_logits)
     if islands is not None:
         pseudo = pseudo.masked_fill(islands, 0)
+    if floors is not None:
+        pseudo = S.apply_floors(pseudo, torch.softmax(teacher_logits.float(), 1), floors)
     if config.use_mix:
         lam = S.sample_mix_lambda(bu, config.mix_alpha, rng)
         partner = torch.from_numpy(rng.integers(0, b, bu))
@@ -559,8 +568,33 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         writer.emit(EventKind.REGIONS, step, scope="islands", classes=[], islands=0.0,
                     note="--pseudo-islands background does nothing: no class is one connected piece in "
                          "every labeled volume")
-    if island_classes and step > 0:  # a resumed run: masks from the teacher it resumes with
-        refresh_islands(teacher, batches.unlabeled, island_classes, patch, num_classes, device)
+    label_share = (labeled_shares([c.label for c in labeled], num_classes, config.ignore_index)
+                   if config.method == "sgrs" and config.pseudo_cap == "labels" else None)
+    floors = None
+
+    def refresh() -> None:
+        nonlocal floors
+        sweep = sweep_unlabeled(teacher, batches.unlabeled, island_classes, patch, num_classes, device,
+                                histogram=label_share is not None)
+        if distributed and sweep.hist is not None:
+            import torch.distributed as dist
+
+            counts = torch.tensor(np.append(sweep.hist.ravel(), sweep.total), dtype=torch.float64, device=device)
+            dist.all_reduce(counts)  # every rank caps with the floors of all ranks' volumes
+            sweep.hist = counts[:-1].cpu().numpy().reshape(sweep.hist.shape)
+            sweep.total = int(counts[-1])
+        if island_classes:
+            writer.emit(EventKind.REGIONS, step, scope="islands", classes=island_classes, islands=sweep.islands)
+        if sweep.hist is not None:
+            f = S.share_floors(sweep.hist, sweep.total, label_share)
+            floors = torch.tensor(f, dtype=torch.float32, device=device)
+            writer.emit(EventKind.REGIONS, step, scope="cap", floors=[round(float(v), 4) for v in f],
+                        label_share=[round(v, 5) for v in label_share],
+                        pseudo_share=_hard_label_shares(sweep.hist, sweep.total))
+
+    sweeping = bool(island_classes) or label_share is not None
+    if sweeping and step > 0:  # a resumed run: masks and floors from the teacher it resumes with
+        refresh()
 
     bar = None
     if progress_bar and is_main:
@@ -594,7 +628,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
-                                num_classes, islands=isl)
+                                num_classes, islands=isl, floors=floors)
             if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
                 value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
                          else "non-finite on another rank")
@@ -626,9 +660,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}",
                                     val_dice="-" if last_val is None else f"{last_val:.3f}")
-            if island_classes and step % val_every == 0 and step < config.iterations:
-                share = refresh_islands(teacher, batches.unlabeled, island_classes, patch, num_classes, device)
-                writer.emit(EventKind.REGIONS, step, scope="islands", classes=island_classes, islands=share)
+            if sweeping and step % val_every == 0 and step < config.iterations:
+                refresh()
             if is_main and val and (step % val_every == 0 or step == config.iterations):
                 last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step, config)
                 if best_dice is None or last_val > best_dice:
@@ -675,19 +708,46 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     return TrainResult(run_dir, step, stopped, best_dice, last_path)
 
 
+def labeled_shares(labels: list[np.ndarray], num_classes: int, ignore_index: int) -> list[float]:
+    """Each class's share of the annotated voxels (the ignore value left out) over all labels."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for lab in labels:
+        values = lab[lab != ignore_index]
+        counts += np.bincount(values.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
+    return (counts / max(counts.sum(), 1.0)).tolist()
+
+
+def _hard_label_shares(hist: np.ndarray, total: int) -> list[float]:
+    """Each class's share of the swept voxels' hard labels (background: the rest)."""
+    fg = [float(h.sum()) / max(total, 1) for h in hist[1:]]
+    return [round(max(0.0, 1.0 - sum(fg)), 5)] + [round(v, 5) for v in fg]
+
+
+@dataclass
+class Sweep:
+    islands: float                 # share of the swept voxels marked as islands
+    hist: np.ndarray | None        # (K, bins): voxels of hard label k binned by p_k, or None
+    total: int                     # voxels swept
+
+
 @torch.no_grad()
-def refresh_islands(teacher, samples: list, classes: list[int], patch: tuple[int, int, int], num_classes: int,
-                    device: torch.device) -> float:
-    """Give each unlabeled sample its island mask (``Sample.islands``): the teacher predicts the
-    whole (normalised, padded) volume by sliding window, and the voxels of each class in ``classes``
-    outside that class's largest 26-connected component are marked. Returns the marked share of
-    all voxels. Under ``--pseudo-islands background`` the pseudo labels there become background
-    until the next refresh: a structure known to be one piece does not grow its look-alikes."""
+def sweep_unlabeled(teacher, samples: list, island_classes: list[int], patch: tuple[int, int, int],
+                    num_classes: int, device: torch.device, histogram: bool = False, bins: int = 1000) -> Sweep:
+    """The teacher predicts every unlabeled volume whole (normalised, padded, sliding window), once
+    for both pseudo-label priors.
+
+    Islands (``--pseudo-islands background``): each sample's ``islands`` becomes the voxels of each
+    class in ``island_classes`` outside that class's largest 26-connected component (None where
+    there are none), taught as background until the next sweep: a structure known to be one piece
+    does not grow its look-alikes. Histogram (``--pseudo-cap labels``): per class, the voxels of
+    that hard label binned by its probability, from which sgrs.share_floors caps its share.
+    """
     from .infer import sliding_window
 
     was_training = teacher.training
     teacher.eval()
     marked = total = 0
+    hist = torch.zeros((num_classes, bins), dtype=torch.float64, device=device) if histogram else None
     try:
         for sample in samples:
             vol = torch.from_numpy(sample.image)[None].to(device)
@@ -696,13 +756,18 @@ def refresh_islands(teacher, samples: list, classes: list[int], patch: tuple[int
                 return (torch.softmax(teacher(w).float(), 1),)
 
             (prob,) = sliding_window(vol, forward, patch, 1, num_classes, overlap=0.5)
-            mask = island_mask(prob.argmax(0).cpu().numpy(), classes)
-            sample.islands = mask if mask.any() else None
-            marked += int(mask.sum())
-            total += mask.size
+            label = prob.argmax(0)
+            total += label.numel()
+            if hist is not None:
+                for k in range(1, num_classes):
+                    hist[k] += torch.histc(prob[k][label == k], bins=bins, min=0.0, max=1.0).double()
+            if island_classes:
+                mask = island_mask(label.cpu().numpy(), island_classes)
+                sample.islands = mask if mask.any() else None
+                marked += int(mask.sum())
     finally:
         teacher.train(was_training)
-    return marked / max(total, 1)
+    return Sweep(marked / max(total, 1), hist.cpu().numpy() if hist is not None else None, total)
 
 
 def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, device, writer, step,

@@ -1,7 +1,7 @@
 """`--pseudo-islands background`: the one-piece prior on the pseudo labels during training.
 
 The teacher's whole-volume islands (voxels of a one-piece class outside its largest component)
-are found by refresh_islands, travel with the unlabeled patches under the same crop, flips and
+are found by sweep_unlabeled, travel with the unlabeled patches under the same crop, flips and
 rotation, and turn the pseudo label there into background in sgrs_step."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from napari_sgrs.cli import main
 from napari_sgrs.core.data import PatchSampler, TwoStreamBatches, make_sample
 from napari_sgrs.core.errors import ConfigError
 from napari_sgrs.core.postprocess import island_mask, keep_largest_component
-from napari_sgrs.core.train import TrainConfig, refresh_islands, sgrs_step
+from napari_sgrs.core.train import TrainConfig, sgrs_step, sweep_unlabeled
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from tiny import TINY_ARGS, tiny_config  # noqa: E402
@@ -83,14 +83,14 @@ def test_refresh_marks_the_teachers_smaller_pieces():
     one = make_sample("one", image, None, (16, 16, 16), 255)
     clean = make_sample("clean", np.where(image[:12] > 0, image[:12], -1.0), None, (16, 16, 16), 255)
     teacher = _Threshold().train()
-    share = refresh_islands(teacher, [one, clean], [1], (16, 16, 16), 2, torch.device("cpu"))
+    share = sweep_unlabeled(teacher, [one, clean], [1], (16, 16, 16), 2, torch.device("cpu")).islands
     expected = np.zeros(image.shape, bool)
     expected[15:19, 12:16, 20:24] = True
     np.testing.assert_array_equal(one.islands, expected)
     assert clean.islands is None                      # one piece: nothing to mark
     assert share == pytest.approx(64 / (image.size + clean.image.size))
     assert teacher.training                           # the caller's mode is restored
-    refresh_islands(teacher, [one], [], (16, 16, 16), 2, torch.device("cpu"))
+    sweep_unlabeled(teacher, [one], [], (16, 16, 16), 2, torch.device("cpu"))
     assert one.islands is None                        # no one-piece class: no mask
 
 
