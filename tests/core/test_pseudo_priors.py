@@ -305,3 +305,24 @@ def test_the_island_masks_reach_the_training_step(tiny_cohort, tmp_path, monkeyp
     cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
     T.train(tiny_config(iterations=4, val_every=2, pseudo_islands="background"), cases, tmp_path / "run")
     assert seen == [None, None, True, True]
+
+
+def test_a_resumed_run_sweeps_at_once(tiny_cohort, tmp_path):
+    """Masks and floors are not in the checkpoint: a resumed run rebuilds them before its first step
+    instead of training without them until the next sweep."""
+    from napari_sgrs.core.io import find_cases
+    from napari_sgrs.core.train import train
+
+    cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
+    run = tmp_path / "run"
+
+    def stop_at_3(event):
+        if event.kind.value == "progress" and event.step == 3:
+            (run / "STOP").touch()
+
+    cfg = dict(iterations=6, val_every=4, pseudo_cap="labels", pseudo_islands="background")
+    assert train(tiny_config(**cfg), cases, run, listeners=[stop_at_3]).step == 3
+    train(tiny_config(**cfg), cases, run, resume=True)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("scope") == "cap"] == [3, 4]
+    assert [e["step"] for e in events if e.get("scope") == "islands"] == [3, 4]
