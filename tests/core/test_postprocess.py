@@ -17,7 +17,7 @@ from napari_sgrs.core.postprocess import (count_components, keep_largest_compone
                                           single_component_classes)
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from tiny import TINY_ARGS, tiny_config  # noqa: E402
+from tiny import TINY_ARGS, split_label_cohort, tiny_config  # noqa: E402
 
 
 def _two_class_volume() -> np.ndarray:
@@ -113,7 +113,7 @@ def test_the_predictor_post_processes_the_label_only():
 
 def test_training_records_the_single_component_classes(tiny_cohort, tmp_path):
     from napari_sgrs.core.checkpoint import load_checkpoint
-    from napari_sgrs.core.io import find_cases, read_volume, write_volume
+    from napari_sgrs.core.io import find_cases, read_volume
     from napari_sgrs.core.train import train
 
     train(tiny_config(iterations=2, val_every=100), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr),
@@ -123,18 +123,7 @@ def test_training_records_the_single_component_classes(tiny_cohort, tmp_path):
     assert meta["single_component_classes"] == single_component_classes(labels, 2) == [1]
 
     # a labeled volume whose target is in two pieces switches auto off for that class
-    images, labs = tmp_path / "img", tmp_path / "lab"
-    images.mkdir()
-    labs.mkdir()
-    for f in tiny_cohort.images_tr.iterdir():
-        (images / f.name).symlink_to(f)
-    for i, f in enumerate(sorted(tiny_cohort.labels_tr.iterdir())):
-        vol = read_volume(f)
-        arr = vol.array.copy()
-        if i == 0:
-            arr[0:2, 0:2, 0:2] = 1   # a far corner island: class 1 now has two components here
-            assert count_components(arr == 1) == 2
-        write_volume(labs / f.name, arr, vol.geometry)
+    images, labs = split_label_cohort(tiny_cohort, tmp_path)
     train(tiny_config(iterations=2, val_every=100), find_cases(images, labs), tmp_path / "run2")
     assert load_checkpoint(tmp_path / "run2" / "checkpoints" / "last.safetensors").meta[
         "single_component_classes"] == []

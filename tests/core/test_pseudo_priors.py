@@ -23,7 +23,7 @@ from napari_sgrs.core.postprocess import island_mask, keep_largest_component
 from napari_sgrs.core.train import TrainConfig, sgrs_step, sweep_unlabeled
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from tiny import TINY_ARGS, tiny_config  # noqa: E402
+from tiny import TINY_ARGS, split_label_cohort, tiny_config  # noqa: E402
 
 
 def test_island_mask_is_what_the_post_processing_removes():
@@ -111,14 +111,14 @@ class _Constant(torch.nn.Module):
         return base + x * 0.1 + self.bias.view(1, 2, 1, 1, 1)
 
 
-def _unsup_loss(teacher_class: int, islands) -> float:
+def _unsup_loss(teacher_class: int, islands=None, floors=None) -> float:
     cfg = TrainConfig(method="sgrs", iterations=10, patch_size=(16, 16, 16), batch_size=4, labeled_batch_size=2,
                       gate="none").validate()
     g = torch.Generator().manual_seed(0)
     x, u = torch.randn(2, 1, 16, 16, 16, generator=g), torch.randn(2, 1, 16, 16, 16, generator=g)
     y = torch.zeros(2, 16, 16, 16, dtype=torch.long)
     out = sgrs_step(_Constant(0), _Constant(teacher_class), x, y, u, 9, cfg, np.random.default_rng(1),
-                    torch.Generator().manual_seed(2), 4.0, 2, islands=islands)
+                    torch.Generator().manual_seed(2), 4.0, 2, islands=islands, floors=floors)
     return out.loss_unsup
 
 
@@ -163,19 +163,7 @@ def test_settings_are_checked(tiny_cohort, tmp_path, capsys):
 def test_the_terminal_says_when_no_class_qualifies(tiny_cohort, tmp_path, capsys):
     """A label with a second piece leaves no one-piece class: the option would do nothing, and the
     run says so on the terminal and in its event stream instead of training as if it worked."""
-    from napari_sgrs.core.io import read_volume, write_volume
-
-    images, labels = tmp_path / "img", tmp_path / "lab"
-    images.mkdir()
-    labels.mkdir()
-    for f in tiny_cohort.images_tr.iterdir():
-        (images / f.name).symlink_to(f)
-    for i, f in enumerate(sorted(tiny_cohort.labels_tr.iterdir())):
-        vol = read_volume(f)
-        arr = vol.array.copy()
-        if i == 0:
-            arr[0:2, 0:2, 0:2] = 1   # a far corner island: class 1 is two pieces in this label
-        write_volume(labels / f.name, arr, vol.geometry)
+    images, labels = split_label_cohort(tiny_cohort, tmp_path)
     code = main(["train", "--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "run"),
                  *TINY_ARGS, "--pseudo-islands", "background"])
     assert code == 0
@@ -225,20 +213,8 @@ def test_the_sweep_histograms_each_class_by_its_probability():
 
 def test_floors_in_the_step_act_like_a_background_teacher():
     everywhere = torch.tensor([0.0, 1.01])           # no class-1 voxel can reach the floor
-    cfg = dict(teacher_class=1)
-    assert _unsup_loss_floors(**cfg, floors=everywhere) == pytest.approx(_unsup_loss(0, None))
-    assert _unsup_loss_floors(**cfg, floors=torch.zeros(2)) == pytest.approx(_unsup_loss(1, None))
-
-
-def _unsup_loss_floors(teacher_class: int, floors) -> float:
-    cfg = TrainConfig(method="sgrs", iterations=10, patch_size=(16, 16, 16), batch_size=4, labeled_batch_size=2,
-                      gate="none").validate()
-    g = torch.Generator().manual_seed(0)
-    x, u = torch.randn(2, 1, 16, 16, 16, generator=g), torch.randn(2, 1, 16, 16, 16, generator=g)
-    y = torch.zeros(2, 16, 16, 16, dtype=torch.long)
-    out = sgrs_step(_Constant(0), _Constant(teacher_class), x, y, u, 9, cfg, np.random.default_rng(1),
-                    torch.Generator().manual_seed(2), 4.0, 2, floors=floors)
-    return out.loss_unsup
+    assert _unsup_loss(1, floors=everywhere) == pytest.approx(_unsup_loss(0))
+    assert _unsup_loss(1, floors=torch.zeros(2)) == pytest.approx(_unsup_loss(1))
 
 
 def test_labeled_shares_leave_out_the_ignore_value():
