@@ -588,7 +588,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         if sweep.hist is not None:
             f = S.share_floors(sweep.hist, sweep.total, label_share)
             floors = torch.tensor(f, dtype=torch.float32, device=device)
-            writer.emit(EventKind.REGIONS, step, scope="cap", floors=[round(float(v), 4) for v in f],
+            writer.emit(EventKind.REGIONS, step, scope="cap", voxels=sweep.total,
+                        floors=[round(float(v), 4) for v in f],
                         label_share=[round(v, 5) for v in label_share],
                         pseudo_share=_hard_label_shares(sweep.hist, sweep.total))
 
