@@ -749,13 +749,13 @@ def sweep_unlabeled(teacher, samples: list, island_classes: list[int], patch: tu
     teacher.eval()
     marked = total = 0
     hist = torch.zeros((num_classes, bins), dtype=torch.float64, device=device) if histogram else None
+
+    def forward(w):
+        return (torch.softmax(teacher(w).float(), 1),)
+
     try:
         for sample in samples:
             vol = torch.from_numpy(sample.image)[None].to(device)
-
-            def forward(w):
-                return (torch.softmax(teacher(w).float(), 1),)
-
             (prob,) = sliding_window(vol, forward, patch, 1, num_classes, overlap=0.5)
             label = prob.argmax(0)
             total += label.numel()
