@@ -35,3 +35,14 @@ def split_label_cohort(tiny_cohort, folder):
             assert count_components(arr == 1) == 2
         write_volume(labels / f.name, arr, vol.geometry)
     return images, labels
+
+
+def threshold_net():
+    """A stand-in network for inference tests: class 1 wherever its (normalised) input is positive."""
+    import torch
+
+    class ThresholdNet(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([-x, x], 1)
+
+    return ThresholdNet()

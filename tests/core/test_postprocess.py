@@ -17,7 +17,7 @@ from napari_sgrs.core.postprocess import (count_components, keep_largest_compone
                                           single_component_classes)
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from tiny import TINY_ARGS, split_label_cohort, tiny_config  # noqa: E402
+from tiny import TINY_ARGS, split_label_cohort, threshold_net, tiny_config  # noqa: E402
 
 
 def _two_class_volume() -> np.ndarray:
@@ -82,19 +82,12 @@ def test_modes():
         resolve_largest_component("largest", meta, 4)
 
 
-class _Threshold(torch.nn.Module):
-    """A stand-in network: class 1 wherever the normalised input is positive."""
-
-    def forward(self, x):
-        return torch.cat([-x, x], 1)
-
-
 def test_the_predictor_post_processes_the_label_only():
     from napari_sgrs.core.infer import Predictor
 
     meta = {"config": {"patch_size": [16, 16, 16], "normalization": "zscore"}, "num_classes": 2,
             "single_component_classes": [1]}
-    predictor = Predictor(_Threshold(), meta, torch.device("cpu"))
+    predictor = Predictor(threshold_net(), meta, torch.device("cpu"))
     image = np.zeros((24, 20, 28), np.float32)
     image[2:10, 2:10, 2:10] = 100.0     # the target
     image[15:19, 12:16, 20:24] = 100.0  # a look-alike island

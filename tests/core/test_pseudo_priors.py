@@ -23,7 +23,7 @@ from napari_sgrs.core.postprocess import island_mask, keep_largest_component
 from napari_sgrs.core.train import TrainConfig, sgrs_step, sweep_unlabeled
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from tiny import TINY_ARGS, split_label_cohort, tiny_config  # noqa: E402
+from tiny import TINY_ARGS, split_label_cohort, threshold_net, tiny_config  # noqa: E402
 
 
 def test_island_mask_is_what_the_post_processing_removes():
@@ -71,20 +71,13 @@ def test_the_same_draws_with_and_without_masks():
             assert torch.equal(ta, tb)
 
 
-class _Threshold(torch.nn.Module):
-    """A stand-in teacher: class 1 wherever the input is positive."""
-
-    def forward(self, x):
-        return torch.cat([-x, x], 1)
-
-
 def test_refresh_marks_the_teachers_smaller_pieces():
     image = -np.ones((24, 20, 28), np.float32)
     image[2:10, 2:10, 2:10] = 1.0     # the target: 512 voxels
     image[15:19, 12:16, 20:24] = 1.0  # a look-alike: 64 voxels
     one = make_sample("one", image, None, (16, 16, 16), 255)
     clean = make_sample("clean", np.where(image[:12] > 0, image[:12], -1.0), None, (16, 16, 16), 255)
-    teacher = _Threshold().train()
+    teacher = threshold_net().train()
     share = sweep_unlabeled(teacher, [one, clean], [1], (16, 16, 16), 2, torch.device("cpu")).islands
     expected = np.zeros(image.shape, bool)
     expected[15:19, 12:16, 20:24] = True
@@ -98,17 +91,16 @@ def test_refresh_marks_the_teachers_smaller_pieces():
 
 
 class _Constant(torch.nn.Module):
-    """A stand-in network with a learnable bias: logits favour ``cls`` everywhere."""
+    """A stand-in network whose logits favour ``cls`` everywhere, nudged by the input."""
 
     def __init__(self, cls: int):
         super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(2))
         self.cls = cls
 
     def forward(self, x):
         base = torch.zeros(x.shape[0], 2, *x.shape[2:])
         base[:, self.cls] = 3.0
-        return base + x * 0.1 + self.bias.view(1, 2, 1, 1, 1)
+        return base + x * 0.1
 
 
 def _unsup_loss(teacher_class: int, islands=None, floors=None) -> float:
@@ -203,7 +195,7 @@ def test_the_sweep_histograms_each_class_by_its_probability():
     image = -np.ones((24, 20, 28), np.float32)
     image[2:10, 2:10, 2:10] = 1.0
     sample = make_sample("one", image, None, (16, 16, 16), 255)
-    sweep = sweep_unlabeled(_Threshold(), [sample], [], (16, 16, 16), 2, torch.device("cpu"), histogram=True)
+    sweep = sweep_unlabeled(threshold_net(), [sample], [], (16, 16, 16), 2, torch.device("cpu"), histogram=True)
     assert sweep.total == image.size and sample.islands is None
     assert sweep.hist.shape == (2, 1000) and sweep.hist[0].sum() == 0
     assert sweep.hist[1].sum() == 512                # the positive cube is class 1
