@@ -107,6 +107,10 @@ class TrainConfig:
     # pseudo labels is capped at its share of the labeled voxels: its least confident pseudo-label
     # voxels become background until the share fits (distribution alignment; sgrs.share_floors)
     pseudo_cap: str = "off"
+    # off (default): pseudo labels from the teacher alone. labels: a second V-Net with its own
+    # initialisation trains on the labeled patches only, and the pseudo label is the argmax of the
+    # mean of its EMA's and the teacher's probabilities: an anchor that pseudo labels never teach
+    pseudo_anchor: str = "off"
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -136,6 +140,8 @@ class TrainConfig:
             raise ConfigError(f"--gate must be none or teacher-dice, got {self.gate!r}")
         if self.region_weighting not in ("voxels", "terms"):
             raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
+        if self.pseudo_anchor not in ("off", "labels"):
+            raise ConfigError(f"pseudo_anchor must be off or labels, got {self.pseudo_anchor!r}")
         if self.pseudo_views not in ("both", "mix"):
             raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
         if self.pseudo_islands not in ("keep", "background"):
@@ -298,7 +304,8 @@ class StepOutput:
 
 def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np.random.Generator,
               gen: torch.Generator | None, rampup_len: float, num_classes: int,
-              islands: torch.Tensor | None = None, floors: torch.Tensor | None = None) -> StepOutput:
+              islands: torch.Tensor | None = None, floors: torch.Tensor | None = None,
+              anchor=None) -> StepOutput:
     """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None;
     islands (bu,D,H,W) bool or None: voxels whose pseudo label is set to background; floors (K,)
     or None: per-class probability below which a pseudo-label voxel becomes background (sgrs only)."""
@@ -327,7 +334,12 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         ls = S.supervised_loss(logits[:b], y, ignore)
         lu = F.mse_loss(torch.softmax(logits[b:], 1), torch.softmax(teacher_logits.float(), 1))
         return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight)
-    pseudo = S.hard_label(teacher_logits)
+    if anchor is not None:
+        with torch.no_grad():
+            mean_probs = 0.5 * (torch.softmax(teacher_logits.float(), 1) + torch.softmax(anchor(u_noisy).float(), 1))
+        pseudo = S.hard_label(mean_probs)
+    else:
+        pseudo = S.hard_label(teacher_logits)
     if islands is not None:
         pseudo = pseudo.masked_fill(islands, 0)
     if floors is not None:
@@ -485,6 +497,24 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
 
+    anchor = anchor_teacher = anchor_opt = None
+    if config.method == "sgrs" and config.pseudo_anchor == "labels":
+        if resume or distributed:
+            raise ConfigError("pseudo_anchor=labels is an experiment: it neither resumes nor runs under torchrun")
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed + 104729)  # its own initialisation, the student's stream untouched
+            anchor = build_model(config, num_classes)
+        anchor = anchor.to(device)
+        if config.channels_last:
+            anchor = anchor.to(memory_format=torch.channels_last_3d)
+        anchor_teacher = copy.deepcopy(anchor)
+        for p in anchor_teacher.parameters():
+            p.requires_grad_(False)
+        anchor_teacher.eval()
+        anchor_opt = torch.optim.SGD(anchor.parameters(), lr=config.lr, momentum=config.momentum,
+                                     weight_decay=config.weight_decay)
+        anchor.train()
+
     step = 0
     best_dice: float | None = None
     if resume:
@@ -629,7 +659,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
-                                num_classes, islands=isl, floors=floors)
+                                num_classes, islands=isl, floors=floors, anchor=anchor_teacher)
             if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
                 value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
                          else "non-finite on another rank")
@@ -647,6 +677,14 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 S.reference_weight_decay(student)
                 S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
             S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
+            if anchor is not None:  # the anchor learns from the same labeled patches, never from pseudo labels
+                loss_a = S.supervised_loss(anchor(x), y, config.ignore_index)
+                for group in anchor_opt.param_groups:
+                    group["lr"] = learning_rate(config, step)
+                anchor_opt.zero_grad(set_to_none=True)
+                loss_a.backward()
+                anchor_opt.step()
+                S.ema_update(anchor_teacher, anchor, S.ema_alpha(step, config.ema_decay))
             step += 1
             if bar is not None:
                 bar.update(1)
