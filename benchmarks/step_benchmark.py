@@ -1,7 +1,8 @@
 """Time one SGRS training step, with a breakdown by phase, at a given setting.
 
-Phases: data (patch sampling + augmentation + host->device copy), teacher forward, student
-forward + backward (one forward over [X, U, U_mix]), regions + losses, optimizer, EMA.
+Phases: data (patch sampling + augmentation + host->device copy), teacher forward (with the
+label-only anchor's forward on U when it is on), student forward + backward (one forward over
+[X, U, U_mix]), regions + losses, optimizer, EMA, and the anchor's own supervised step.
 The phases are timed in the real order with synchronisation between them, so their sum is a
 little above the plain step time (which is also reported, measured without the splits).
 
@@ -41,18 +42,24 @@ def main(argv=None) -> int:
     p.add_argument("--no-channels-last", action="store_true", help="contiguous (NCDHW) tensors, as the published code")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN's heuristic algorithms, no autotuning")
+    p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
+                   help="sgrs's label-only anchor (default: the trainer's default)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     from napari_sgrs.core import sgrs as S
     from napari_sgrs.core.data import PatchSampler, TwoStreamBatches, make_sample
-    from napari_sgrs.core.train import TrainConfig, _amp_dtype, build_model, configure_backends, resolve_device, sgrs_step
+    from napari_sgrs.core.train import (LabelAnchor, TrainConfig, _amp_dtype, build_model, configure_backends,
+                                        resolve_device, sgrs_step)
 
     device = resolve_device(args.device)
     cl = not args.no_channels_last
     cfg = TrainConfig(method=args.method, base_filters=args.filters, patch_size=tuple(args.patch),
                       batch_size=args.labeled + args.unlabeled, labeled_batch_size=args.labeled,
                       channels_last=cl, amp=args.amp, cudnn_benchmark=not args.no_cudnn_benchmark)
+    if args.pseudo_anchor:
+        cfg.pseudo_anchor = args.pseudo_anchor
+    cfg.validate()
     rng = np.random.default_rng(0)
     gen = torch.Generator(device=device).manual_seed(0)
     vol = tuple(int(s * 1.5) for s in args.patch)
@@ -70,6 +77,7 @@ def main(argv=None) -> int:
         student = student.to(memory_format=torch.channels_last_3d)
     teacher = copy.deepcopy(student).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    anchor = LabelAnchor(cfg, 2, device, False) if args.method == "sgrs" and cfg.pseudo_anchor == "labels" else None
     amp_dtype = _amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -82,12 +90,15 @@ def main(argv=None) -> int:
     def plain_step(step):
         x, y, u = (to_dev(t) for t in next(batches)[:3])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = sgrs_step(student, teacher, x, y, u, step, cfg, rng, gen, 100.0, 2)
+            out = sgrs_step(student, teacher, x, y, u, step, cfg, rng, gen, 100.0, 2,
+                            anchor=anchor.ema if anchor else None)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()
         scaler.step(opt)
         scaler.update()
         S.ema_update(teacher, student, S.ema_alpha(step))
+        if anchor:
+            anchor.step(x, y, step)
 
     for i in range(args.warmup):
         plain_step(i)
@@ -102,7 +113,7 @@ def main(argv=None) -> int:
 
     # Phase breakdown (same computation as sgrs_step, split with synchronisation).
     phases = {k: 0.0 for k in ("data", "teacher_forward", "student_forward_backward", "regions_losses",
-                               "optimizer", "ema")}
+                               "optimizer", "ema", "anchor_step")}
     for i in range(args.steps):
         t = time.perf_counter()
         x, y, u = (to_dev(tt) for tt in next(batches)[:3])
@@ -121,7 +132,10 @@ def main(argv=None) -> int:
                 gated = cfg.gate == "teacher-dice"
                 with torch.no_grad():  # with the gate the teacher also sees the labeled patches (sgrs_step)
                     t_out = teacher(torch.cat([u_noisy, x_noisy], 0) if gated else u_noisy)
-                    pseudo = S.hard_label(t_out[:u.shape[0]])
+                    t_probs = torch.softmax(t_out[:u.shape[0]].float(), 1)
+                    if anchor:
+                        t_probs = 0.5 * (t_probs + torch.softmax(anchor.ema(u_noisy).float(), 1))
+                    pseudo = S.hard_label(t_probs)
                     gate = S.teacher_reliability(torch.softmax(t_out[u.shape[0]:].float(), 1), y, 255) if gated else 1.0
                 _sync(device); phases["teacher_forward"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -149,6 +163,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         S.ema_update(teacher, student, 0.99)
         _sync(device); phases["ema"] += time.perf_counter() - t
+        if anchor and args.method == "sgrs":
+            t = time.perf_counter()
+            anchor.step(x, y, i)
+            _sync(device); phases["anchor_step"] += time.perf_counter() - t
     phases = {k: v / args.steps for k, v in phases.items()}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -160,12 +178,15 @@ def main(argv=None) -> int:
         # the process does nothing but these steps, so its high-water mark is the training peak
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gate": cfg.gate, "region_weighting": cfg.region_weighting, "pseudo_views": cfg.pseudo_views,
+        "pseudo_anchor": cfg.pseudo_anchor if args.method == "sgrs" else None,
         "cudnn_benchmark": cfg.cudnn_benchmark,
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.method} step at patch {tuple(args.patch)}, F={args.filters}, {args.labeled}+{args.unlabeled}, "
+        anchored = ", label-only anchor" if result["pseudo_anchor"] == "labels" else ""
+        print(f"{args.method}{anchored} step at patch {tuple(args.patch)}, F={args.filters}, "
+              f"{args.labeled}+{args.unlabeled}, "
               f"channels_last={cl}, {result['device']} x{result['threads']} threads: {step_s:.3f} s/step, "
               f"peak RSS {result['peak_rss_mb']:.0f} MiB" + (f", peak GPU {result['peak_gpu_mb']:.0f} MiB"
                                                              if result["peak_gpu_mb"] else ""))

@@ -66,6 +66,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="sgrs: off (default); labels: at each validation interval cap each class's share of the "
                         "pseudo labels (teacher's whole-volume prediction) at its share of the labeled voxels, "
                         "turning its least confident pseudo-label voxels into background")
+    p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
+                   help="sgrs: labels: a second network trained on the labeled patches alone is averaged with "
+                        "the teacher into the pseudo labels, so the teacher cannot confirm its own mistakes "
+                        "unopposed (about 1.35x the step time); off: the teacher alone (the paper's)")
     p.add_argument("--rampup-fraction", type=float, default=None,
                    help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
     p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)
@@ -98,7 +102,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 PRESETS = {
     "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
                   labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="terms",
-                  pseudo_views="both"),
+                  pseudo_views="both", pseudo_anchor="off"),
     # measured on 2 CPU cores (benchmarks/preview_benchmark.py): 32^3 and 8 filters train ~3x faster
     # per step than 48^3, and validating every 100 steps keeps validation off the critical path
     "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,
@@ -118,7 +122,7 @@ def _config_from_args(args: argparse.Namespace):
                "lr_schedule": "lr_schedule",
                "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
                "region_weighting": "region_weighting", "pseudo_views": "pseudo_views",
-               "pseudo_islands": "pseudo_islands", "pseudo_cap": "pseudo_cap",
+               "pseudo_islands": "pseudo_islands", "pseudo_cap": "pseudo_cap", "pseudo_anchor": "pseudo_anchor",
                "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
                "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
@@ -189,7 +193,7 @@ def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
                  "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
                  "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat", "gate",
-                 "region_weighting", "pseudo_views", "pseudo_islands", "pseudo_cap"):
+                 "region_weighting", "pseudo_views", "pseudo_islands", "pseudo_cap", "pseudo_anchor"):
         flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
         if flag not in given:
             setattr(cfg, name, getattr(saved, name))

@@ -42,7 +42,7 @@ DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-t
 
 
 #: The loss of runs whose config.json predates these fields (the paper's, as trained then).
-_LEGACY_LOSS = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both"}
+_LEGACY_LOSS = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both", "pseudo_anchor": "off"}
 
 
 @dataclass
@@ -107,9 +107,10 @@ class TrainConfig:
     # pseudo labels is capped at its share of the labeled voxels: its least confident pseudo-label
     # voxels become background until the share fits (distribution alignment; sgrs.share_floors)
     pseudo_cap: str = "off"
-    # off (default): pseudo labels from the teacher alone. labels: a second V-Net with its own
-    # initialisation trains on the labeled patches only, and the pseudo label is the argmax of the
-    # mean of its EMA's and the teacher's probabilities: an anchor that pseudo labels never teach
+    # labels: a second V-Net with its own initialisation (the anchor, LabelAnchor) trains on the
+    # labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's and
+    # the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher cannot
+    # confirm its own mistakes unopposed. off: the teacher alone (the paper)
     pseudo_anchor: str = "off"
 
     def validate(self) -> "TrainConfig":
@@ -141,7 +142,7 @@ class TrainConfig:
         if self.region_weighting not in ("voxels", "terms"):
             raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
         if self.pseudo_anchor not in ("off", "labels"):
-            raise ConfigError(f"pseudo_anchor must be off or labels, got {self.pseudo_anchor!r}")
+            raise ConfigError(f"--pseudo-anchor must be labels or off, got {self.pseudo_anchor!r}")
         if self.pseudo_views not in ("both", "mix"):
             raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
         if self.pseudo_islands not in ("keep", "background"):
@@ -291,6 +292,79 @@ def partner_patch(case: LoadedCase, patch: tuple[int, int, int], config: TrainCo
     return np.ascontiguousarray(img[z:z + patch[0], y:y + patch[1], x:x + patch[2]])
 
 
+# ----------------------------------------------------------------------------- the anchor
+
+class LabelAnchor:
+    """``--pseudo-anchor labels``: a second V-Net trained on the labeled patches alone.
+
+    It has its own initialisation, optimizer and EMA (``ema``, in eval mode, as the teacher). The
+    EMA's probabilities on the unlabeled patch are averaged with the teacher's to make the pseudo
+    label (:func:`sgrs_step`). Pseudo labels never teach it, so a mistake of the student that the
+    teacher confirms must also convince a network that has only seen labels: the loop that
+    confirms the teacher's false positives loses half its gain (co-training, in a one-sided form).
+    """
+
+    SEED_OFFSET = 104729  # the anchor's initialisation stream, apart from the student's
+
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device, distributed: bool):
+        with torch.random.fork_rng(devices=[]):  # the student's draws stay what they were without it
+            torch.manual_seed(config.seed + self.SEED_OFFSET)
+            net = build_model(config, num_classes)
+        net = net.to(device)
+        if config.channels_last:
+            net = net.to(memory_format=torch.channels_last_3d)
+        self.net = net.train()
+        self.ema = copy.deepcopy(net).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.forward = _ddp(net, device) if distributed else net
+        self.config = config
+        amp = _amp_dtype(config.amp, device)
+        self.autocast = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+        """One supervised SGD step on the labeled patches, then its EMA update; returns the loss."""
+        with torch.autocast(**self.autocast):
+            loss = S.supervised_loss(self.forward(x), y, self.config.ignore_index)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        S.ema_update(self.ema, self.net, S.ema_alpha(step, self.config.ema_decay))
+        return float(loss.detach())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"anchor.{k}": v for k, v in self.net.state_dict().items()},
+                **{f"anchor_ema.{k}": v for k, v in self.ema.state_dict().items()},
+                **{f"anchor_{k}": v for k, v in _optimizer_tensors(self.optimizer).items()}}
+
+    def load(self, ckpt) -> None:
+        """Restore from a checkpoint of an anchored run (CheckpointError if it has no anchor)."""
+        state, ema = ckpt.state_dict("anchor"), ckpt.state_dict("anchor_ema")
+        if not state or not ema:
+            raise CheckpointError("cannot resume with --pseudo-anchor labels: the run was trained without the "
+                                  "anchor; pass --pseudo-anchor off")
+        self.net.load_state_dict(state)
+        self.ema.load_state_dict(ema)
+        _load_momentum(self.optimizer, ckpt, "anchor_optim.momentum")
+
+
+def _ddp(module: torch.nn.Module, device: torch.device):
+    """Wrap for DistributedDataParallel. A 1x1x1 kernel is contiguous and channels-last at once;
+    channels_last gives it strides that the autograd gradient does not have, and DDP then warns
+    ("grad strides do not match bucket view strides") and copies that gradient every step. Plain
+    strides match it."""
+    for p in module.parameters():
+        if p.dim() == 5 and tuple(p.shape[2:]) == (1, 1, 1):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 # ----------------------------------------------------------------------------- the step
 
 @dataclass
@@ -308,7 +382,9 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
               anchor=None) -> StepOutput:
     """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None;
     islands (bu,D,H,W) bool or None: voxels whose pseudo label is set to background; floors (K,)
-    or None: per-class probability below which a pseudo-label voxel becomes background (sgrs only)."""
+    or None: per-class probability below which a pseudo-label voxel becomes background (sgrs only);
+    anchor: a network (LabelAnchor.ema) whose probabilities are averaged with the teacher's into
+    the pseudo label, or None."""
     b = x.shape[0]
     ignore = config.ignore_index
     if config.method == "supervised" or u is None:
@@ -497,42 +573,19 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
 
-    anchor = anchor_teacher = anchor_opt = None
-    if config.method == "sgrs" and config.pseudo_anchor == "labels":
-        if resume or distributed:
-            raise ConfigError("pseudo_anchor=labels is an experiment: it neither resumes nor runs under torchrun")
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed + 104729)  # its own initialisation, the student's stream untouched
-            anchor = build_model(config, num_classes)
-        anchor = anchor.to(device)
-        if config.channels_last:
-            anchor = anchor.to(memory_format=torch.channels_last_3d)
-        anchor_teacher = copy.deepcopy(anchor)
-        for p in anchor_teacher.parameters():
-            p.requires_grad_(False)
-        anchor_teacher.eval()
-        anchor_opt = torch.optim.SGD(anchor.parameters(), lr=config.lr, momentum=config.momentum,
-                                     weight_decay=config.weight_decay)
-        anchor.train()
+    anchor = (LabelAnchor(config, num_classes, device, distributed)
+              if config.method == "sgrs" and config.pseudo_anchor == "labels" else None)
 
     step = 0
     best_dice: float | None = None
     if resume:
-        step, best_dice = _restore(run_dir, config, student, teacher, optimizer, rng, gen, num_classes, patch)
+        step, best_dice = _restore(run_dir, config, student, teacher, optimizer, rng, gen, num_classes, patch,
+                                   anchor)
         if rank > 0:  # the checkpoint holds rank 0's generators: give the other ranks their own streams
             rng.bit_generator.state = np.random.default_rng([config.seed, rank, step]).bit_generator.state
             gen.manual_seed(config.seed + 7919 * (rank + 1) + step)
 
-    forward_student = student
-    if distributed:
-        # A 1x1x1 kernel is contiguous and channels-last at once; channels_last gives it strides
-        # that the autograd gradient does not have, and DDP then warns ("grad strides do not match
-        # bucket view strides") and copies that gradient every step. Plain strides match it.
-        for p in student.parameters():
-            if p.dim() == 5 and tuple(p.shape[2:]) == (1, 1, 1):
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
-        forward_student = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+    forward_student = _ddp(student, device) if distributed else student
     if config.compile:
         forward_student = torch.compile(forward_student)
 
@@ -576,7 +629,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         path = run_dir / "checkpoints" / f"{kind}.safetensors"
         tensors = {**{f"student.{k}": v for k, v in student.state_dict().items()},
                    **{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
-                   **_optimizer_tensors(optimizer), "partner.image": partner,
+                   **_optimizer_tensors(optimizer), **(anchor.tensors() if anchor else {}), "partner.image": partner,
                    "rng.torch": torch.random.get_rng_state(), "rng.noise": gen.get_state()}
         meta = dict(meta_base, step=step, best_dice=best_dice, rng_numpy=_json_rng(rng),
                     method=config.method)
@@ -659,7 +712,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
-                                num_classes, islands=isl, floors=floors, anchor=anchor_teacher)
+                                num_classes, islands=isl, floors=floors,
+                                anchor=anchor.ema if anchor else None)
             if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
                 value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
                          else "non-finite on another rank")
@@ -677,14 +731,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 S.reference_weight_decay(student)
                 S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
             S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
-            if anchor is not None:  # the anchor learns from the same labeled patches, never from pseudo labels
-                loss_a = S.supervised_loss(anchor(x), y, config.ignore_index)
-                for group in anchor_opt.param_groups:
-                    group["lr"] = learning_rate(config, step)
-                anchor_opt.zero_grad(set_to_none=True)
-                loss_a.backward()
-                anchor_opt.step()
-                S.ema_update(anchor_teacher, anchor, S.ema_alpha(step, config.ema_decay))
+            # the anchor learns from the same labeled patches, never from pseudo labels
+            loss_anchor = anchor.step(x, y, step) if anchor else None
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -692,6 +740,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 rate = (step - step0) / max(time.time() - t0, 1e-9)
                 writer.emit(EventKind.PROGRESS, step, loss=float(out.loss.detach()), loss_sup=out.loss_sup,
                             loss_unsup=out.loss_unsup, weight=out.weight, total=config.iterations,
+                            **({"loss_anchor": loss_anchor} if anchor else {}),
                             steps_per_s=rate, eta_s=(config.iterations - step) / max(rate, 1e-9),
                             device=device_name, memory_mb=_memory_mb(device))
                 if out.regions:
@@ -958,12 +1007,19 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
     return out
 
 
+def _load_momentum(optimizer: torch.optim.Optimizer, ckpt, prefix: str) -> None:
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        buf = ckpt.tensors.get(f"{prefix}.{i}")
+        if buf is not None:
+            optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+
+
 def _json_rng(rng: np.random.Generator) -> dict:
     return rng.bit_generator.state
 
 
-def _restore(run_dir: Path, config: TrainConfig, student, teacher, optimizer, rng, gen, num_classes, patch
-             ) -> tuple[int, float | None]:
+def _restore(run_dir: Path, config: TrainConfig, student, teacher, optimizer, rng, gen, num_classes, patch,
+             anchor: LabelAnchor | None = None) -> tuple[int, float | None]:
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
     meta = ckpt.meta
     old = meta.get("config", {})
@@ -979,11 +1035,9 @@ def _restore(run_dir: Path, config: TrainConfig, student, teacher, optimizer, rn
                               f"pass --patch-size {' '.join(map(str, old.get('patch_size') or []))}")
     student.load_state_dict(ckpt.state_dict("student"))
     teacher.load_state_dict(ckpt.state_dict("teacher"))
-    params = optimizer.param_groups[0]["params"]
-    for i, p in enumerate(params):
-        buf = ckpt.tensors.get(f"optim.momentum.{i}")
-        if buf is not None:
-            optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+    _load_momentum(optimizer, ckpt, "optim.momentum")
+    if anchor is not None:
+        anchor.load(ckpt)
     if "rng_numpy" in meta:
         rng.bit_generator.state = meta["rng_numpy"]
     if "rng.torch" in ckpt.tensors:
