@@ -102,7 +102,7 @@ def test_the_anchor_leaves_the_students_initialisation_alone(tiny_cohort, tmp_pa
     draws the same first batch, so with the unlabeled loss off the first step is the same step.
     (Later steps differ: the anchor's dropout draws from the global stream after the student's.)"""
     cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
-    train(tiny_config(iterations=1, unsup_weight=0.0), cases, tmp_path / "plain")
+    train(tiny_config(iterations=1, unsup_weight=0.0, pseudo_anchor="off"), cases, tmp_path / "plain")
     train(tiny_config(iterations=1, unsup_weight=0.0, pseudo_anchor="labels"), cases, tmp_path / "anchored")
     a, b = load_checkpoint(tmp_path / "plain").tensors, load_checkpoint(tmp_path / "anchored").tensors
     for k in a:
@@ -132,7 +132,7 @@ def test_resume_continues_the_anchor(tiny_cohort, tmp_path):
 
 def test_resuming_an_unanchored_run_with_the_anchor_is_refused(tiny_cohort, tmp_path):
     cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
-    train(tiny_config(iterations=2), cases, tmp_path / "run")
+    train(tiny_config(iterations=2, pseudo_anchor="off"), cases, tmp_path / "run")
     with pytest.raises(CheckpointError, match="--pseudo-anchor off"):
         train(tiny_config(iterations=4, pseudo_anchor="labels"), cases, tmp_path / "run", resume=True)
 
