@@ -111,7 +111,7 @@ class TrainConfig:
     # labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's and
     # the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher cannot
     # confirm its own mistakes unopposed. off: the teacher alone (the paper)
-    pseudo_anchor: str = "off"
+    pseudo_anchor: str = "labels"
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
