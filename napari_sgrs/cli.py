@@ -67,9 +67,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "pseudo labels (teacher's whole-volume prediction) at its share of the labeled voxels, "
                         "turning its least confident pseudo-label voxels into background")
     p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
-                   help="sgrs: labels: a second network trained on the labeled patches alone is averaged with "
-                        "the teacher into the pseudo labels, so the teacher cannot confirm its own mistakes "
-                        "unopposed (about 1.35x the step time); off: the teacher alone (the paper's)")
+                   help="sgrs: labels (default): a second network trained on the labeled patches alone is "
+                        "averaged with the teacher into the pseudo labels, so the teacher cannot confirm its own "
+                        "mistakes unopposed (1.4-1.5x the step time on a CPU); off: the teacher alone (the paper's)")
     p.add_argument("--rampup-fraction", type=float, default=None,
                    help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
     p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)

@@ -9,8 +9,9 @@ CPU as the peak RSS increase of one step: 34-41 F over patch 32-64^3, batch 2-4,
 (tests/core/test_memory.py re-measures one setting). SGRS forwards the student on
 ``labeled + 2 x unlabeled`` patches (X, U, U_mix); mean teacher on ``batch``; supervised on
 ``batch``. Parameters are held ~6 times (weights, gradients, momentum, teacher, the
-checkpoint's serialised copy), twice that with sgrs's label-only anchor. The normalised copies of the training volumes and ~96 MiB
-that torch loads on first use (optimizer, oneDNN kernels) come on top.
+checkpoint's serialised copy), twice that with sgrs's label-only anchor. The normalised copies
+of the training volumes and ~96 MiB that torch loads on first use (optimizer, oneDNN kernels)
+come on top.
 
 Inference: the sliding window keeps ``n_outputs`` (1, or 2 with regions) probability maps
 of ``K x volume`` plus the weight map, the padded normalised volume and its raw copy, then

@@ -107,10 +107,11 @@ class TrainConfig:
     # pseudo labels is capped at its share of the labeled voxels: its least confident pseudo-label
     # voxels become background until the share fits (distribution alignment; sgrs.share_floors)
     pseudo_cap: str = "off"
-    # labels: a second V-Net with its own initialisation (the anchor, LabelAnchor) trains on the
-    # labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's and
-    # the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher cannot
-    # confirm its own mistakes unopposed. off: the teacher alone (the paper)
+    # labels (default): a second V-Net with its own initialisation (the anchor, LabelAnchor) trains
+    # on the labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's
+    # and the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher
+    # cannot confirm its own mistakes unopposed (benchmarks/out/headroom/RULE_ANCHOR.md). off: the
+    # teacher alone (the paper)
     pseudo_anchor: str = "labels"
 
     def validate(self) -> "TrainConfig":
@@ -362,7 +363,8 @@ def _ddp(module: torch.nn.Module, device: torch.device):
     for p in module.parameters():
         if p.dim() == 5 and tuple(p.shape[2:]) == (1, 1, 1):
             p.data = p.data.clone(memory_format=torch.contiguous_format)
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------- the step

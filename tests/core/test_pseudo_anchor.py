@@ -40,8 +40,8 @@ def _unsup_loss(teacher, anchor=None) -> float:
     g = torch.Generator().manual_seed(0)
     x, u = torch.randn(2, 1, 16, 16, 16, generator=g), torch.randn(2, 1, 16, 16, 16, generator=g)
     y = torch.zeros(2, 16, 16, 16, dtype=torch.long)
-    out = sgrs_step(_Logits(2.0, 0.0), teacher, x, y, u, 9, cfg, np.random.default_rng(1), torch.Generator().manual_seed(2),
-                    4.0, 2, anchor=anchor)
+    out = sgrs_step(_Logits(2.0, 0.0), teacher, x, y, u, 9, cfg, np.random.default_rng(1),
+                    torch.Generator().manual_seed(2), 4.0, 2, anchor=anchor)
     return out.loss_unsup
 
 
