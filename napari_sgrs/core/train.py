@@ -326,8 +326,10 @@ class LabelAnchor:
         self.autocast = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
-        """One supervised SGD step on the labeled patches, then its EMA update; returns the loss."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """One supervised SGD step on the labeled patches, then its EMA update. Returns the loss,
+        detached and left on the device: the loop reads it only when it logs, so a GPU step does
+        not wait for it."""
         with torch.autocast(**self.autocast):
             loss = S.supervised_loss(self.forward(x), y, self.config.ignore_index)
         for group in self.optimizer.param_groups:
@@ -337,7 +339,7 @@ class LabelAnchor:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         S.ema_update(self.ema, self.net, S.ema_alpha(step, self.config.ema_decay))
-        return float(loss.detach())
+        return loss.detach()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"anchor.{k}": v for k, v in self.net.state_dict().items()},
@@ -742,7 +744,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                 rate = (step - step0) / max(time.time() - t0, 1e-9)
                 writer.emit(EventKind.PROGRESS, step, loss=float(out.loss.detach()), loss_sup=out.loss_sup,
                             loss_unsup=out.loss_unsup, weight=out.weight, total=config.iterations,
-                            **({"loss_anchor": loss_anchor} if anchor else {}),
+                            **({"loss_anchor": float(loss_anchor)} if anchor else {}),
                             steps_per_s=rate, eta_s=(config.iterations - step) / max(rate, 1e-9),
                             device=device_name, memory_mb=_memory_mb(device))
                 if out.regions:
