@@ -2,7 +2,6 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-XVFB   := $(shell command -v xvfb-run >/dev/null 2>&1 && echo "xvfb-run -a -s '-screen 0 1600x1000x24'")
 
 .PHONY: setup demo demo-headless test test-core benchmark clean
 
@@ -14,25 +13,27 @@ $(STAMP): setup.cfg pyproject.toml scripts/install_torch.sh
 	$(PY) -m pip install -e ".[testing]"
 	touch $(STAMP)
 
-# napari with the demo data and the SGRS panel; with no display it runs the same loop
-# headless and saves a screenshot (see README).
+# napari with the demo data and the SGRS panel. With no display it installs Xvfb and Mesa when it
+# can (scripts/system_deps.sh), runs the same loop headless and saves a screenshot; where it
+# cannot, it runs the engine demo (the preview setting) instead.
 demo: setup
 	@if [ -n "$$DISPLAY" ]; then $(PY) -m napari_sgrs._napari.demo_app; \
-	elif [ -n "$(XVFB)" ]; then echo "no display: running the same loop headless under Xvfb"; \
-	     $(XVFB) $(PY) -m napari_sgrs._napari.demo_app --headless-screenshot demo/screenshot.png; \
-	else echo "no display and no xvfb-run (apt-get install xvfb): running the engine demo instead"; \
-	     $(VENV)/bin/sgrs demo demo; fi
+	elif bash scripts/system_deps.sh install; then \
+	  echo "no display: running the napari loop headless under Xvfb (a few minutes on 2 CPU cores)"; \
+	  bash scripts/with_display.sh $(PY) -m napari_sgrs._napari.demo_app --headless-screenshot demo/screenshot.png \
+	    && echo "done: open $(CURDIR)/demo/screenshot.png to see the pseudo labels and synergy regions"; \
+	else echo "no display and no Xvfb: running the engine demo instead (demo data, 300 preview-sized steps," \
+	          "pseudo labels with regions, evaluation; a few minutes on 2 CPU cores)"; \
+	  $(VENV)/bin/sgrs demo demo; fi
 
 # The engine alone: demo data -> train -> predict with regions -> evaluate.
 demo-headless: setup
 	$(VENV)/bin/sgrs demo demo
 
+# Installs Xvfb and Mesa first when there is no display and this user can (root or
+# passwordless sudo); else prints the one command to run and exits 2.
 test: setup
-	@if [ -z "$$DISPLAY" ] && [ -z "$(XVFB)" ]; then \
-	  echo "make test: the napari tests need a display and there is none: install Xvfb and Mesa" \
-	       "(the apt-get line in .ci/run, or run .ci/run itself) or run 'make test-core' for the engine" \
-	       "tests alone" >&2; exit 2; fi
-	$(XVFB) $(PY) -m pytest -q
+	bash scripts/with_display.sh $(PY) -m pytest -q
 
 test-core: setup
 	$(PY) -m pytest -q tests/core
