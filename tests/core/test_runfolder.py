@@ -215,13 +215,19 @@ def test_a_stale_stop_is_removed_and_a_fresh_one_honoured_before_the_first_step(
         (run / "STOP").touch()
         return real(cases, config)
 
-    monkeypatch.setattr(T, "load_cases", stop_while_loading)
     before = (run / "checkpoints" / "last.safetensors").read_bytes()
-    result = T.train(tiny_config(iterations=4), _cases(tiny_cohort), run, resume=True)
-    assert result.stopped and result.step == 2 and result.last_checkpoint == run / "checkpoints" / "last.safetensors"
-    assert (run / "checkpoints" / "last.safetensors").read_bytes() == before  # nothing trained, nothing rewritten
-    last = _events(run)[-1]
-    assert last["kind"] == "stopped" and last["step"] == 2 and last["reason"] == "STOP file"
+    for when in ("before the call", "while loading"):
+        if when == "before the call":  # after this process started: a request, not a leftover
+            (run / "STOP").touch()
+        else:
+            monkeypatch.setattr(T, "load_cases", stop_while_loading)
+        result = T.train(tiny_config(iterations=4), _cases(tiny_cohort), run, resume=True)
+        assert result.stopped and result.step == 2, when
+        assert result.last_checkpoint == run / "checkpoints" / "last.safetensors"
+        assert (run / "checkpoints" / "last.safetensors").read_bytes() == before  # nothing trained or rewritten
+        last = _events(run)[-1]
+        assert last["kind"] == "stopped" and last["step"] == 2 and last["reason"] == "STOP file"
+        assert not (run / "STOP").exists()
 
 
 def test_divergence_names_the_run_and_promises_no_checkpoint_that_does_not_exist(tiny_cohort, tmp_path):
