@@ -33,7 +33,6 @@ def _int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
-    parse.__name__ = f"integer >= {low}"
     return parse
 
 
@@ -55,7 +54,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                                  "of --images/--labels")
     p.add_argument("--labeled-list", type=Path, help="with --h5-root: list of the labeled cases")
     p.add_argument("--unlabeled-list", type=Path, help="with --h5-root: list of the unlabeled cases")
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, events.jsonl, config.json)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder (checkpoints, events.jsonl, config.json): absent, empty, or an earlier sgrs run; "
+                        "one trainer at a time (a second one is refused, naming the first)")
     p.add_argument("--method", default="sgrs", choices=["sgrs", "mean-teacher", "supervised"])
     p.add_argument("--preset", choices=["paper", "preview"], default=None,
                    help="paper: the published LA recipe (15000 steps, patch 80 112 112, 16 filters); "
@@ -204,7 +205,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = RunFolder(args.out)
     # every check that needs no engine comes first, so a refusal is quick and writes nothing
-    check_not_input(args.out, {"--images": args.images, "--labels": args.labels, "--h5-root": args.h5_root})
+    check_not_input(args.out, {"--images": args.images, "--labels": args.labels, "--h5-root": args.h5_root,
+                               "--labeled-list": args.labeled_list, "--unlabeled-list": args.unlabeled_list})
     run.check_output(args.resume, holding_lock=os.environ.get("RANK", "0") != "0")  # torchrun: rank 0 locks
     cfg = _config_from_args(args)
     if args.resume:
@@ -458,7 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", type=Path, default=None, help="with --h5-root: the cases to segment (test.list)")
     p.add_argument("--labels", type=Path, default=None,
                    help="optional: images with a label here are labeled, so no regions are written for them")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the predictions, outside every input; a file keeps its input's name for NIfTI, "
+                        ".nrrd and .mha and becomes <case>.nii.gz otherwise (.nhdr, .mhd, h5, DICOM); a file there "
+                        "that sgrs predict did not write (listed in OUT/.sgrs-written.json) is never overwritten")
     p.add_argument("--regions", action="store_true",
                    help="also write probability/ (foreground probability) and regions/ (0 none, 1 disregarded, "
                         "2 consistent, 3 inconsistent) for each unlabeled volume")
@@ -478,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, default=None, help="folder of reference labels")
     p.add_argument("--h5-root", type=Path, default=None, help="references from the benchmark h5 layout")
     p.add_argument("--list", type=Path, default=None, help="with --h5-root: the cases (test.list)")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the report here: a new file, or an earlier sgrs evaluation report, outside "
+                        "--pred and --labels")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo-data", help="write a small procedural cohort with labels")
@@ -490,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48))
     p.add_argument("--classes", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a cohort that sgrs demo-data wrote in DIR (only its own, unchanged files are removed)")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("demo", help="headless demo: demo data, short training, regions, evaluation")

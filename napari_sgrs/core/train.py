@@ -911,14 +911,17 @@ def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, write
                 tau = torch.tensor([config.tau], dtype=torch.float64, device=device)
                 dist.broadcast(tau, 0)  # rank 0 recalibrated it; all ranks use the same regions
                 config.tau = float(tau)
-            if is_main and (step % config.checkpoint_every == 0 or step == config.iterations):
-                last_path = save("last")
+            if step % config.checkpoint_every == 0 or step == config.iterations:
+                if is_main:
+                    last_path = save("last")
+                saved_step = step  # every rank knows the checkpoint rank 0 wrote (for the divergence message)
         if stopped and is_main:
             if step > step0:
                 last_path = save("last")
             # else: stopped during start-up, nothing trained: the checkpoint on disk, if any, stands
             writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=None if last_path is None else str(last_path))
-            stop.consume()
+            with contextlib.suppress(OSError):
+                stop.consume()
         elif is_main:
             writer.emit(EventKind.FINISHED, step, path=str(last_path), best_dice=best_dice)
         if distributed:
@@ -955,8 +958,9 @@ def _stopped_before_training(run: RunFolder, resume: bool, writer: EventWriter, 
     step = (run.checkpoint_step() or 0) if resume else 0
     writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=None if last is None else str(last),
                 note="stopped during start-up, before the first step")
-    if _dist_info()[0] == 0:
-        stop.consume()
+    if _dist_info()[0] == 0:  # the only rank that writes
+        with contextlib.suppress(OSError):
+            stop.consume()
     if distributed:
         import torch.distributed as dist
 
