@@ -257,8 +257,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.runfolder import RunFolder
 
     out = Path(args.out)
-    check_not_input(out, {"--images": args.images, "--labels": args.labels, "--run": args.run,
-                          "--h5-root": args.h5_root, "--list": args.list})
+    inputs = {"--images": args.images, "--labels": args.labels, "--run": args.run, "--h5-root": args.h5_root,
+              "--list": args.list}
+    subfolders = [out] + ([out / "probability", out / "regions"] if args.regions else [])
+    for folder in subfolders:  # the subfolders too: one may be a link into an input
+        check_not_input(folder, inputs)
     which = args.checkpoint
     run = RunFolder(args.run)
     if which is None and run.path.is_dir() and run.config.exists():
@@ -293,7 +296,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which or "last", model=args.model)
     _note_largest_component(args.largest_component, predictor, quiet=args.quiet)
-    subfolders = [out] + ([out / "probability", out / "regions"] if args.regions else [])
     for folder in subfolders:
         try:
             folder.mkdir(parents=True, exist_ok=True)

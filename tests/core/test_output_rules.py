@@ -84,6 +84,7 @@ PREDICT_OUT = {
     "inside-run": ("run/checkpoints", "is inside the input --run"),
     "contains-the-inputs": (".", "contains the input --images"),
     "a-link-to-images": ("link", "is the input --images"),
+    "regions-linked-into-labels": ("pred", "pred/regions is the input --labels"),  # a link to the labels
 }
 
 
@@ -91,6 +92,8 @@ PREDICT_OUT = {
 def test_predict_never_writes_into_its_inputs(name, data, capsys):
     rel, needle = PREDICT_OUT[name]
     (data / "link").symlink_to(data / "images")
+    (data / "pred").mkdir()
+    (data / "pred" / "regions").symlink_to(data / "labels")
     before = _snapshot(data)
     code, err = _predict(capsys, data, data / rel, "--regions")
     _one_line(code, err)
