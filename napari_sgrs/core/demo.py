@@ -96,7 +96,7 @@ def make_demo_case(
     Returns:
         ``(image, label)``: int16 intensities and uint8 labels, both shaped (D, H, W).
     """
-    shape = _check_settings(kind, shape, n_classes)
+    shape = _check_settings(kind, shape, n_classes, seed)
     rng = np.random.default_rng([int(seed), _KIND_CODE[kind], int(index)])
     if kind == "blob":
         return _blob_case(rng, shape, n_classes)
@@ -151,7 +151,7 @@ def make_demo_cohort(
         InputError: ``out_dir`` already holds a cohort or volumes and ``overwrite`` is False,
             or holds files that sgrs did not write, or a damaged ``cohort.json``.
     """
-    shape = _check_settings(kind, shape, n_classes)
+    shape = _check_settings(kind, shape, n_classes, seed)
     spacing_t = tuple(float(s) for s in spacing)
     if len(spacing_t) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing_t):
         raise ConfigError(f"spacing {tuple(spacing)} must be 3 positive numbers (mm, D,H,W)")
@@ -479,7 +479,9 @@ def _unit(v: np.ndarray) -> np.ndarray:
 # --- settings and output -------------------------------------------------------------
 
 
-def _check_settings(kind: str, shape: Sequence[int], n_classes: int) -> tuple[int, int, int]:
+def _check_settings(kind: str, shape: Sequence[int], n_classes: int, seed: int) -> tuple[int, int, int]:
+    if not 0 <= int(seed) < 2**63:  # numpy's seed sequence takes non-negative integers
+        raise ConfigError(f"seed={seed} must be 0 or more")
     if kind not in DEMO_KINDS:
         raise ConfigError(f"demo kind {kind!r} is unknown; use one of {', '.join(DEMO_KINDS)}")
     shape_t = tuple(int(n) for n in shape)

@@ -163,9 +163,11 @@ class TrainConfig:
             raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.patch_size is not None:
             self.patch_size = check_patch(tuple(self.patch_size))
+        for name in ("batch_size", "labeled_batch_size"):  # as given, before one is derived from the other
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         self._resolve_batch()
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.unsup_weight < 0:
@@ -181,6 +183,9 @@ class TrainConfig:
                               f"got {self.ignore_index}")
         if self.normalization not in ("zscore", "ct", "none"):
             raise ConfigError(f"--normalization must be zscore, ct or none, got {self.normalization!r}")
+        if self.method != "supervised" and self.batch_size < 2:
+            raise ConfigError(f"--batch-size must be >= 2 for {self.method} (labeled and unlabeled patches), got "
+                              f"{self.batch_size}")
         if self.method != "supervised" and not 1 <= self.labeled_batch_size < self.batch_size:
             raise ConfigError(f"--labeled-batch-size must be between 1 and batch size - 1 "
                               f"({self.batch_size - 1}) so the batch holds unlabeled patches too, "

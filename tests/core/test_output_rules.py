@@ -271,6 +271,7 @@ def test_demo_data_overwrite_replaces_its_own_cohort(tmp_path, capsys):
     (["--cases", "100000"], "at most 1000"),
     (["--cases", "0"], "n_cases=0"),
     (["--classes", "7"], "n_classes=7"),
+    (["--seed", "-1"], "seed=-1"),
 ])
 def test_demo_data_bad_settings_are_one_line_before_anything_is_made(args, needle, tmp_path, capsys):
     code, err = _sgrs(capsys, "demo-data", tmp_path / "cohort", *args)
@@ -304,7 +305,9 @@ TRAIN_OPTIONS = [
     (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
     (["--method", "supervised", "--batch-size", "1"], "--batch-size 1 with patch [16, 16, 16]"),
     (["--labeled-batch-size", "1", "--batch-size", "3"], "--labeled-batch-size 1 with patch"),
-    (["--batch-size", "1"], "got 1"),
+    (["--batch-size", "1"], "--batch-size must be >= 2 for sgrs"),
+    (["--labeled-batch-size", "0"], "--labeled-batch-size must be >= 1, got 0"),
+    (["--tau", "nan"], "--tau must be a finite number, got nan"),
     (["--lr", "0"], "--lr must be > 0, got 0"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
     (["--num-classes", "1"], "--num-classes must be between 2 and 255"),
