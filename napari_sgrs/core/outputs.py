@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 from .errors import InputError, ResourceError, os_reason
 
 __all__ = ["MANIFEST_NAME", "WrittenFiles", "atomic_write_bytes", "check_json_output", "check_not_input",
-           "file_sha256", "remove_stale_temp_files"]
+           "file_sha256", "is_temp_of", "remove_stale_temp_files"]
 
 MANIFEST_NAME = ".sgrs-written.json"
 _MAX_JSON_BYTES = 64 << 20  # an sgrs manifest or evaluation is far smaller; larger is not ours
