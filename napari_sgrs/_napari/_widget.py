@@ -74,7 +74,8 @@ class SGRSTrainWidget(QWidget):
         self.regions: dict[str, np.ndarray] = {}
         self.queue = ReviewQueue()
         self.current_case: str | None = None
-        self._dirty: set[str] = set()        # cases edited since the last Accept / autosave
+        self._dirty: set[str] = set()        # cases with edits not yet accepted
+        self._journaled: dict[str, np.ndarray] = {}  # case -> the data its last autosave wrote
         self._watched: set[int] = set()
         self.last_event: dict[str, Any] = {}
         self._label_choice: dict[str, str] = {}
@@ -413,13 +414,18 @@ class SGRSTrainWidget(QWidget):
             layer = self.layer_for(entry.name, "pseudo") or self.layer_for(entry.name, "label")
             if layer is None:
                 continue
-            data = self.project.load_journal(entry.name)
+            try:
+                data = self.project.load_journal(entry.name)
+            except SGRSError as exc:  # one unreadable autosave must not hide the others
+                show_warning(str(exc))
+                continue
             if data.shape != layer.data.shape:
                 show_warning(f"autosaved edits of {entry.name} have shape {data.shape}, the layer "
                              f"{layer.data.shape}: not recovered")
                 continue
             layer.data = data.astype(layer.data.dtype)
             self._dirty.add(entry.name)
+            self._journaled[entry.name] = np.array(layer.data)
             recovered.append(entry.name)
         if recovered:
             show_info(f"recovered unaccepted edits of {', '.join(recovered)}")
@@ -791,6 +797,7 @@ class SGRSTrainWidget(QWidget):
             raise SGRSError("select a pseudo label layer to accept (press Next)")
         prov = self.project.accept(case, np.asarray(layer.data), geometry_of(layer), self.model_predictions.get(case))
         self._dirty.discard(case)
+        self._journaled.pop(case, None)
         layer.name = case + LABEL_SUFFIX
         layer.metadata = {**layer.metadata, "sgrs": {**layer_meta(layer), "role": "label"}}
         regions = self.layer_for(case, "regions")
@@ -834,7 +841,14 @@ class SGRSTrainWidget(QWidget):
             self._dirty.add(case_of(layer))
 
     def autosave(self) -> list[str]:
-        """Journal every edited label layer (QTimer, every few seconds; a few MB at most per case)."""
+        """Journal every edited label layer whose data changed since its last autosave.
+
+        Runs from a QTimer every ``AUTOSAVE_MS``, so a viewer killed at any moment loses at most
+        the edits of one interval (plus the write in progress: each write replaces the case's
+        journal file whole, so a kill mid-write keeps the previous autosave). The comparison
+        with the last saved copy, not the paint events, decides: undo and redo change the data
+        without a paint event.
+        """
         if self.project is None or not self._dirty:
             return []
         saved = []
@@ -842,12 +856,17 @@ class SGRSTrainWidget(QWidget):
             layer = self.layer_for(case, "pseudo") or self.layer_for(case, "label")
             if layer is None:
                 continue
+            data = np.asarray(layer.data)
+            last = self._journaled.get(case)
+            if last is not None and last.shape == data.shape and np.array_equal(last, data):
+                continue
             try:
-                self.project.save_journal(case, np.asarray(layer.data))
-                saved.append(case)
+                self.project.save_journal(case, data)
             except SGRSError as exc:
                 show_warning(f"autosave failed: {exc}")
                 return saved
+            self._journaled[case] = data.copy()
+            saved.append(case)
         return saved
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt name

@@ -9,7 +9,7 @@ layer and all of this is testable headless. Layout of a project folder::
     PROJECT/provenance/<case>.nii.gz  per voxel: 0 model-only, 1 accepted pseudo label, 2 human-drawn
     PROJECT/runs/run-NNN/         ``sgrs train --out`` run folders
     PROJECT/predictions/run-NNN-step-S/   ``sgrs predict --regions`` outputs for unlabeled cases
-    PROJECT/journal/<case>.npy    autosaved label edits not yet accepted (+ <case>.json)
+    PROJECT/journal/<case>.npz    autosaved label edits not yet accepted (array + case + time)
     PROJECT/exports/              default export folder
 
 Arrays are label volumes in axis order (D, H, W).
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -52,6 +53,7 @@ PROVENANCE_NAMES = {PROVENANCE_MODEL: "model_only", PROVENANCE_ACCEPTED: "accept
                     PROVENANCE_HUMAN: "human_drawn"}
 
 LABEL_SUFFIX = ".nii.gz"
+JOURNAL_SUFFIX = ".npz"      # one autosave file per case: the label array and its metadata
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -656,39 +658,66 @@ class Project:
         return {k: v for k, v in out.items() if v.exists()}
 
     # --- autosave journal
+    def journal_path(self, name: str) -> Path:
+        return self.journal_dir / f"{case_name(name)}{JOURNAL_SUFFIX}"
+
     def save_journal(self, name: str, array: np.ndarray) -> Path:
-        """Autosave an unaccepted label edit (atomic). Reopening the project offers it back."""
+        """Autosave an unaccepted label edit. Reopening the project offers it back.
+
+        One file holds the array and its case name and time, replaced whole (temp + fsync +
+        rename): a kill at any moment leaves the previous autosave or this one, never a torn
+        file, and never an array paired with another autosave's metadata.
+        """
+        array = np.asarray(array)
+        meta = json.dumps({"case": name, "time": time.time(), "shape": list(array.shape)}).encode("utf-8")
         buf = _stdio.BytesIO()
-        np.save(buf, np.asarray(array), allow_pickle=False)
-        path = self.journal_dir / f"{case_name(name)}.npy"
+        np.savez(buf, label=array, meta=np.frombuffer(meta, np.uint8))
+        path = self.journal_path(name)
         _atomic_write_bytes(path, buf.getvalue())
-        _atomic_write_json(path.with_suffix(".json"), {"case": name, "time": time.time(),
-                                                       "shape": list(np.shape(array))})
+        for legacy in (path.with_suffix(".npy"), path.with_suffix(".json")):
+            legacy.unlink(missing_ok=True)  # an older version's pair for this case is superseded
         return path
 
     def pending_journal(self) -> list[JournalEntry]:
-        """Autosaved edits not yet accepted, oldest first."""
-        out = []
+        """Autosaved edits not yet accepted, oldest first (an unreadable one is listed too, so
+        :meth:`load_journal` can name it rather than it vanishing silently)."""
+        out = {}
+        for path in sorted(self.journal_dir.glob(f"*{JOURNAL_SUFFIX}")):
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
+                out[path.stem] = JournalEntry(name=str(meta["case"]), time=float(meta["time"]), path=path)
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+                out[path.stem] = JournalEntry(name=path.stem, time=path.stat().st_mtime, path=path)
+        # An older version wrote <case>.npy + <case>.json; offer those edits back too.
         for npy in sorted(self.journal_dir.glob("*.npy")):
+            if npy.stem in out:
+                continue
             try:
                 meta = json.loads(npy.with_suffix(".json").read_text(encoding="utf-8"))
-                out.append(JournalEntry(name=str(meta.get("case", npy.stem)), time=float(meta.get("time", 0)), path=npy))
-            except (OSError, ValueError):
-                out.append(JournalEntry(name=npy.stem, time=npy.stat().st_mtime, path=npy))
-        return sorted(out, key=lambda e: e.time)
+                out[npy.stem] = JournalEntry(name=str(meta.get("case", npy.stem)),
+                                             time=float(meta.get("time", 0)), path=npy)
+            except (OSError, ValueError, AttributeError):
+                out[npy.stem] = JournalEntry(name=npy.stem, time=npy.stat().st_mtime, path=npy)
+        return sorted(out.values(), key=lambda e: e.time)
 
     def load_journal(self, name: str) -> np.ndarray:
-        path = self.journal_dir / f"{case_name(name)}.npy"
+        path = self.journal_path(name)
+        if not path.exists() and path.with_suffix(".npy").exists():
+            path = path.with_suffix(".npy")
         try:
-            return np.load(path, allow_pickle=False)  # never unpickle: the folder may travel
-        except (OSError, ValueError) as exc:
+            # never unpickle: the folder may travel
+            if path.suffix == ".npy":
+                return np.load(path, allow_pickle=False)
+            with np.load(path, allow_pickle=False) as npz:
+                return np.asarray(npz["label"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise InputError(f"cannot read autosaved edits {path}: {exc}; discard them") from exc
 
     def clear_journal(self, name: str) -> None:
-        for suffix in (".npy", ".json"):
-            path = self.journal_dir / f"{case_name(name)}{suffix}"
-            if path.exists():
-                path.unlink()
+        path = self.journal_path(name)
+        for p in (path, path.with_suffix(".npy"), path.with_suffix(".json")):
+            p.unlink(missing_ok=True)
 
     # --- export
     def segmentation(self, name: str) -> tuple[np.ndarray, np.ndarray, Any]:

@@ -123,11 +123,70 @@ def test_journal_recovery(tmp_path):
     assert np.array_equal(again.load_journal("c1"), edit)
     again.accept("c1", edit, GEOM, None)       # accepting clears the journal
     assert again.pending_journal() == []
-    # a tampered journal file is refused, never unpickled
-    (again.journal_dir / "evil.npy").parent.mkdir(exist_ok=True)
-    np.save(again.journal_dir / "evil.npy", np.array([object()], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError):
-        again.load_journal("evil")
+    # a tampered journal file is refused, never unpickled (the current one-file form and an
+    # older version's .npy)
+    again.journal_dir.mkdir(exist_ok=True)
+    np.savez(again.journal_dir / "evil.npz", label=np.array([object()], dtype=object))
+    np.save(again.journal_dir / "old.npy", np.array([object()], dtype=object), allow_pickle=True)
+    assert {e.name for e in again.pending_journal()} == {"evil", "old"}  # listed, so it can be named
+    for name in ("evil", "old"):
+        with pytest.raises(InputError, match=name):
+            again.load_journal(name)
+
+
+def test_journal_from_an_older_version_is_offered_back(tmp_path):
+    project = _project_with_cases(tmp_path)
+    edit = np.zeros((8, 8, 8), np.uint8); edit[4, 4, 4] = 1
+    project.journal_dir.mkdir()
+    np.save(project.journal_dir / "c1.npy", edit)
+    (project.journal_dir / "c1.json").write_text(json.dumps({"case": "c1", "time": 5.0}))
+    assert [(e.name, e.time) for e in project.pending_journal()] == [("c1", 5.0)]
+    assert np.array_equal(project.load_journal("c1"), edit)
+    project.save_journal("c1", edit + 1)           # the new form supersedes the old pair
+    assert sorted(p.name for p in project.journal_dir.iterdir()) == ["c1.npz"]
+    assert np.array_equal(project.load_journal("c1"), edit + 1)
+
+
+_SAVE_JOURNAL = """
+import sys, numpy as np
+from napari_sgrs.core.project import Project
+project = Project.open(sys.argv[1])
+edit = np.zeros((8, 8, 8), np.uint8); edit[:, 0, 0] = 2
+project.save_journal("c1", edit)
+"""
+
+
+def test_journal_survives_a_kill_during_an_autosave(tmp_path):
+    """The autosave journal is written as the panel writes it, by a process that is SIGKILLed
+    while the new file is complete but not yet renamed into place: the previous autosave is
+    read back whole, with its own case and time (one file, never a half pair)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    project = _project_with_cases(tmp_path)
+    first = np.zeros((8, 8, 8), np.uint8); first[1, 2, 3] = 1
+    project.save_journal("c1", first)
+    saved_at = project.pending_journal()[0].time
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), SGRS_TEST_SLOW_CHECKPOINT="60")
+    child = subprocess.Popen([sys.executable, "-c", _SAVE_JOURNAL, str(project.root)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(project.journal_dir.glob(".c1.npz.*.tmp")):
+            assert child.poll() is None and time.monotonic() < deadline, "the second autosave never started"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    again = Project.open(project.root)
+    pending = again.pending_journal()
+    assert [(e.name, e.time) for e in pending] == [("c1", saved_at)]
+    assert np.array_equal(again.load_journal("c1"), first)
 
 
 def test_export_with_sidecar(tmp_path):
