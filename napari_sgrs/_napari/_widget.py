@@ -24,8 +24,9 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import read_events
 from napari_sgrs.core.project import (IGNORE_INDEX, REGION_COLORS, REGION_NAMES, Job, Project,
-                                      ReviewQueue, TrainSettings, case_name, largest_region,
-                                      mark_unpainted_slices, predict_command, train_command)
+                                      ReviewQueue, TrainerProcess, TrainSettings, case_name,
+                                      largest_region, mark_unpainted_slices, predict_command,
+                                      train_command)
 
 from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
                       layer_data_from_volume, layer_meta, regions_colormap, sgrs_meta)
@@ -61,7 +62,7 @@ class SGRSTrainWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.project: Project | None = project
-        self.train_job: Job | None = None
+        self.train_job: Job | TrainerProcess | None = None
         self.predict_job: Job | None = None
         self._predict_step = 0
         self._pending_predict_step: int | None = None
@@ -342,7 +343,13 @@ class SGRSTrainWidget(QWidget):
     def _ask_new_project(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "New project folder (empty)")
         if folder:
-            self._guard(self.set_project, Project.create(folder))
+            self._guard(lambda: (self._check_can_switch(), self.set_project(Project.create(folder))))
+
+    def _check_can_switch(self) -> None:
+        """Another project may not replace this one while its processes would write into it."""
+        if self.project is not None and (self.busy or self.train_job is not None):
+            raise SGRSError(f"{self.project.root} is training or predicting: Stop it (or wait) before "
+                            f"opening another project")
 
     def _ask_open_project(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Open a napari-sgrs project folder")
@@ -350,7 +357,13 @@ class SGRSTrainWidget(QWidget):
             self._guard(self.open_project, folder)
 
     def set_project(self, project: Project) -> None:
+        """Make ``project`` the panel's; the previous one's folder lock is released."""
+        if self.project is not None and self.project is not project:
+            self.project.close()
         self.project = project
+        # The lock goes with the panel: a viewer closed inside a running Python session (IPython,
+        # Jupyter) must not keep its project from being opened again in the next viewer.
+        self.destroyed.connect(project.close)
         self.project_label.setText(str(project.root))
         self._update_buttons()
 
@@ -368,8 +381,12 @@ class SGRSTrainWidget(QWidget):
         without asking)."""
         from napari_sgrs.core.io import read_volume
 
+        self._check_can_switch()
+        if self.project is not None and Path(folder).resolve() == self.project.root.resolve():
+            self.project.close()  # opening the panel's own project again: its lock is ours to pass on
         project = Project.open(folder)
         self.set_project(project)
+        self.last_event = {}
         for entry in project.images:
             if self.layer_for(entry.name, "image") is None:
                 self._add(layer_data_from_volume(read_volume(project.image_path(entry.name)), "image",
@@ -397,15 +414,28 @@ class SGRSTrainWidget(QWidget):
             if recover:
                 self.recover_journal()
         self.refresh_table()
+        if self.train_job is None and project.current_run is not None:
+            self._find_trainer(project.current_run)
         self._update_buttons()
-        if self.train_job is None and project.current_run is not None and self._run_is_live():
-            self.poll_timer.start()  # a trainer still running from the last session: follow it
         return project
 
-    def _run_is_live(self) -> bool:
-        kinds = [self.last_event.get("kind")]
-        return kinds[0] in ("started", "progress", "validation", "regions", "checkpoint") and \
-            time.time() - float(self.last_event.get("time", 0)) < 60
+    def _find_trainer(self, run: Path) -> None:
+        """On reopening: follow the run's trainer if it still runs (a viewer closed or killed
+        leaves it training, see TrainerProcess), else offer Resume if it ended unfinished."""
+        holder = self.project.run_holder(run)
+        if holder is not None:
+            self.train_job = TrainerProcess(run, holder)
+            self.status_label.setText(f"{run.name} is training (pid {holder.get('pid', '?')}, started "
+                                      f"{holder.get('started', 'earlier')}): following it; Stop stops it")
+            self.poll_timer.start()
+            return
+        if self.last_event.get("kind") in ("finished", None) or self.project.last_checkpoint(run) is None:
+            return
+        step = self.project.last_step(run)
+        message = (f"{run.name} is not running and did not finish; Resume continues it from its last "
+                   f"checkpoint (step {step})")
+        self.status_label.setText(message)
+        show_info(message)
 
     def recover_journal(self) -> list[str]:
         """Put autosaved edits back into their layers (they stay unaccepted and keep autosaving)."""
@@ -536,6 +566,7 @@ class SGRSTrainWidget(QWidget):
 
     def _launch(self, run: Path, resume: bool, settings: TrainSettings) -> Path:
         project = self.project
+        project.check_run_free(run)  # e.g. `sgrs train --resume` from a terminal trains there now
         cmd = train_command(project.images_dir, project.labels_dir, run, settings, resume=resume)
         events = Path(run) / "events.jsonl"
         self._events_offset = events.stat().st_size if (resume and events.exists()) else 0
@@ -543,7 +574,8 @@ class SGRSTrainWidget(QWidget):
             self.plot.clear_data()
         self._error_shown = False
         self._total = int(settings.iterations)
-        self.train_job = Job(cmd, Path(run) / "train.log", stop_file=Path(run) / "STOP")
+        # detached: the run outlives the viewer, and reopening the project finds it (TrainerProcess)
+        self.train_job = Job(cmd, Path(run) / "train.log", stop_file=Path(run) / "STOP", detach=True)
         self.status_label.setText(f"starting {'resumed ' if resume else ''}training ({settings.method}) ...")
         self.poll_timer.start()
         self._update_buttons()
@@ -570,6 +602,8 @@ class SGRSTrainWidget(QWidget):
         self.poll_timer.stop()
         self.autosave()
         self._loader.shutdown(wait=True)
+        if self.project is not None:
+            self.project.close()
 
     # ------------------------------------------------------------------ polling (QTimer, never blocks)
     def poll(self) -> None:

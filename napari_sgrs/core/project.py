@@ -315,7 +315,7 @@ class Job:
     """
 
     def __init__(self, cmd: Sequence[str], log_path: Path, stop_file: Path | None = None,
-                 env: dict[str, str] | None = None, cwd: Path | None = None):
+                 env: dict[str, str] | None = None, cwd: Path | None = None, detach: bool = False):
         self.cmd = list(cmd)
         self.log_path = Path(log_path)
         self.stop_file = Path(stop_file) if stop_file is not None else None
@@ -326,8 +326,11 @@ class Job:
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "ab")
+        # detach: a session of its own, so no signal meant for the viewer (Ctrl-C in its terminal,
+        # the terminal closing) reaches the child; see TrainerProcess for why a trainer outlives it.
         self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=full_env, cwd=cwd)
+                                        stdin=subprocess.DEVNULL, env=full_env, cwd=cwd,
+                                        start_new_session=detach)
         self.started = time.monotonic()
         self.stop_requested_at: float | None = None
         self._terminated_at: float | None = None
@@ -392,6 +395,102 @@ class Job:
         return lines[-1] if lines else f"process exited with code {self.process.returncode}"
 
 
+class TrainerProcess:
+    """A trainer the panel did not start in this session, found through the lock it holds on its
+    run folder: the panel follows and stops it as it would its own :class:`Job`.
+
+    Why a trainer outlives the viewer that started it, rather than being stopped with it: a run
+    can take hours of GPU time and needs nothing from the viewer (its checkpoints, events and
+    log are files in the run folder), and a viewer that is killed cannot stop anything cleanly
+    anyway. So the panel starts it detached (:class:`Job` ``detach``); reopening the project
+    finds it by its run-folder lock, follows its ``events.jsonl``, and Stop touches its STOP
+    file. When no process holds the run any more, the panel offers Resume from the last
+    checkpoint instead.
+    """
+
+    def __init__(self, run_dir: Path, holder: dict):
+        self.run_dir = Path(run_dir)
+        self.holder = dict(holder)
+        self.stop_file = self.run_dir / "STOP"
+        self.stop_requested_at: float | None = None
+        self._terminated_at: float | None = None
+        self._code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.holder.get("pid")
+        return pid if type(pid) is int else None
+
+    def poll(self) -> int | None:
+        """None while a process holds the run; then 0 if its last event says it finished or
+        stopped, 1 if it failed or vanished without a word (killed)."""
+        if self._code is None and Project.run_holder(self.run_dir) is None:
+            last = self._last_event()
+            self._code = 0 if last.get("kind") in ("finished", "stopped") else 1
+        return self._code
+
+    @property
+    def running(self) -> bool:
+        return self.poll() is None
+
+    def request_stop(self) -> None:
+        """The trainer checkpoints, writes a ``stopped`` event and exits when it sees STOP."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        self.stop_file.touch()
+
+    def enforce_stop(self, grace_s: float = 30.0) -> None:
+        """As :meth:`Job.enforce_stop`, for a trainer on this host only (a pid elsewhere means
+        nothing here): SIGTERM after ``grace_s`` (it still checkpoints), SIGKILL ``grace_s`` later."""
+        if self.stop_requested_at is None or not self.running:
+            return
+        now = time.monotonic()
+        if self._terminated_at is None and now - self.stop_requested_at > grace_s:
+            self._terminated_at = now
+            self._signal(signal.SIGTERM)
+        elif self._terminated_at is not None and now - self._terminated_at > grace_s:
+            self._signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        if self.running:
+            self._terminated_at = time.monotonic()
+            self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.running:
+            self._signal(signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while self.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def _signal(self, sig: int) -> None:
+        import socket
+
+        holder = Project.run_holder(self.run_dir)
+        # Only the process that holds the run now, and only on this host: a pid from an old
+        # lock file may belong to anything by now.
+        if holder is None or holder.get("pid") != self.pid or self.pid is None \
+                or holder.get("host") != socket.gethostname():
+            return
+        try:
+            os.kill(self.pid, sig)
+        except OSError:
+            pass
+
+    def _last_event(self) -> dict:
+        from .events import read_events
+
+        events, _ = read_events(self.run_dir / "events.jsonl")
+        return events[-1] if events else {}
+
+    def error_message(self) -> str:
+        last = self._last_event()
+        if last.get("kind") == "error":
+            return str(last.get("message", "unknown error"))
+        return (f"the trainer of {self.run_dir.name} (pid {self.pid}) ended without finishing, "
+                f"after step {int(last.get('step', 0))}: it was killed; Resume continues from the last checkpoint")
+
+
 # --------------------------------------------------------------------------- the project
 @dataclass
 class ImageEntry:
@@ -410,23 +509,51 @@ class JournalEntry:
 
 class Project:
     """A project folder (see module docstring). All writes are atomic; ``project.json`` is rewritten
-    after every change so closing napari at any moment loses nothing."""
+    after every change so closing napari at any moment loses nothing.
 
-    def __init__(self, root: Path, data: dict[str, Any]):
+    A Project object holds the folder's lock (``PROJECT/.sgrs.lock``, see ``core/lockfile.py``)
+    from :meth:`create` / :meth:`open` until :meth:`close`: a second Project on the same folder,
+    in this process or another viewer, is refused with a message naming the holder. Refused,
+    not opened read-only: a read-only panel would still show editable label layers and buttons,
+    and edits made there could be neither autosaved nor accepted, the silent loss this lock is
+    for. The operating system drops the lock when its process ends, so a killed viewer never
+    keeps its project from being reopened.
+    """
+
+    LOCK_WHAT = "napari-sgrs project"
+    LOCK_HINT = "close the project in the viewer that has it open"
+
+    def __init__(self, root: Path, data: dict[str, Any], lock: Any = None):
         self.root = Path(root)
         self.data = data
+        self._lock = lock
 
     # --- create / open
+    @classmethod
+    def _acquire(cls, root: Path):
+        from .checkpoint import remove_stale_temp_files
+        from .lockfile import FolderLock
+
+        lock = FolderLock(root, what=cls.LOCK_WHAT, stop_hint=cls.LOCK_HINT).acquire()
+        # No other writer can be here now: the temp files are what a killed one left mid-write.
+        for folder in (root, root / "journal"):
+            remove_stale_temp_files(folder)
+        return lock
+
     @classmethod
     def create(cls, root: str | os.PathLike) -> "Project":
         root = Path(root)
         if (root / PROJECT_FILE).exists():
             return cls.open(root)
-        root.mkdir(parents=True, exist_ok=True)
+        lock = cls._acquire(root)
         project = cls(root, {"version": PROJECT_VERSION, "created": time.time(), "images": [],
                              "labels_dir": "labels", "corrections": [], "runs": [],
-                             "prediction": None, "settings": asdict(TrainSettings())})
-        project.save()
+                             "prediction": None, "settings": asdict(TrainSettings())}, lock)
+        try:
+            project.save()
+        except BaseException:
+            project.close()
+            raise
         return project
 
     @classmethod
@@ -435,13 +562,30 @@ class Project:
         path = root / PROJECT_FILE
         if not path.is_file():
             raise InputError(f"{root} is not a napari-sgrs project (no {PROJECT_FILE}); create one with New project")
+        lock = cls._acquire(root)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {path}: {exc}; restore it from a backup") from exc
-        if not isinstance(data, dict) or "images" not in data:
-            raise InputError(f"{path} is not a napari-sgrs project file")
-        return cls(root, data)
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"cannot read {path}: {exc}; restore it from a backup") from exc
+            if not isinstance(data, dict) or "images" not in data:
+                raise InputError(f"{path} is not a napari-sgrs project file")
+        except BaseException:
+            lock.release()
+            raise
+        return cls(root, data, lock)
+
+    def close(self) -> None:
+        """Release the folder's lock (another viewer may open it then); the object is done."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "Project":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def save(self) -> None:
         _atomic_write_json(self.root / PROJECT_FILE, self.data)
@@ -583,9 +727,18 @@ class Project:
         return None if name is None else self.runs_dir / name
 
     def new_run(self, settings: TrainSettings) -> Path:
-        name = f"run-{len(self.data['runs']) + 1:03d}"
-        run = self.runs_dir / name
-        run.mkdir(parents=True, exist_ok=True)
+        """A new, empty run folder ``runs/run-NNN`` (a name no folder has yet, so a run made by
+        anyone else, e.g. ``sgrs train --out`` by hand, is never trained into)."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        number = len(self.data["runs"]) + 1
+        while True:
+            name = f"run-{number:03d}"
+            run = self.runs_dir / name
+            try:
+                run.mkdir()
+                break
+            except FileExistsError:
+                number += 1
         self.data["runs"].append({"name": name, "created": time.time(), "settings": asdict(settings)})
         self.data["settings"] = asdict(settings)
         self.save()
@@ -593,6 +746,22 @@ class Project:
 
     def settings(self) -> TrainSettings:
         return TrainSettings.from_dict(self.data.get("settings") or {})
+
+    @staticmethod
+    def run_holder(run: Path) -> dict | None:
+        """Who trains in ``run`` now (pid, host, since... from its lock), or None: nobody."""
+        from .lockfile import read_holder
+
+        return read_holder(run)
+
+    def check_run_free(self, run: Path) -> None:
+        """Raise LockedError (naming the holder) if another process trains in ``run``."""
+        from .errors import LockedError
+        from .lockfile import holder_message
+
+        holder = self.run_holder(run)
+        if holder is not None:
+            raise LockedError(holder_message(run, holder), holder)
 
     def last_checkpoint(self, run: Path | None = None) -> Path | None:
         run = run or self.current_run
