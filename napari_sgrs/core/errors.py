@@ -33,3 +33,20 @@ class ResourceError(SGRSError):
 
 class TrainingDiverged(SGRSError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class LockedError(ConfigError):
+    """A folder is in use by another sgrs process (its lock is held); ``holder`` says by whom."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder
+
+
+def os_reason(exc: OSError) -> str:
+    """A few words for why a file operation failed, for a one-line message."""
+    import errno
+
+    return {errno.ENOSPC: "the disk is full", errno.EROFS: "the disk is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EDQUOT: "the disk quota is exceeded"}.get(exc.errno, exc.strerror or str(exc))
