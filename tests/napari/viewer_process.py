@@ -3,9 +3,10 @@
     python viewer_process.py paint PROJECT LOG [--slow-after K]
         Makes a project with one case, opens it in the panel and paints one voxel of the
         case's label layer every PAINT_S seconds with the brush (edit k gives voxel k the value
-        k); each edit is logged as "k <unix time>" once it is in the layer. With --slow-after,
-        every atomic write after edit K is held open (SGRS_TEST_SLOW_CHECKPOINT), so the next
-        autosave stays in progress until the process is killed.
+        k); each edit is logged as "edit k <unix time>" once it is in the layer, and each of the
+        panel's autosaves as "autosaved <cases> <unix time>" once it returned. With --slow-after K,
+        every atomic write after the K-th autosave that wrote is held open
+        (SGRS_TEST_SLOW_CHECKPOINT), so the next one stays in progress until the process is killed.
     python viewer_process.py train PROJECT LOG IMAGES LABELS
         Loads the folders as layers and presses Start (tiny CPU settings, a checkpoint every
         CHECKPOINT_EVERY steps, far more steps than the test waits for); logs "started <pid>".
@@ -72,17 +73,25 @@ def main() -> int:
         widget.open_project(args.project, recover=False)
         layer = widget.layer_for("c0", "label")
         layer.brush_size = 1
-        state = {"k": 0}
+        state = {"k": 0, "saves": 0}
+
+        def autosave() -> None:  # the panel's own autosave, logged when it has returned
+            saved = widget.autosave()
+            _log(args.log, f"autosaved {','.join(saved)} {time.time():.3f}")
+            state["saves"] += bool(saved)
+            if args.slow_after and state["saves"] >= args.slow_after:
+                os.environ["SGRS_TEST_SLOW_CHECKPOINT"] = "600"
+
+        widget.autosave_timer.timeout.disconnect()
+        widget.autosave_timer.timeout.connect(autosave)
 
         def paint() -> None:
             state["k"] += 1
             k = state["k"]
-            if args.slow_after and k > args.slow_after:
-                os.environ["SGRS_TEST_SLOW_CHECKPOINT"] = "600"
             layer.selected_label = k
             layer.paint(edit_voxel(k), k)
             assert layer.data[edit_voxel(k)] == k, "the brush did not paint the voxel"
-            _log(args.log, f"{k} {time.time():.3f}")
+            _log(args.log, f"edit {k} {time.time():.3f}")
 
         timer = QTimer()
         timer.setInterval(int(PAINT_S * 1000))
