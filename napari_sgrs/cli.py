@@ -6,13 +6,44 @@ User errors (``SGRSError``) print ``error: <one line>`` and exit with code 2, no
 from __future__ import annotations
 
 import argparse
-import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .core.errors import ConfigError, InputError, ResourceError, SGRSError
 
 EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line, ``error: ...``, exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _overlap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -167,28 +198,42 @@ def _cases_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .core.train import train
+    from .core.outputs import check_not_input
+    from .core.runfolder import RunFolder
 
+    run = RunFolder(args.out)
+    # every check that needs no engine comes first, so a refusal is quick and writes nothing
+    check_not_input(args.out, {"--images": args.images, "--labels": args.labels, "--h5-root": args.h5_root})
+    run.check_output(args.resume)
     cfg = _config_from_args(args)
-    if args.resume and (args.out / "config.json").exists():
+    if args.resume:
         _inherit_run_settings(cfg, args)
+    cfg.validate()
+    from .core.train import train  # the slow import (torch); SIGTERM meanwhile: see main()
+
     cases = _cases_from_args(args)
     result = train(cfg, cases, args.out, resume=args.resume, progress_bar=not args.quiet,
                    listeners=[_print_notes])
     state = "stopped" if result.stopped else "finished"
     best = "" if result.best_dice is None else f", best validation Dice {result.best_dice:.4f}"
-    print(f"{state} at step {result.step}{best}; checkpoint {result.last_checkpoint}")
+    saved = "no checkpoint yet" if result.last_checkpoint is None else f"checkpoint {result.last_checkpoint}"
+    print(f"{state} at step {result.step}{best}; {saved}")
     return 0
 
 
 def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     """On --resume, settings the user did not repeat come from the run's config.json."""
+    from .core.runfolder import RunFolder
     from .core.train import TrainConfig
 
+    run = RunFolder(args.out)
+    if not run.config.exists():
+        return  # the checkpoint holds what must match; the command line gives the rest
     try:
-        saved = TrainConfig.from_json(json.loads((args.out / "config.json").read_text(encoding="utf-8"))["config"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{args.out / 'config.json'}: unreadable run settings ({exc}); cannot resume") from exc
+        saved = TrainConfig.from_json(run.read_config()).validate()
+    except (ConfigError, TypeError) as exc:
+        raise InputError(f"{run.config}: the saved run settings are invalid ({exc}); restore the file or start "
+                         f"a new run") from exc
     given = {a.replace("-", "_") for a in _given_options(getattr(args, "argv", sys.argv[1:]))}
     for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
                  "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
@@ -204,17 +249,20 @@ def _given_options(argv: list[str]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .core.infer import Predictor
     from .core.io import find_cases, read_volume, write_volume
-    from .core.memory import check_inference_memory
+    from .core.outputs import WrittenFiles, check_not_input
+    from .core.runfolder import RunFolder
 
-    run_cfg = {}
-    cfg_path = Path(args.run) / "config.json"
-    if cfg_path.exists():
-        run_cfg = json.loads(cfg_path.read_text(encoding="utf-8")).get("config", {})
-    which = args.checkpoint or run_cfg.get("select", "last")
-    predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which, model=args.model)
-    _note_largest_component(args.largest_component, predictor, quiet=args.quiet)
+    out = Path(args.out)
+    check_not_input(out, {"--images": args.images, "--labels": args.labels, "--run": args.run,
+                          "--h5-root": args.h5_root, "--list": args.list})
+    which = args.checkpoint
+    run = RunFolder(args.run)
+    if which is None and run.path.is_dir() and run.config.exists():
+        which = run.read_config().get("select", "last")
+        if which not in RunFolder.CHECKPOINT_KINDS:
+            raise InputError(f"{run.config}: \"select\" must be \"last\" or \"best\", got {which!r}; restore the "
+                             f"file or pass --checkpoint last")
     if args.h5_root is not None:
         from .core.io import read_h5_benchmark
 
@@ -228,13 +276,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     labeled_names = set()
     if args.labels is not None and args.images is not None:
         labeled_names = {c.name for c in find_cases(args.images, args.labels) if c.label is not None}
-    out = Path(args.out)
+    # every output path is known, and checked, before anything is predicted or written
+    targets = {}
+    for case in cases:
+        name = _output_name(case)
+        targets[case.name] = [out / name] + ([out / "probability" / name, out / "regions" / name]
+                                             if args.regions and case.name not in labeled_names else [])
+    written = WrittenFiles(out, by="sgrs predict")
+    written.check([t for paths in targets.values() for t in paths])
+
+    from .core.infer import Predictor
+    from .core.memory import check_inference_memory
+
+    predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which or "last", model=args.model)
+    _note_largest_component(args.largest_component, predictor, quiet=args.quiet)
     subfolders = [out] + ([out / "probability", out / "regions"] if args.regions else [])
     for folder in subfolders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ResourceError(f"cannot create output folder {folder}: {exc.strerror}; choose a writable --out") from exc
+    written.expect([t for paths in targets.values() for t in paths])
     from tqdm import tqdm
 
     for case in tqdm(cases, desc="predict", unit="volume", disable=args.quiet):
@@ -245,11 +307,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                sw_batch_size=args.sw_batch_size, name=str(case.image))
         pred = predictor.predict(vol.array, regions=want_regions, overlap=args.overlap,
                                  batch_size=args.sw_batch_size, largest_component=args.largest_component)
-        name = f"{case.name}.nii.gz" if args.h5_root is not None else _output_name(case.image)
-        write_volume(out / name, pred.label, vol.geometry)
-        if want_regions:
-            write_volume(out / "probability" / name, pred.probability, vol.geometry)
-            write_volume(out / "regions" / name, pred.regions, vol.geometry)
+        arrays = [pred.label] + ([pred.probability, pred.regions] if want_regions else [])
+        for path, array in zip(targets[case.name], arrays):
+            write_volume(path, array, vol.geometry)
+        written.record(targets[case.name])
     print(f"wrote {len(cases)} label volume(s) to {out}" + (" with probability/ and regions/" if args.regions else ""))
     return 0
 
@@ -279,19 +340,29 @@ def _note_largest_component(mode: str, predictor, quiet: bool) -> None:
               "nothing is post-processed", file=sys.stderr)
 
 
-def _output_name(image_path: Path) -> str:
-    """The input's file name; DICOM folders and h5 files become NIfTI (.nii.gz)."""
-    p = Path(image_path)
-    if p.is_dir():
-        return p.name + ".nii.gz"
-    if p.suffix.lower() in (".h5", ".hdf5", ".dcm"):
-        return p.stem + ".nii.gz"
-    return p.name
+#: Input formats whose predictions keep the input's file name; every other input (.nhdr, .mhd,
+#: h5, DICOM) gets ``<case>.nii.gz``, a single file with the input's geometry, so no header
+#: companion (.raw, a detached NRRD payload) is ever written or overwritten.
+KEEP_NAME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _output_name(case) -> str:
+    """The file name of a case's prediction: the input's own name for NIfTI, .nrrd and .mha, else
+    ``<case>.nii.gz``."""
+    p = Path(case.image)
+    if p.is_file() and p.name.lower().endswith(KEEP_NAME_SUFFIXES):
+        return p.name
+    return f"{case.name}.nii.gz"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .core.metrics import evaluate_folders
 
+    if args.json is not None:
+        from .core.outputs import check_json_output
+
+        check_json_output(args.json, {"--pred": args.pred, "--labels": args.labels, "--h5-root": args.h5_root,
+                                      "--list": args.list})
     if args.h5_root is not None:
         return _evaluate_h5(args)
     if args.labels is None:
@@ -335,23 +406,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .core.demo import make_demo_cohort
     from .core.io import find_cases
     from .core.metrics import evaluate_folders
+    from .core.outputs import check_json_output
+    from .core.runfolder import RunFolder
     from .core.train import TrainConfig, train
 
     root = Path(args.dir)
+    if root.is_dir():
+        check_json_output(root / "evaluation.json", {})
     cohort = make_demo_cohort(root / "data", kind="blob", n_cases=8, n_labeled=4, n_test=4,
                               shape=(48, 48, 48), seed=args.seed, overwrite=True)
-    run = root / "run"
-    if run.exists():
-        import shutil
-
-        shutil.rmtree(run)
+    run = RunFolder(root / "run")
+    if run.path.exists():
+        # an earlier demo's run is replaced; anything that is not an sgrs run is left alone
+        if not run.is_run():
+            raise InputError(f"{run.path} exists and is not an sgrs run; move it away or choose another demo "
+                             f"folder (nothing was changed)")
+        with run.lock(what="sgrs demo"):
+            run.clear()
     cfg = TrainConfig(method="sgrs", iterations=args.iterations, patch_size=(32, 32, 32), base_filters=8,
                       seed=args.seed, device=args.device)
     print(f"training SGRS-Net for {cfg.iterations} steps on {len(cohort.labeled_names)} labeled + "
           f"{len(cohort.unlabeled_names)} unlabeled demo volumes ...")
-    train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run, progress_bar=True)
+    train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run.path, progress_bar=True)
     # Parsed, not built by hand: every predict option gets its command-line default.
-    ns = build_parser().parse_args(["predict", "--run", str(run), "--images", str(cohort.images_ts),
+    ns = build_parser().parse_args(["predict", "--run", str(run.path), "--images", str(cohort.images_ts),
                                     "--out", str(root / "pred_test"), "--device", args.device])
     cmd_predict(ns)
     ns_unl = argparse.Namespace(**{**vars(ns), "images": cohort.images_tr, "labels": cohort.labels_tr,
@@ -365,7 +443,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sgrs", description="SGRS-Net semi-supervised 3D segmentation")
+    parser = _Parser(prog="sgrs", description="SGRS-Net semi-supervised 3D segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train SGRS-Net (or mean-teacher / supervised) into a run folder")
@@ -386,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", choices=["last", "best"], default=None)
     p.add_argument("--model", choices=["student", "teacher"], default="student")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--sw-batch-size", type=_int_at_least(1), default=4, help="windows per forward pass")
     p.add_argument("--largest-component", choices=["off", "auto", "on"], default="off",
                    help="keep only the largest connected component of a class in the label volume; auto: the "
                         "classes that are one component in every labeled training volume; on: every class")
@@ -427,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what --resume calls 'given'
+    # Until the trainer installs its own handlers (right after it locks the run), SIGTERM is an
+    # interrupt like Ctrl-C: one line and exit 130 instead of a silent kill or a traceback.
+    on_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         return int(args.func(args) or 0)
     except SGRSError as exc:
@@ -435,6 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

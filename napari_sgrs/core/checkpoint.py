@@ -11,11 +11,9 @@ never unpickled freely: a ``.pt``/``.pth`` import goes through
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,10 @@ import torch
 
 from .errors import CheckpointError, ResourceError
 
+# the one atomic writer (torch-free, shared with the CLI's output rules); re-exported here for callers
+from .outputs import atomic_write_bytes, file_sha256, remove_stale_temp_files  # noqa: E402,F401
+
 FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -39,73 +38,6 @@ class Checkpoint:
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         p = prefix + "."
         return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename. Raises ResourceError on a full
-    or read-only disk and leaves any previous file at ``path`` untouched."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is meant to be shared
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _pause_for_fault_tests()
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the disk is read-only",
-               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(
-                   exc.errno, exc.strerror or str(exc))
-        raise ResourceError(f"cannot write {path}: {why}; free space or choose another output folder "
-                            f"(the previous file there, if any, is unchanged)") from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _pause_for_fault_tests() -> None:
-    # Test hook: SGRS_TEST_SLOW_CHECKPOINT=<seconds> holds every atomic write between its
-    # complete temp file and the rename, so tests/core/test_faults.py can kill -9 mid-write.
-    delay = os.environ.get("SGRS_TEST_SLOW_CHECKPOINT")
-    if delay:
-        import time
-
-        time.sleep(float(delay))
-
-
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete the ``.<name>.*.tmp`` files that a killed writer left in ``folder`` (never a
-    checkpoint: those are only ever renamed into place whole). Call it when no writer runs."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except OSError:
-            pass
-    return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
@@ -207,11 +139,3 @@ def _load_pickle_weights_only(path: Path, digest: str) -> Checkpoint:
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
     tensors = {k if k.startswith(("student.", "teacher.")) else "student." + k: v for k, v in obj.items()}
     return Checkpoint(tensors=tensors, meta={}, path=path, sha256=digest)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

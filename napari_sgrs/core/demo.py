@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from napari_sgrs.core.errors import ConfigError, InputError
+from napari_sgrs.core.errors import ConfigError, InputError, ResourceError, os_reason
+from napari_sgrs.core.outputs import WrittenFiles, atomic_write_bytes
 from napari_sgrs.core.postprocess import largest_component
 
 __all__ = ["DEMO_KINDS", "DemoCohort", "make_demo_case", "make_demo_cohort", "partial_label"]
@@ -36,6 +37,8 @@ __all__ = ["DEMO_KINDS", "DemoCohort", "make_demo_case", "make_demo_cohort", "pa
 DEMO_KINDS: tuple[str, ...] = ("blob", "vessel")
 _KIND_CODE = {"blob": 1, "vessel": 2}
 _SUFFIX = ".nii.gz"
+MAX_DEMO_VOXELS = 256**3  # per volume; 48^3 is the default
+MAX_DEMO_CASES = 1000
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ def make_demo_cohort(
         out_dir/imagesTs/<name>.nii.gz   n_test held-out images
         out_dir/labelsTs/<name>.nii.gz   their labels
         out_dir/cohort.json              kind, seed, shape, spacing, origin, names
+        out_dir/.sgrs-written.json       the files written, with their sha256 (what --overwrite may remove)
 
     Case names are ``<kind>_000``, ``<kind>_001``, ...; test cases continue the numbering.
     Every volume has the given anisotropic ``spacing`` (mm, axis order D, H, W), a
@@ -138,12 +142,14 @@ def make_demo_cohort(
         spacing: voxel size (D, H, W) in mm.
         seed: the same seed gives identical arrays.
         n_classes: 2, or 3 for ``kind="blob"``.
-        overwrite: allow writing into a folder that already holds a cohort; the volumes
-            listed in its ``cohort.json`` are removed first.
+        overwrite: allow writing into a folder that already holds a cohort; its files are
+            removed first, and only if sgrs demo-data wrote every one of them (they are listed
+            with their sha256 in ``out_dir/.sgrs-written.json``) and none was changed since.
 
     Raises:
         ConfigError: an invalid setting (kind, counts, shape, spacing, n_classes).
-        InputError: ``out_dir`` already holds a cohort or volumes and ``overwrite`` is False.
+        InputError: ``out_dir`` already holds a cohort or volumes and ``overwrite`` is False,
+            or holds files that sgrs did not write, or a damaged ``cohort.json``.
     """
     shape = _check_settings(kind, shape, n_classes)
     spacing_t = tuple(float(s) for s in spacing)
@@ -159,11 +165,20 @@ def make_demo_cohort(
         raise ConfigError(f"n_test={n_test} must be 0 or more")
     n_cases, n_labeled, n_test = int(n_cases), int(n_labeled), int(n_test)
 
+    if n_cases + n_test > MAX_DEMO_CASES:
+        raise ConfigError(f"n_cases + n_test = {n_cases + n_test}: a demo cohort holds at most {MAX_DEMO_CASES} "
+                          f"volumes")
+
     root = Path(out_dir)
     folders = {k: root / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
-    _prepare_output(root, folders.values(), overwrite)
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
+    written = WrittenFiles(root, by="sgrs demo-data")
+    _prepare_output(root, folders.values(), overwrite, written)
+    try:
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResourceError(f"cannot create {exc.filename or root}: {os_reason(exc)}; choose a writable folder") \
+            from exc
 
     # Centre the volume near the world origin, then shift, so the origin is never zero.
     shifts = (12.5, -7.25, 3.0)
@@ -172,16 +187,20 @@ def make_demo_cohort(
     )
     names = [f"{kind}_{i:03d}" for i in range(n_cases + n_test)]
     train_names, test_names = names[:n_cases], names[n_cases:]
+    targets = {}
     for index, name in enumerate(names):
-        image, label = make_demo_case(
-            kind, shape=shape, seed=seed, index=index, n_classes=n_classes
-        )
         is_test = index >= n_cases
-        image_dir = folders["imagesTs" if is_test else "imagesTr"]
-        _write(image_dir / f"{name}{_SUFFIX}", image, spacing_t, origin)
+        targets[name] = [folders["imagesTs" if is_test else "imagesTr"] / f"{name}{_SUFFIX}"]
         if is_test or index < n_labeled:
-            label_dir = folders["labelsTs" if is_test else "labelsTr"]
-            _write(label_dir / f"{name}{_SUFFIX}", label, spacing_t, origin)
+            targets[name].append(folders["labelsTs" if is_test else "labelsTr"] / f"{name}{_SUFFIX}")
+    every = [p for paths in targets.values() for p in paths] + [root / "cohort.json"]
+    written.check(every, choose="an empty folder")
+    written.expect(every)
+    for index, name in enumerate(names):
+        arrays = make_demo_case(kind, shape=shape, seed=seed, index=index, n_classes=n_classes)
+        for path, array in zip(targets[name], arrays):
+            _write(path, array, spacing_t, origin)
+        written.record(targets[name])
 
     cohort = DemoCohort(
         root=root,
@@ -214,7 +233,8 @@ def make_demo_cohort(
         "unlabeled_names": list(cohort.unlabeled_names),
         "test_names": list(cohort.test_names),
     }
-    cohort.json_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_bytes(cohort.json_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    written.record([cohort.json_path])
     return cohort
 
 
@@ -465,6 +485,9 @@ def _check_settings(kind: str, shape: Sequence[int], n_classes: int) -> tuple[in
     shape_t = tuple(int(n) for n in shape)
     if len(shape_t) != 3 or min(shape_t) < 16:
         raise ConfigError(f"shape {tuple(shape)} must be 3 sizes (D, H, W) of at least 16")
+    if math.prod(shape_t) > MAX_DEMO_VOXELS:  # checked before any array exists
+        raise ConfigError(f"shape {shape_t} is {math.prod(shape_t):,} voxels; a demo volume holds at most "
+                          f"256^3 = {MAX_DEMO_VOXELS:,} (its generation needs about 70 bytes a voxel)")
     allowed = (2, 3) if kind == "blob" else (2,)
     if n_classes not in allowed:
         raise ConfigError(
@@ -473,26 +496,66 @@ def _check_settings(kind: str, shape: Sequence[int], n_classes: int) -> tuple[in
     return shape_t  # type: ignore[return-value]
 
 
-def _prepare_output(root: Path, folders, overwrite: bool) -> None:
-    """Refuse to mix a new cohort into an old one unless ``overwrite``; then clear the old."""
+def _prepare_output(root: Path, folders, overwrite: bool, written: WrittenFiles) -> None:
+    """Refuse to mix a new cohort into an old one unless ``overwrite``; then remove the old one's
+    files, which must all be files that sgrs demo-data wrote and nobody changed since."""
+    for folder in (root, *folders):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file, not a folder; choose a folder for the demo cohort")
     old_json = root / "cohort.json"
-    occupied = old_json.exists() or any(
-        f.is_dir() and any(f.glob(f"*{_SUFFIX}")) for f in folders
-    )
-    if not occupied:
+    present = [p for f in folders if f.is_dir() for p in sorted(f.glob(f"*{_SUFFIX}"))]
+    if not (old_json.exists() or old_json.is_symlink()) and not present:
         return
     if not overwrite:
         raise InputError(
             f"{root} already holds a cohort or volumes; choose an empty folder or pass"
-            " overwrite=True"
+            " overwrite=True (--overwrite)"
         )
     if old_json.exists():
-        meta = json.loads(old_json.read_text(encoding="utf-8"))
-        names = list(meta.get("train_names", [])) + list(meta.get("test_names", []))
-        for folder in folders:
-            for name in names:
-                (folder / f"{name}{_SUFFIX}").unlink(missing_ok=True)
-        old_json.unlink()
+        _cohort_names(old_json, root, folders)  # a damaged or hostile cohort.json is refused
+    candidates = ([old_json] if old_json.exists() or old_json.is_symlink() else []) + present
+    foreign = [p for p in candidates if not written.owns(p)]
+    if foreign:
+        raise InputError(
+            f"{foreign[0]} was not written by sgrs demo-data or was changed since ({len(foreign)} such"
+            f" file(s)); --overwrite removes only files sgrs wrote: move them away or choose an empty"
+            f" folder (nothing was removed)"
+        )
+    written.remove(candidates)
+
+
+def _cohort_names(path: Path, root: Path, folders) -> list[str]:
+    """The case names in a cohort.json, each a plain file name that stays inside its folder."""
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: {why}; remove it or choose an empty folder")
+
+    try:
+        if path.stat().st_size > 16 << 20:
+            raise bad("too large for a cohort file")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise bad(f"not a readable cohort file ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise bad(f"not a cohort file (a JSON {type(meta).__name__}, not an object)")
+    names = []
+    for key in ("train_names", "test_names"):
+        value = meta.get(key, [])
+        if not isinstance(value, list):
+            raise bad(f'"{key}" is not a list of case names')
+        names.extend(value)
+    real_root = Path(os.path.realpath(root))
+    for folder in folders:
+        real = Path(os.path.realpath(folder))
+        if real != real_root / folder.name:
+            raise bad(f"{folder} leads outside the cohort folder")
+        for name in names:
+            if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+                    or "\0" in name):
+                raise bad(f"case name {name!r} is not a plain file name")
+            target = Path(os.path.realpath(folder / f"{name}{_SUFFIX}"))
+            if target.parent != real:
+                raise bad(f"case name {name!r} leads outside the cohort folder (to {target})")
+    return names
 
 
 def _write(

@@ -5,8 +5,8 @@ when the process that holds it ends, however it ends (exit, exception, SIGKILL),
 left behind by a killed process is stale by construction and the next :meth:`FolderLock.acquire`
 simply takes it over. The file's content, JSON naming the holder (pid, host, start time, what
 it does, its command line), only feeds the message a contender shows; the decision is the
-flock alone. The file is never deleted: unlinking a lock file lets two processes each lock a
-different inode of the same name.
+flock alone. A release removes the file; an acquire that locked a file which was removed
+meanwhile starts again on the current one, so two processes never hold two files of one name.
 
 POSIX only (``fcntl``). On network file systems where ``flock`` is local to each host, two
 hosts are not kept apart.
@@ -68,7 +68,6 @@ class FolderLock:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() < deadline:
                     time.sleep(0.02)
@@ -79,16 +78,27 @@ class FolderLock:
             except OSError as exc:  # a file system without flock
                 os.close(fd)
                 raise ResourceError(f"cannot lock the folder {self.folder}: {os_reason(exc)}") from exc
+            if _same_file(fd, self.path):
+                break
+            # the holder released and removed the file between our open and our flock: the lock
+            # we got is on a name nobody else will open, so start again on the current file
+            os.close(fd)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                raise ResourceError(f"cannot lock the folder {self.folder}: {os_reason(exc)}") from exc
         self._fd = fd
         self._write_holder()
         return self
 
     def release(self) -> None:
+        """Remove the lock file, then unlock. (Removing it while still holding the lock is safe
+        because acquire() checks that the file it locked is still the one under the name.)"""
         fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
-            os.ftruncate(fd, 0)  # no holder named once it is free (read_holder checks the flock anyway)
+            self.path.unlink()
         except OSError:
             pass
         try:
@@ -112,6 +122,14 @@ class FolderLock:
             os.pwrite(self._fd, data, 0)
         except OSError:
             pass  # a full disk: the lock holds all the same, only the contender's message is vaguer
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _read(fd: int) -> dict:

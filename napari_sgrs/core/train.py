@@ -19,6 +19,8 @@ import os
 import signal
 import threading
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -28,17 +30,49 @@ import torch
 import torch.nn.functional as F
 
 from . import sgrs as S
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_sample, normalise
-from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged, os_reason
 from .events import EventKind, EventWriter
 from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
 from .postprocess import island_mask, single_component_classes
+from .runfolder import RunFolder, process_start_time
 from .vnet import VNet, set_bn_segments
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
 DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
 DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-teacher
+
+
+MAX_SEED = 2**32 - 1          # numpy's and torch's seeds both take it
+MAX_BASE_FILTERS = 1024       # what a checkpoint may declare (checkpoint._check_meta)
+MAX_WORKERS = 256
+
+
+def _describe_type(hint, value) -> str | None:
+    """None when ``value`` fits the annotation ``hint`` (bool, int, float, str, tuples, X | None),
+    else what was expected, in words. A bool is no number; a float must be finite."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        words = f"{len(args)} numbers"
+        if not isinstance(value, (tuple, list)) or len(value) != len(args):
+            return words
+        return words if any(_describe_type(a, v) for a, v in zip(args, value)) else None
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    return None
 
 
 #: The loss of runs whose config.json predates these fields (the paper's, as trained then).
@@ -115,25 +149,49 @@ class TrainConfig:
     pseudo_anchor: str = "labels"
 
     def validate(self) -> "TrainConfig":
+        """Check every setting (the one place that does; the CLI, the panel and config.json on
+        --resume all come through here). ConfigError, one line naming the option and the value.
+        Idempotent: train() calls it again once an automatic patch size is known."""
+        self._check_types()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.iterations < 1:
-            raise ConfigError(f"--iterations must be >= 1, got {self.iterations}")
+        for name in ("iterations", "checkpoint_every", "log_every", "val_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.patch_size is not None:
             self.patch_size = check_patch(tuple(self.patch_size))
         self._resolve_batch()
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.unsup_weight < 0:
+            raise ConfigError(f"--unsup-weight must be >= 0, got {self.unsup_weight}")
+        if not 0 <= self.rampup_fraction <= 1:
+            raise ConfigError(f"--rampup-fraction must be in [0, 1], got {self.rampup_fraction}")
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise ConfigError(f"--ct-window needs LOW < HIGH, got {self.ct_window[0]} {self.ct_window[1]}")
+        if self.num_classes is not None and not 2 <= self.num_classes <= 255:
+            raise ConfigError(f"--num-classes must be between 2 and 255 (background included), got {self.num_classes}")
+        if self.ignore_index < 0 or (self.num_classes is not None and self.ignore_index < self.num_classes):
+            raise ConfigError(f"--ignore-index must be >= 0 and not one of the classes 0..{(self.num_classes or 2) - 1}, "
+                              f"got {self.ignore_index}")
+        if self.normalization not in ("zscore", "ct", "none"):
+            raise ConfigError(f"--normalization must be zscore, ct or none, got {self.normalization!r}")
         if self.method != "supervised" and not 1 <= self.labeled_batch_size < self.batch_size:
             raise ConfigError(f"--labeled-batch-size must be between 1 and batch size - 1 "
                               f"({self.batch_size - 1}) so the batch holds unlabeled patches too, "
                               f"got {self.labeled_batch_size}")
         if not 0 < self.tau:
             raise ConfigError(f"--tau must be > 0, got {self.tau}")
-        if self.base_filters < 1:
-            raise ConfigError(f"--base-filters must be >= 1, got {self.base_filters}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0 (0: load batches in the training process), got {self.workers}")
+        if not 1 <= self.base_filters <= MAX_BASE_FILTERS:
+            raise ConfigError(f"--base-filters must be between 1 and {MAX_BASE_FILTERS}, got {self.base_filters}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers must be between 0 (load batches in the training process) and "
+                              f"{MAX_WORKERS}, got {self.workers}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.lr_schedule not in ("poly", "constant"):
@@ -158,7 +216,31 @@ class TrainConfig:
             raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.patch_size is not None:
+            self._check_batch_norm(self.patch_size)
         return self
+
+    def _check_types(self) -> None:
+        """Each field holds its declared type (config.json on --resume may hold anything)."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _describe_type(hints[f.name], value)
+            if expected is not None:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be {expected}, got {value!r}")
+
+    def _check_batch_norm(self, patch: tuple[int, int, int]) -> None:
+        """Batch normalisation needs 2+ values per channel at the V-Net's deepest level (the patch
+        / 16 in each axis, times the patches). The network that sees the labeled patches alone
+        (supervised; sgrs's anchor) fails with one 16^3 patch per step."""
+        deepest = math.prod(p // 16 for p in patch)
+        alone = self.method == "supervised" or (self.method == "sgrs" and self.pseudo_anchor == "labels")
+        if alone and self.labeled_batch_size * deepest < 2:
+            flag = "--batch-size" if self.method == "supervised" else "--labeled-batch-size"
+            other = "" if self.method == "supervised" else " or --pseudo-anchor off"
+            raise ConfigError(f"{flag} {self.labeled_batch_size} with patch {list(patch)} leaves batch normalisation "
+                              f"one value per channel at the network's deepest level; use {flag} 2 or more, a patch "
+                              f"of 32 in one axis{other}")
 
     def _resolve_batch(self) -> None:
         """Fill in the batch sizes left unset (None).
@@ -456,8 +538,11 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
 # ----------------------------------------------------------------------------- the loop
 
 class _StopFlag:
-    def __init__(self, run_dir: Path):
-        self.stop_file = run_dir / "STOP"
+    """A stop request: SIGINT/SIGTERM (once installed) or a STOP file. Installed right after the
+    run's lock is taken, so a signal during the slow start-up also ends with a ``stopped`` event."""
+
+    def __init__(self, stop_file: Path):
+        self.stop_file = Path(stop_file)
         self.reason: str | None = None
         self._old = {}
 
@@ -473,11 +558,17 @@ class _StopFlag:
     def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old = {}
 
     def requested(self) -> bool:
         if self.reason is None and self.stop_file.exists():
             self.reason = "STOP file"
         return self.reason is not None
+
+    def consume(self) -> None:
+        """A STOP file that was honoured is spent: remove it, so it cannot stop the next run."""
+        if self.reason == "STOP file":
+            self.stop_file.unlink(missing_ok=True)
 
 
 @dataclass
@@ -486,7 +577,7 @@ class TrainResult:
     step: int
     stopped: bool
     best_dice: float | None
-    last_checkpoint: Path
+    last_checkpoint: Path | None  # None: stopped before any checkpoint was written
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -498,19 +589,77 @@ def _dist_info() -> tuple[int, int, int]:
 
 def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool = False,
           listeners: list[Callable] | None = None, progress_bar: bool = False) -> TrainResult:
-    """Train a network on ``cases`` (io.Case list: image, label or None) into ``run_dir``."""
+    """Train a network on ``cases`` (io.Case list: image, label or None) into ``run_dir``.
+
+    ``run_dir`` must be absent, empty or an sgrs run (with ``resume``: one with a checkpoint);
+    anything else is refused before a byte is written. One process writes a run: the run's lock
+    is taken first (under torchrun by rank 0, the only rank that writes), and a second trainer
+    gets a LockedError naming the first.
+    """
     config.validate()
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
+    rank, world, _ = _dist_info()
+    is_main = rank == 0
+    run.check_output(resume)  # every rank; reads only, so a refused folder is left as it was
+    existed = run.path.exists()
+    lock = run.lock() if is_main else None
+    stop = _StopFlag(run.stop_file)
+    new = started = False
+
+    def mark_started(event) -> None:
+        nonlocal started
+        started = started or event.kind is EventKind.STARTED
+
+    try:
+        stop.install()  # from now on SIGINT/SIGTERM end the run with a `stopped` event
+        if is_main:
+            new = _open_run_folder(run, config, resume)
+        try:
+            writer = EventWriter(run.events if is_main else None, [mark_started, *(listeners or [])] if is_main else [])
+        except OSError as exc:
+            raise ResourceError(f"cannot write {run.events} ({os_reason(exc)}); choose a writable --out") from exc
+        try:
+            return _train(config, cases, run, resume, writer, stop, progress_bar)
+        finally:
+            writer.close()
+    except BaseException:
+        if new and not started:  # a new run that failed in start-up: take back what it wrote
+            for path in (run.config, run.events):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        raise
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+            if new and not started and not existed:
+                with contextlib.suppress(OSError):
+                    run.path.rmdir()
+
+
+def _open_run_folder(run: RunFolder, config: TrainConfig, resume: bool) -> bool:
+    """Under the run's lock, before the slow start-up: what a killed run left is cleared (a STOP
+    touched before this process started, sgrs's own temp files), and a new run writes its
+    config.json at once, which makes the folder an sgrs run from now on. True for a new run."""
+    run.check_output(resume)  # again: the folder cannot change under the lock
+    try:
+        run.clear_stale_stop(process_start_time())
+    except OSError as exc:  # read-only or full disk: one line, not a traceback
+        raise ResourceError(f"cannot write in the run folder {run.path} ({os_reason(exc)}); choose a writable "
+                            f"--out") from exc
+    run.remove_stale_temp_files()
+    if run.is_run():
+        return False
+    atomic_write_bytes(run.config, json.dumps({"config": config.to_json()}, indent=2).encode())
+    return True
+
+
+def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, writer: EventWriter, stop: _StopFlag,
+           progress_bar: bool) -> TrainResult:
+    run_dir = run.path
     rank, world, local_rank = _dist_info()
     distributed = world > 1
     is_main = rank == 0
-
-    if resume:
-        if not (run_dir / "checkpoints" / "last.safetensors").exists():
-            raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/last.safetensors); "
-                                  f"start without --resume")
-    elif (run_dir / "checkpoints" / "last.safetensors").exists():
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
 
     device = resolve_device(config.device)
     if device.type == "cpu":
@@ -540,6 +689,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     gen = torch.Generator(device=device).manual_seed(config.seed + 7919 * (rank + 1))
 
     loaded, num_classes = load_cases(cases, config)
+    if _any_rank(stop.requested(), distributed, device):  # stopped while the volumes loaded
+        return _stopped_before_training(run, resume, writer, stop, distributed, device)
     labeled = [c for c in loaded if c.label is not None]
     train_lab, val = split_validation(labeled, config.val_fraction, config.seed)
     # Validation volumes give their images (not labels) to the unlabeled stream: that is
@@ -550,6 +701,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                          "labels or use --method supervised")
     patch = tuple(config.patch_size) if config.patch_size else auto_patch([c.image.shape for c in loaded])
     config.patch_size = patch
+    config.validate()  # what depends on the patch (batch normalisation's batch) now that it is known
     check_memory(config, patch, num_classes, device,
                  data_voxels=sum(c.image.size for c in loaded))  # before any model or batch exists
 
@@ -603,34 +755,23 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
                  "single_component_classes": single_component_classes([c.label for c in labeled], num_classes)}
     partner = torch.from_numpy(partner_patch(train_lab[0], patch, config))
 
-    writer = None
     if is_main:
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "STOP").unlink(missing_ok=True)
-        except OSError as exc:  # read-only or full disk: one line, not a traceback
-            raise ResourceError(f"cannot write in the run folder {run_dir} ({exc.strerror}); choose a writable "
-                                f"--out") from exc
-        from .checkpoint import atomic_write_bytes, remove_stale_temp_files
-
-        for folder in (run_dir, run_dir / "checkpoints"):  # half-written files of a killed run
-            remove_stale_temp_files(folder)
-
-        atomic_write_bytes(run_dir / "config.json", json.dumps(meta_base, indent=2).encode())
-    writer = EventWriter(run_dir / "events.jsonl" if is_main else None, listeners if is_main else [])
-    stop = _StopFlag(run_dir)
-    stop.install()
+        atomic_write_bytes(run.config, json.dumps(meta_base, indent=2).encode())
     per_rank_volumes = [rank_volumes]
     if distributed:
         import torch.distributed as dist
 
-        # Every rank waits until rank 0 has removed a stale STOP file; the volume lists of the
-        # ranks go into the started event so a run shows how the data was split.
+        # The volume lists of the ranks go into the started event so a run shows how the data
+        # was split. (A stale STOP file went before the process group formed: rank 0 removes it
+        # right after taking the lock.)
         per_rank_volumes = [None] * world
         dist.all_gather_object(per_rank_volumes, rank_volumes)
 
+    saved_step = step if resume else None  # the step of the last checkpoint on disk
+
     def save(kind: str) -> Path:
-        path = run_dir / "checkpoints" / f"{kind}.safetensors"
+        nonlocal saved_step
+        path = run.checkpoint(kind)
         tensors = {**{f"student.{k}": v for k, v in student.state_dict().items()},
                    **{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
                    **_optimizer_tensors(optimizer), **(anchor.tensors() if anchor else {}), "partner.image": partner,
@@ -638,6 +779,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         meta = dict(meta_base, step=step, best_dice=best_dice, rng_numpy=_json_rng(rng),
                     method=config.method)
         digest = save_checkpoint(path, tensors, meta)
+        if kind == "last":
+            saved_step = step
         writer.emit(EventKind.CHECKPOINT, step, path=str(path), sha256=digest, best=kind == "best")
         return path
 
@@ -692,7 +835,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     student.train()
     teacher.eval()  # teacher: EMA weights and BN statistics, no dropout
     t0, step0 = time.time(), step
-    last_path = run_dir / "checkpoints" / "last.safetensors"
+    last_path = run.last if resume else None
     stopped = False
     last_val: float | None = None
     try:
@@ -721,8 +864,10 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
             if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
                 value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
                          else "non-finite on another rank")
-                msg = (f"loss became {value} at step {step}: training stopped; the last good "
-                       f"checkpoint is kept. Lower --lr or check the images for extreme values")
+                kept = (f"the last good checkpoint, {run.last} (step {saved_step}), is kept" if saved_step is not None
+                        else "no checkpoint was written yet")
+                msg = (f"{run_dir}: the loss became {value} at step {step}; training stopped and {kept}. "
+                       f"Lower --lr or check the images for extreme values")
                 writer.emit(EventKind.ERROR, step, message=msg)
                 raise TrainingDiverged(msg)
             for group in optimizer.param_groups:
@@ -768,8 +913,11 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
             if is_main and (step % config.checkpoint_every == 0 or step == config.iterations):
                 last_path = save("last")
         if stopped and is_main:
-            last_path = save("last")
-            writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=str(last_path))
+            if step > step0:
+                last_path = save("last")
+            # else: stopped during start-up, nothing trained: the checkpoint on disk, if any, stands
+            writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=None if last_path is None else str(last_path))
+            stop.consume()
         elif is_main:
             writer.emit(EventKind.FINISHED, step, path=str(last_path), best_dice=best_dice)
         if distributed:
@@ -788,8 +936,6 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     finally:
         if bar is not None:
             bar.close()
-        stop.restore()
-        writer.close()
         del forward_student, batch_source
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -798,6 +944,24 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
 
             dist.destroy_process_group()
     return TrainResult(run_dir, step, stopped, best_dice, last_path)
+
+
+def _stopped_before_training(run: RunFolder, resume: bool, writer: EventWriter, stop: _StopFlag, distributed: bool,
+                             device: torch.device) -> TrainResult:
+    """A stop asked for while the volumes loaded: no network is built; a `stopped` event at the
+    step of the checkpoint on disk (0 for a new run), which stays as it is."""
+    last = run.last if resume else None
+    step = (run.checkpoint_step() or 0) if resume else 0
+    writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=None if last is None else str(last),
+                note="stopped during start-up, before the first step")
+    if _dist_info()[0] == 0:
+        stop.consume()
+    if distributed:
+        import torch.distributed as dist
+
+        _barrier(device)
+        dist.destroy_process_group()
+    return TrainResult(run.path, step, True, None, last)
 
 
 def labeled_shares(labels: list[np.ndarray], num_classes: int, ignore_index: int) -> list[float]:
