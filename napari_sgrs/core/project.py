@@ -69,9 +69,8 @@ def case_name(text: str) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # The checkpoint module owns the one atomic writer (temp + fsync + rename, ResourceError on a
-    # full/read-only disk); imported lazily because it pulls in torch.
-    from .checkpoint import atomic_write_bytes
+    # The one atomic writer (temp + fsync + rename, ResourceError on a full/read-only disk).
+    from .outputs import atomic_write_bytes
 
     atomic_write_bytes(Path(path), data)
 
@@ -409,9 +408,11 @@ class TrainerProcess:
     """
 
     def __init__(self, run_dir: Path, holder: dict):
+        from .runfolder import RunFolder
+
         self.run_dir = Path(run_dir)
         self.holder = dict(holder)
-        self.stop_file = self.run_dir / "STOP"
+        self.stop_file = RunFolder(run_dir).stop_file
         self.stop_requested_at: float | None = None
         self._terminated_at: float | None = None
         self._code: int | None = None
@@ -531,14 +532,18 @@ class Project:
     # --- create / open
     @classmethod
     def _acquire(cls, root: Path):
-        from .checkpoint import remove_stale_temp_files
         from .lockfile import FolderLock
 
-        lock = FolderLock(root, what=cls.LOCK_WHAT, stop_hint=cls.LOCK_HINT).acquire()
-        # No other writer can be here now: the temp files are what a killed one left mid-write.
-        for folder in (root, root / "journal"):
-            remove_stale_temp_files(folder)
-        return lock
+        return FolderLock(root, what=cls.LOCK_WHAT, stop_hint=cls.LOCK_HINT).acquire()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Under the lock no other writer is here: the temp files of project.json and of the
+        journal are what a writer killed mid-write left."""
+        from .outputs import remove_stale_temp_files
+
+        remove_stale_temp_files(self.root, [PROJECT_FILE])
+        cases = set(self.case_names()) | {p.stem for p in self.journal_dir.glob(f"*{JOURNAL_SUFFIX}")}
+        remove_stale_temp_files(self.journal_dir, [f"{case_name(c)}{JOURNAL_SUFFIX}" for c in cases])
 
     @classmethod
     def create(cls, root: str | os.PathLike) -> "Project":
@@ -573,7 +578,9 @@ class Project:
         except BaseException:
             lock.release()
             raise
-        return cls(root, data, lock)
+        project = cls(root, data, lock)
+        project._remove_stale_temp_files()
+        return project
 
     def close(self) -> None:
         """Release the folder's lock (another viewer may open it then); the object is done."""
@@ -750,9 +757,9 @@ class Project:
     @staticmethod
     def run_holder(run: Path) -> dict | None:
         """Who trains in ``run`` now (pid, host, since... from its lock), or None: nobody."""
-        from .lockfile import read_holder
+        from .runfolder import RunFolder
 
-        return read_holder(run)
+        return RunFolder(run).holder()
 
     def check_run_free(self, run: Path) -> None:
         """Raise LockedError (naming the holder) if another process trains in ``run``."""
@@ -925,7 +932,7 @@ class Project:
         checkpoint = self.last_checkpoint()
         checkpoint_info = None
         if checkpoint is not None:
-            from .checkpoint import file_sha256
+            from .outputs import file_sha256
 
             checkpoint_info = {"path": str(checkpoint), "sha256": file_sha256(checkpoint),
                                "step": self.last_step()}

@@ -311,9 +311,9 @@ def test_new_run_never_trains_into_an_existing_folder(tmp_path):
 _FAKE_TRAINER = """
 import json, sys, time
 from pathlib import Path
-from napari_sgrs.core.lockfile import FolderLock
+from napari_sgrs.core.runfolder import RunFolder
 run = Path(sys.argv[1])
-lock = FolderLock(run, what="sgrs train", stop_hint=f"touch {run}/STOP").acquire()
+lock = RunFolder(run).lock()
 events = open(run / "events.jsonl", "a")
 events.write(json.dumps({"kind": "started", "step": 0, "time": time.time()}) + "\\n"); events.flush()
 print("holding", flush=True)
