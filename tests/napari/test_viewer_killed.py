@@ -36,12 +36,14 @@ START_S = 240  # a napari process (and a trainer) starting on a loaded machine
 
 
 def _viewer(mode: str, project: Path, log: Path, *args: str) -> subprocess.Popen:
+    """The viewer process, leader of a process group of its own (see :func:`_kill`)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("SGRS_TEST_SLOW_CHECKPOINT", None)
     out = open(log.with_suffix(".out"), "wb")
     try:
         return subprocess.Popen([sys.executable, str(HERE / "viewer_process.py"), mode, str(project), str(log),
-                                 *map(str, args)], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 *map(str, args)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     finally:
         out.close()
 
@@ -64,9 +66,11 @@ def _wait(condition, timeout: float, child: subprocess.Popen | None = None, what
 
 
 def _kill(child: subprocess.Popen) -> float:
+    """SIGKILL the viewer and every process of its group, as a closed terminal or a session
+    killed at once would: only a child that the panel detached survives it."""
     killed_at = time.time()
     if child.poll() is None:
-        child.send_signal(signal.SIGKILL)
+        os.killpg(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
     return killed_at
 
@@ -156,7 +160,8 @@ def test_viewer_killed_while_training_finds_the_run_again(make_napari_viewer, qt
         _kill(child)
 
         # 1. The trainer outlives the viewer; a new panel finds it, follows it and can Stop it.
-        assert Project.run_holder(run)["pid"] == trainer
+        holder = Project.run_holder(run)
+        assert holder is not None and holder["pid"] == trainer, "the trainer died with the viewer"
         viewer = make_napari_viewer()
         widget = SGRSTrainWidget(viewer)
         widget.open_project(project_dir, recover=False)
