@@ -213,14 +213,23 @@ def test_viewer_killed_while_training_finds_the_run_again(make_napari_viewer, qt
 
 def test_a_second_viewer_on_an_open_project_is_refused_naming_the_first(make_napari_viewer, tmp_path,
                                                                         monkeypatch):
+    from qtpy.QtWidgets import QApplication
+
     errors = []
     monkeypatch.setattr("napari_sgrs._napari._widget.show_error", errors.append)
-    first = SGRSTrainWidget(make_napari_viewer(), project=Project.create(tmp_path / "project"))
+    first_viewer = make_napari_viewer()
+    first = SGRSTrainWidget(first_viewer, project=Project.create(tmp_path / "project"))
+    first_viewer.window.add_dock_widget(first, name="SGRS: train")
     second = SGRSTrainWidget(make_napari_viewer())
     second._guard(second.open_project, tmp_path / "project")       # what Open project… does
     assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and "napari-sgrs project" in errors[0]
-    assert second.project is None
-    first.shutdown()                                               # the first viewer closes it
+    assert str(tmp_path / "project") in errors[0] and "\n" not in errors[0]
+    assert second.project is None and not second.viewer.layers
+    # The first viewer is closed (the Python session goes on, as in IPython): the lock goes with
+    # its panel, and the second viewer opens the project.
+    first_viewer.close()
+    for _ in range(10):
+        QApplication.processEvents()
     second.open_project(tmp_path / "project")
     assert second.project is not None
     second.shutdown()
