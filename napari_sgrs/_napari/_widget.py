@@ -4,6 +4,12 @@ Thin by design: the project folder, provenance, review ranking, commands and the
 process live in :mod:`napari_sgrs.core.project`. Training and prediction run as ``sgrs``
 subprocesses; a QTimer polls their ``events.jsonl`` and exit codes, and prediction outputs
 are read in a worker thread, so nothing slow runs on the UI thread.
+
+A viewer killed at any moment loses at most one autosave interval of label edits (the journal,
+see :meth:`SGRSTrainWidget.autosave`), and its training run goes on: reopening the project
+follows it, or offers Resume when it is gone (``TrainerProcess`` in ``core/project.py``). A
+project is open in one viewer at a time (its folder lock); a second one is refused, naming the
+first.
 """
 
 from __future__ import annotations
@@ -360,6 +366,7 @@ class SGRSTrainWidget(QWidget):
         """Make ``project`` the panel's; the previous one's folder lock is released."""
         if self.project is not None and self.project is not project:
             self.project.close()
+            self._journaled.clear()  # what the old project's journal holds says nothing of the new one's
         self.project = project
         # The lock goes with the panel: a viewer closed inside a running Python session (IPython,
         # Jupyter) must not keep its project from being opened again in the next viewer.

@@ -11,6 +11,7 @@ layer and all of this is testable headless. Layout of a project folder::
     PROJECT/predictions/run-NNN-step-S/   ``sgrs predict --regions`` outputs for unlabeled cases
     PROJECT/journal/<case>.npz    autosaved label edits not yet accepted (array + case + time)
     PROJECT/exports/              default export folder
+    PROJECT/.sgrs.lock            held by the one Project object (one viewer) that has the folder open
 
 Arrays are label volumes in axis order (D, H, W).
 """

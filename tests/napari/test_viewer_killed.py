@@ -176,6 +176,8 @@ def test_viewer_killed_while_training_finds_the_run_again(make_napari_viewer, qt
             widget.resume_training()
         with pytest.raises(LockedError, match=f"pid {trainer}"):
             widget._launch(run, resume=True, settings=widget.project.settings())
+        with pytest.raises(SGRSError, match="Stop it"):    # nor a project swapped under a running run
+            widget.open_project(project_dir)
         widget.stop_training()
         qtbot.waitUntil(lambda: widget.train_job is None, timeout=120_000)
         events, _ = read_events(run / "events.jsonl")
