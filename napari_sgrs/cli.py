@@ -6,6 +6,7 @@ User errors (``SGRSError``) print ``error: <one line>`` and exit with code 2, no
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -204,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = RunFolder(args.out)
     # every check that needs no engine comes first, so a refusal is quick and writes nothing
     check_not_input(args.out, {"--images": args.images, "--labels": args.labels, "--h5-root": args.h5_root})
-    run.check_output(args.resume)
+    run.check_output(args.resume, holding_lock=os.environ.get("RANK", "0") != "0")  # torchrun: rank 0 locks
     cfg = _config_from_args(args)
     if args.resume:
         _inherit_run_settings(cfg, args)
@@ -411,20 +412,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .core.train import TrainConfig, train
 
     root = Path(args.dir)
+    cfg = TrainConfig(method="sgrs", iterations=args.iterations, patch_size=(32, 32, 32), base_filters=8,
+                      seed=args.seed, device=args.device).validate()
+    run = RunFolder(root / "run")
+    # an earlier demo's run and report are replaced; anything else of that name is left alone
+    if run.path.exists() and not run.is_run():
+        raise InputError(f"{run.path} exists and is not an sgrs run; move it away or choose another demo "
+                         f"folder (nothing was changed)")
     if root.is_dir():
         check_json_output(root / "evaluation.json", {})
     cohort = make_demo_cohort(root / "data", kind="blob", n_cases=8, n_labeled=4, n_test=4,
                               shape=(48, 48, 48), seed=args.seed, overwrite=True)
-    run = RunFolder(root / "run")
     if run.path.exists():
-        # an earlier demo's run is replaced; anything that is not an sgrs run is left alone
-        if not run.is_run():
-            raise InputError(f"{run.path} exists and is not an sgrs run; move it away or choose another demo "
-                             f"folder (nothing was changed)")
         with run.lock(what="sgrs demo"):
             run.clear()
-    cfg = TrainConfig(method="sgrs", iterations=args.iterations, patch_size=(32, 32, 32), base_filters=8,
-                      seed=args.seed, device=args.device)
     print(f"training SGRS-Net for {cfg.iterations} steps on {len(cohort.labeled_names)} labeled + "
           f"{len(cohort.unlabeled_names)} unlabeled demo volumes ...")
     train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run.path, progress_bar=True)

@@ -21,8 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError, InputError
-from .lockfile import LOCK_NAME, FolderLock, read_holder
+from .errors import CheckpointError, ConfigError, InputError, LockedError
+from .lockfile import LOCK_NAME, FolderLock, holder_message, read_holder
 from .outputs import is_temp_of, remove_stale_temp_files
 
 __all__ = ["RunFolder", "process_start_time"]
@@ -112,21 +112,26 @@ class RunFolder:
         except ValueError as exc:
             raise InputError(f"{path}: not valid JSON ({exc}); restore the run's config.json") from exc
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-            found = type(data.get("config") if isinstance(data, dict) else data).__name__
+            found = (f"a JSON {type(data).__name__}" if not isinstance(data, dict)
+                     else "no \"config\"" if "config" not in data else f"\"config\": {data['config']!r:.40}")
             raise InputError(f"{path}: the run's settings must be a JSON object under \"config\", found {found}; "
                              f"restore the run's config.json")
         return data["config"]
 
-    def check_output(self, resume: bool = False) -> None:
+    def check_output(self, resume: bool = False, holding_lock: bool = False) -> None:
         """Refuse a folder that ``sgrs train --out`` must not write into (one line: the folder
         and the fix). A new run needs a folder that is absent, empty, or an sgrs run without a
         checkpoint (a run killed during start-up); ``resume`` needs a run with a last checkpoint.
-        Reads only: nothing is written in a refused folder."""
+        A folder locked by another process is refused first, naming the holder (skipped with
+        ``holding_lock``: the caller's own lock). Reads only: nothing is written in a refused folder."""
         p = self.path
         if p.is_symlink() and not p.exists():
             raise ConfigError(f"--out {p} is a broken link; remove it or choose another --out")
         if p.exists() and not p.is_dir():
             raise ConfigError(f"--out {p} is a file, not a folder; choose a folder for the run")
+        holder = None if holding_lock else self.holder()
+        if holder is not None:  # said first: whatever else is wrong, another process is writing here
+            raise LockedError(holder_message(p, holder), holder)
         if resume:
             if not self.last.is_file():
                 raise CheckpointError(f"{p}: nothing to resume (no {self.CHECKPOINTS}/last.safetensors); start "

@@ -600,7 +600,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     run = RunFolder(run_dir)
     rank, world, _ = _dist_info()
     is_main = rank == 0
-    run.check_output(resume)  # every rank; reads only, so a refused folder is left as it was
+    # every rank checks (reads only, so a refused folder is left as it was); the lock is rank 0's
+    run.check_output(resume, holding_lock=not is_main)
     existed = run.path.exists()
     lock = run.lock() if is_main else None
     stop = _StopFlag(run.stop_file)
@@ -641,7 +642,7 @@ def _open_run_folder(run: RunFolder, config: TrainConfig, resume: bool) -> bool:
     """Under the run's lock, before the slow start-up: what a killed run left is cleared (a STOP
     touched before this process started, sgrs's own temp files), and a new run writes its
     config.json at once, which makes the folder an sgrs run from now on. True for a new run."""
-    run.check_output(resume)  # again: the folder cannot change under the lock
+    run.check_output(resume, holding_lock=True)  # again: the folder cannot change under the lock
     try:
         run.clear_stale_stop(process_start_time())
     except OSError as exc:  # read-only or full disk: one line, not a traceback

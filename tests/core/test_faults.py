@@ -468,6 +468,8 @@ def test_divergence_keeps_the_last_good_checkpoint_byte_for_byte(trained_run, ti
     msg = str(info.value)
     step = int(re.search(r"at step (\d+)", msg).group(1))
     assert step == 3  # step 2 updates with lr 1e30, step 3's loss is NaN: before the step-4 checkpoint
+    # the message names the run and the checkpoint that is really there
+    assert msg.startswith(f"{run}:") and f"{run / 'checkpoints' / 'last.safetensors'} (step 2), is kept" in msg
     error = read_events(run / "events.jsonl")[0][-1]
     assert error["kind"] == "error" and error["step"] == step and error["message"] == msg
     assert {p.name: _sha(p) for p in (run / "checkpoints").iterdir()} == before
