@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog
 
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import read_events
+from napari_sgrs.core.runfolder import RunFolder
 from napari_sgrs.core.project import (IGNORE_INDEX, REGION_COLORS, REGION_NAMES, Job, Project,
                                       ReviewQueue, TrainerProcess, TrainSettings, case_name,
                                       largest_region, mark_unpainted_slices, predict_command,
@@ -429,7 +430,7 @@ class SGRSTrainWidget(QWidget):
     def _find_trainer(self, run: Path) -> None:
         """On reopening: follow the run's trainer if it still runs (a viewer closed or killed
         leaves it training, see TrainerProcess), else offer Resume if it ended unfinished."""
-        holder = self.project.run_holder(run)
+        holder = RunFolder(run).holder()
         if holder is not None:
             self.train_job = TrainerProcess(run, holder)
             self.status_label.setText(f"{run.name} is training (pid {holder.get('pid', '?')}, started "
@@ -573,7 +574,9 @@ class SGRSTrainWidget(QWidget):
 
     def _launch(self, run: Path, resume: bool, settings: TrainSettings) -> Path:
         project = self.project
-        project.check_run_free(run)  # e.g. `sgrs train --resume` from a terminal trains there now
+        # The trainer's own checks, up front: above all, no second trainer in a run that another
+        # process holds (say `sgrs train --resume` from a terminal); the holder is named.
+        RunFolder(run).check_output(resume=resume)
         cmd = train_command(project.images_dir, project.labels_dir, run, settings, resume=resume)
         events = Path(run) / "events.jsonl"
         self._events_offset = events.stat().st_size if (resume and events.exists()) else 0

@@ -411,9 +411,10 @@ class TrainerProcess:
     def __init__(self, run_dir: Path, holder: dict):
         from .runfolder import RunFolder
 
-        self.run_dir = Path(run_dir)
+        self.run = RunFolder(run_dir)
+        self.run_dir = self.run.path
         self.holder = dict(holder)
-        self.stop_file = RunFolder(run_dir).stop_file
+        self.stop_file = self.run.stop_file
         self.stop_requested_at: float | None = None
         self._terminated_at: float | None = None
         self._code: int | None = None
@@ -426,7 +427,7 @@ class TrainerProcess:
     def poll(self) -> int | None:
         """None while a process holds the run; then 0 if its last event says it finished or
         stopped, 1 if it failed or vanished without a word (killed)."""
-        if self._code is None and Project.run_holder(self.run_dir) is None:
+        if self._code is None and self.run.holder() is None:
             last = self._last_event()
             self._code = 0 if last.get("kind") in ("finished", "stopped") else 1
         return self._code
@@ -468,7 +469,7 @@ class TrainerProcess:
     def _signal(self, sig: int) -> None:
         import socket
 
-        holder = Project.run_holder(self.run_dir)
+        holder = self.run.holder()
         # Only the process that holds the run now, and only on this host: a pid from an old
         # lock file may belong to anything by now.
         if holder is None or holder.get("pid") != self.pid or self.pid is None \
@@ -482,7 +483,7 @@ class TrainerProcess:
     def _last_event(self) -> dict:
         from .events import read_events
 
-        events, _ = read_events(self.run_dir / "events.jsonl")
+        events, _ = read_events(self.run.events)
         return events[-1] if events else {}
 
     def error_message(self) -> str:
@@ -754,22 +755,6 @@ class Project:
 
     def settings(self) -> TrainSettings:
         return TrainSettings.from_dict(self.data.get("settings") or {})
-
-    @staticmethod
-    def run_holder(run: Path) -> dict | None:
-        """Who trains in ``run`` now (pid, host, since... from its lock), or None: nobody."""
-        from .runfolder import RunFolder
-
-        return RunFolder(run).holder()
-
-    def check_run_free(self, run: Path) -> None:
-        """Raise LockedError (naming the holder) if another process trains in ``run``."""
-        from .errors import LockedError
-        from .lockfile import holder_message
-
-        holder = self.run_holder(run)
-        if holder is not None:
-            raise LockedError(holder_message(run, holder), holder)
 
     def last_checkpoint(self, run: Path | None = None) -> Path | None:
         run = run or self.current_run

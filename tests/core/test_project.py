@@ -10,6 +10,7 @@ import pytest
 
 from napari_sgrs.core.errors import InputError, LockedError
 from napari_sgrs.core.io import Geometry, read_volume, write_volume
+from napari_sgrs.core.runfolder import RunFolder
 from napari_sgrs.core.project import (IGNORE_INDEX, Project, ReviewQueue, TrainerProcess, TrainSettings,
                                       case_name, largest_region, mark_unpainted_slices,
                                       provenance_counts, provenance_for_accept, rank_for_review,
@@ -323,32 +324,27 @@ events.write(json.dumps({"kind": "stopped", "step": 3, "time": time.time()}) + "
 """
 
 
-def test_a_run_held_by_another_process_is_refused_and_followed(tmp_path):
+def test_a_run_held_by_another_process_is_followed_and_stopped(tmp_path):
     project = _project_with_cases(tmp_path)
-    run = project.new_run(TrainSettings())
-    assert project.run_holder(run) is None
-    project.check_run_free(run)
-    child = _child(_FAKE_TRAINER, run)
+    run = RunFolder(project.new_run(TrainSettings()))
+    child = _child(_FAKE_TRAINER, run.path)
     try:
-        with pytest.raises(LockedError) as info:
-            project.check_run_free(run)
-        assert f"pid {child.pid}" in str(info.value) and "sgrs train" in str(info.value)
-        trainer = TrainerProcess(run, project.run_holder(run))
+        trainer = TrainerProcess(run.path, run.holder())
         assert trainer.pid == child.pid and trainer.running and trainer.poll() is None
         trainer.request_stop()                       # as the panel's Stop does
         child.wait(timeout=60)
         assert trainer.poll() == 0                   # its last event says it stopped
     finally:
         _kill(child)
-    project.check_run_free(run)
+    assert run.holder() is None
 
 
 def test_a_trainer_killed_without_a_word_is_reported_as_failed(tmp_path):
     project = _project_with_cases(tmp_path)
-    run = project.new_run(TrainSettings())
-    child = _child(_FAKE_TRAINER, run)
+    run = RunFolder(project.new_run(TrainSettings()))
+    child = _child(_FAKE_TRAINER, run.path)
     try:
-        trainer = TrainerProcess(run, project.run_holder(run))
+        trainer = TrainerProcess(run.path, run.holder())
         assert trainer.running
     finally:
         _kill(child)

@@ -22,6 +22,7 @@ from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.errors import LockedError, SGRSError
 from napari_sgrs.core.events import read_events
 from napari_sgrs.core.project import Project, TrainerProcess
+from napari_sgrs.core.runfolder import RunFolder
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -140,7 +141,7 @@ def _checkpoints(run: Path, after: int = -1) -> list[int]:
 
 def _kill_trainer(run: Path, pids: set[int]) -> None:
     """Cleanup: SIGKILL the trainer that holds ``run``, if it is one this test started."""
-    holder = Project.run_holder(run)
+    holder = RunFolder(run).holder()
     if holder is not None and holder.get("pid") in pids:
         os.kill(holder["pid"], signal.SIGKILL)
 
@@ -160,7 +161,7 @@ def test_viewer_killed_while_training_finds_the_run_again(make_napari_viewer, qt
         _kill(child)
 
         # 1. The trainer outlives the viewer; a new panel finds it, follows it and can Stop it.
-        holder = Project.run_holder(run)
+        holder = RunFolder(run).holder()
         assert holder is not None and holder["pid"] == trainer, "the trainer died with the viewer"
         viewer = make_napari_viewer()
         widget = SGRSTrainWidget(viewer)
