@@ -549,17 +549,30 @@ class Project:
 
     @classmethod
     def create(cls, root: str | os.PathLike) -> "Project":
+        """A new project in ``root``, which must be absent or empty (the project writes images/,
+        labels/... there and must not replace a file it did not write); an existing project is
+        opened instead."""
         root = Path(root)
         if (root / PROJECT_FILE).exists():
             return cls.open(root)
+        if root.exists() and not root.is_dir():
+            raise InputError(f"{root} is a file; choose an empty folder for the project")
         lock = cls._acquire(root)
-        project = cls(root, {"version": PROJECT_VERSION, "created": time.time(), "images": [],
-                             "labels_dir": "labels", "corrections": [], "runs": [],
-                             "prediction": None, "settings": asdict(TrainSettings())}, lock)
         try:
+            if (root / PROJECT_FILE).exists():  # made by another viewer meanwhile
+                lock.release()
+                return cls.open(root)
+            others = sorted(e.name for e in root.iterdir() if e.name != Path(lock.path).name)
+            if others:
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                raise InputError(f"{root} is not empty and is not a napari-sgrs project (it holds {shown}); "
+                                 f"choose an empty folder (nothing there was changed)")
+            project = cls(root, {"version": PROJECT_VERSION, "created": time.time(), "images": [],
+                                 "labels_dir": "labels", "corrections": [], "runs": [],
+                                 "prediction": None, "settings": asdict(TrainSettings())}, lock)
             project.save()
         except BaseException:
-            project.close()
+            lock.release()
             raise
         return project
 

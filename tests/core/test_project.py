@@ -349,3 +349,19 @@ def test_a_trainer_killed_without_a_word_is_reported_as_failed(tmp_path):
     finally:
         _kill(child)
     assert trainer.poll() == 1 and "killed" in trainer.error_message() and "Resume" in trainer.error_message()
+
+
+def test_a_new_project_is_never_made_in_a_folder_of_other_files(tmp_path):
+    folder = tmp_path / "my-data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "c0.nii.gz").write_bytes(b"the user's own image")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    with pytest.raises(InputError, match="not empty") as info:
+        Project.create(folder)
+    assert str(folder) in str(info.value) and "images" in str(info.value)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before   # nothing written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        Project.create(tmp_path / "afile")
+    with Project.create(tmp_path / "empty") as project:        # absent or empty: fine
+        assert project.case_names() == []
