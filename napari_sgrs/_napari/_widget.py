@@ -4,6 +4,12 @@ Thin by design: the project folder, provenance, review ranking, commands and the
 process live in :mod:`napari_sgrs.core.project`. Training and prediction run as ``sgrs``
 subprocesses; a QTimer polls their ``events.jsonl`` and exit codes, and prediction outputs
 are read in a worker thread, so nothing slow runs on the UI thread.
+
+A viewer killed at any moment loses at most one autosave interval of label edits (the journal,
+see :meth:`SGRSTrainWidget.autosave`), and its training run goes on: reopening the project
+follows it, or offers Resume when it is gone (``TrainerProcess`` in ``core/project.py``). A
+project is open in one viewer at a time (its folder lock); a second one is refused, naming the
+first.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog
 
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import read_events
+from napari_sgrs.core.runfolder import RunFolder
 from napari_sgrs.core.project import (IGNORE_INDEX, REGION_COLORS, REGION_NAMES, Job, Project,
-                                      ReviewQueue, TrainSettings, case_name, largest_region,
-                                      mark_unpainted_slices, predict_command, train_command)
+                                      ReviewQueue, TrainerProcess, TrainSettings, case_name,
+                                      largest_region, mark_unpainted_slices, predict_command,
+                                      train_command)
 
 from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
                       layer_data_from_volume, layer_meta, regions_colormap, sgrs_meta)
@@ -61,7 +69,7 @@ class SGRSTrainWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.project: Project | None = project
-        self.train_job: Job | None = None
+        self.train_job: Job | TrainerProcess | None = None
         self.predict_job: Job | None = None
         self._predict_step = 0
         self._pending_predict_step: int | None = None
@@ -74,7 +82,8 @@ class SGRSTrainWidget(QWidget):
         self.regions: dict[str, np.ndarray] = {}
         self.queue = ReviewQueue()
         self.current_case: str | None = None
-        self._dirty: set[str] = set()        # cases edited since the last Accept / autosave
+        self._dirty: set[str] = set()        # cases with edits not yet accepted
+        self._journaled: dict[str, np.ndarray] = {}  # case -> the data its last autosave wrote
         self._watched: set[int] = set()
         self.last_event: dict[str, Any] = {}
         self._label_choice: dict[str, str] = {}
@@ -341,7 +350,13 @@ class SGRSTrainWidget(QWidget):
     def _ask_new_project(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "New project folder (empty)")
         if folder:
-            self._guard(self.set_project, Project.create(folder))
+            self._guard(lambda: (self._check_can_switch(), self.set_project(Project.create(folder))))
+
+    def _check_can_switch(self) -> None:
+        """Another project may not replace this one while its processes would write into it."""
+        if self.project is not None and (self.busy or self.train_job is not None):
+            raise SGRSError(f"{self.project.root} is training or predicting: Stop it (or wait) before "
+                            f"opening another project")
 
     def _ask_open_project(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Open a napari-sgrs project folder")
@@ -349,7 +364,14 @@ class SGRSTrainWidget(QWidget):
             self._guard(self.open_project, folder)
 
     def set_project(self, project: Project) -> None:
+        """Make ``project`` the panel's; the previous one's folder lock is released."""
+        if self.project is not None and self.project is not project:
+            self.project.close()
+            self._journaled.clear()  # what the old project's journal holds says nothing of the new one's
         self.project = project
+        # The lock goes with the panel: a viewer closed inside a running Python session (IPython,
+        # Jupyter) must not keep its project from being opened again in the next viewer.
+        self.destroyed.connect(project.close)
         self.project_label.setText(str(project.root))
         self._update_buttons()
 
@@ -367,8 +389,12 @@ class SGRSTrainWidget(QWidget):
         without asking)."""
         from napari_sgrs.core.io import read_volume
 
+        self._check_can_switch()
+        if self.project is not None and Path(folder).resolve() == self.project.root.resolve():
+            self.project.close()  # opening the panel's own project again: its lock is ours to pass on
         project = Project.open(folder)
         self.set_project(project)
+        self.last_event = {}
         for entry in project.images:
             if self.layer_for(entry.name, "image") is None:
                 self._add(layer_data_from_volume(read_volume(project.image_path(entry.name)), "image",
@@ -396,15 +422,28 @@ class SGRSTrainWidget(QWidget):
             if recover:
                 self.recover_journal()
         self.refresh_table()
+        if self.train_job is None and project.current_run is not None:
+            self._find_trainer(project.current_run)
         self._update_buttons()
-        if self.train_job is None and project.current_run is not None and self._run_is_live():
-            self.poll_timer.start()  # a trainer still running from the last session: follow it
         return project
 
-    def _run_is_live(self) -> bool:
-        kinds = [self.last_event.get("kind")]
-        return kinds[0] in ("started", "progress", "validation", "regions", "checkpoint") and \
-            time.time() - float(self.last_event.get("time", 0)) < 60
+    def _find_trainer(self, run: Path) -> None:
+        """On reopening: follow the run's trainer if it still runs (a viewer closed or killed
+        leaves it training, see TrainerProcess), else offer Resume if it ended unfinished."""
+        holder = RunFolder(run).holder()
+        if holder is not None:
+            self.train_job = TrainerProcess(run, holder)
+            self.status_label.setText(f"{run.name} is training (pid {holder.get('pid', '?')}, started "
+                                      f"{holder.get('started', 'earlier')}): following it; Stop stops it")
+            self.poll_timer.start()
+            return
+        if self.last_event.get("kind") in ("finished", None) or self.project.last_checkpoint(run) is None:
+            return
+        step = self.project.last_step(run)
+        message = (f"{run.name} is not running and did not finish; Resume continues it from its last "
+                   f"checkpoint (step {step})")
+        self.status_label.setText(message)
+        show_info(message)
 
     def recover_journal(self) -> list[str]:
         """Put autosaved edits back into their layers (they stay unaccepted and keep autosaving)."""
@@ -413,13 +452,18 @@ class SGRSTrainWidget(QWidget):
             layer = self.layer_for(entry.name, "pseudo") or self.layer_for(entry.name, "label")
             if layer is None:
                 continue
-            data = self.project.load_journal(entry.name)
+            try:
+                data = self.project.load_journal(entry.name)
+            except SGRSError as exc:  # one unreadable autosave must not hide the others
+                show_warning(str(exc))
+                continue
             if data.shape != layer.data.shape:
                 show_warning(f"autosaved edits of {entry.name} have shape {data.shape}, the layer "
                              f"{layer.data.shape}: not recovered")
                 continue
             layer.data = data.astype(layer.data.dtype)
             self._dirty.add(entry.name)
+            self._journaled[entry.name] = np.array(layer.data)
             recovered.append(entry.name)
         if recovered:
             show_info(f"recovered unaccepted edits of {', '.join(recovered)}")
@@ -530,6 +574,9 @@ class SGRSTrainWidget(QWidget):
 
     def _launch(self, run: Path, resume: bool, settings: TrainSettings) -> Path:
         project = self.project
+        # The trainer's own checks, up front: above all, no second trainer in a run that another
+        # process holds (say `sgrs train --resume` from a terminal); the holder is named.
+        RunFolder(run).check_output(resume=resume)
         cmd = train_command(project.images_dir, project.labels_dir, run, settings, resume=resume)
         events = Path(run) / "events.jsonl"
         self._events_offset = events.stat().st_size if (resume and events.exists()) else 0
@@ -537,7 +584,8 @@ class SGRSTrainWidget(QWidget):
             self.plot.clear_data()
         self._error_shown = False
         self._total = int(settings.iterations)
-        self.train_job = Job(cmd, Path(run) / "train.log", stop_file=Path(run) / "STOP")
+        # detached: the run outlives the viewer, and reopening the project finds it (TrainerProcess)
+        self.train_job = Job(cmd, Path(run) / "train.log", stop_file=Path(run) / "STOP", detach=True)
         self.status_label.setText(f"starting {'resumed ' if resume else ''}training ({settings.method}) ...")
         self.poll_timer.start()
         self._update_buttons()
@@ -564,6 +612,8 @@ class SGRSTrainWidget(QWidget):
         self.poll_timer.stop()
         self.autosave()
         self._loader.shutdown(wait=True)
+        if self.project is not None:
+            self.project.close()
 
     # ------------------------------------------------------------------ polling (QTimer, never blocks)
     def poll(self) -> None:
@@ -791,6 +841,7 @@ class SGRSTrainWidget(QWidget):
             raise SGRSError("select a pseudo label layer to accept (press Next)")
         prov = self.project.accept(case, np.asarray(layer.data), geometry_of(layer), self.model_predictions.get(case))
         self._dirty.discard(case)
+        self._journaled.pop(case, None)
         layer.name = case + LABEL_SUFFIX
         layer.metadata = {**layer.metadata, "sgrs": {**layer_meta(layer), "role": "label"}}
         regions = self.layer_for(case, "regions")
@@ -834,7 +885,14 @@ class SGRSTrainWidget(QWidget):
             self._dirty.add(case_of(layer))
 
     def autosave(self) -> list[str]:
-        """Journal every edited label layer (QTimer, every few seconds; a few MB at most per case)."""
+        """Journal every edited label layer whose data changed since its last autosave.
+
+        Runs from a QTimer every ``AUTOSAVE_MS``, so a viewer killed at any moment loses at most
+        the edits of one interval (plus the write in progress: each write replaces the case's
+        journal file whole, so a kill mid-write keeps the previous autosave). The comparison
+        with the last saved copy, not the paint events, decides: undo and redo change the data
+        without a paint event.
+        """
         if self.project is None or not self._dirty:
             return []
         saved = []
@@ -842,12 +900,17 @@ class SGRSTrainWidget(QWidget):
             layer = self.layer_for(case, "pseudo") or self.layer_for(case, "label")
             if layer is None:
                 continue
+            data = np.asarray(layer.data)
+            last = self._journaled.get(case)
+            if last is not None and last.shape == data.shape and np.array_equal(last, data):
+                continue
             try:
-                self.project.save_journal(case, np.asarray(layer.data))
-                saved.append(case)
+                self.project.save_journal(case, data)
             except SGRSError as exc:
                 show_warning(f"autosave failed: {exc}")
                 return saved
+            self._journaled[case] = data.copy()
+            saved.append(case)
         return saved
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt name

@@ -9,8 +9,9 @@ layer and all of this is testable headless. Layout of a project folder::
     PROJECT/provenance/<case>.nii.gz  per voxel: 0 model-only, 1 accepted pseudo label, 2 human-drawn
     PROJECT/runs/run-NNN/         ``sgrs train --out`` run folders
     PROJECT/predictions/run-NNN-step-S/   ``sgrs predict --regions`` outputs for unlabeled cases
-    PROJECT/journal/<case>.npy    autosaved label edits not yet accepted (+ <case>.json)
+    PROJECT/journal/<case>.npz    autosaved label edits not yet accepted (array + case + time)
     PROJECT/exports/              default export folder
+    PROJECT/.sgrs.lock            held by the one Project object (one viewer) that has the folder open
 
 Arrays are label volumes in axis order (D, H, W).
 """
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -52,6 +54,7 @@ PROVENANCE_NAMES = {PROVENANCE_MODEL: "model_only", PROVENANCE_ACCEPTED: "accept
                     PROVENANCE_HUMAN: "human_drawn"}
 
 LABEL_SUFFIX = ".nii.gz"
+JOURNAL_SUFFIX = ".npz"      # one autosave file per case: the label array and its metadata
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -67,9 +70,8 @@ def case_name(text: str) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # The checkpoint module owns the one atomic writer (temp + fsync + rename, ResourceError on a
-    # full/read-only disk); imported lazily because it pulls in torch.
-    from .checkpoint import atomic_write_bytes
+    # The one atomic writer (temp + fsync + rename, ResourceError on a full/read-only disk).
+    from .outputs import atomic_write_bytes
 
     atomic_write_bytes(Path(path), data)
 
@@ -313,7 +315,7 @@ class Job:
     """
 
     def __init__(self, cmd: Sequence[str], log_path: Path, stop_file: Path | None = None,
-                 env: dict[str, str] | None = None, cwd: Path | None = None):
+                 env: dict[str, str] | None = None, cwd: Path | None = None, detach: bool = False):
         self.cmd = list(cmd)
         self.log_path = Path(log_path)
         self.stop_file = Path(stop_file) if stop_file is not None else None
@@ -324,8 +326,11 @@ class Job:
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "ab")
+        # detach: a session of its own, so no signal meant for the viewer (Ctrl-C in its terminal,
+        # the terminal closing) reaches the child; see TrainerProcess for why a trainer outlives it.
         self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=full_env, cwd=cwd)
+                                        stdin=subprocess.DEVNULL, env=full_env, cwd=cwd,
+                                        start_new_session=detach)
         self.started = time.monotonic()
         self.stop_requested_at: float | None = None
         self._terminated_at: float | None = None
@@ -390,6 +395,105 @@ class Job:
         return lines[-1] if lines else f"process exited with code {self.process.returncode}"
 
 
+class TrainerProcess:
+    """A trainer the panel did not start in this session, found through the lock it holds on its
+    run folder: the panel follows and stops it as it would its own :class:`Job`.
+
+    Why a trainer outlives the viewer that started it, rather than being stopped with it: a run
+    can take hours of GPU time and needs nothing from the viewer (its checkpoints, events and
+    log are files in the run folder), and a viewer that is killed cannot stop anything cleanly
+    anyway. So the panel starts it detached (:class:`Job` ``detach``); reopening the project
+    finds it by its run-folder lock, follows its ``events.jsonl``, and Stop touches its STOP
+    file. When no process holds the run any more, the panel offers Resume from the last
+    checkpoint instead.
+    """
+
+    def __init__(self, run_dir: Path, holder: dict):
+        from .runfolder import RunFolder
+
+        self.run = RunFolder(run_dir)
+        self.run_dir = self.run.path
+        self.holder = dict(holder)
+        self.stop_file = self.run.stop_file
+        self.stop_requested_at: float | None = None
+        self._terminated_at: float | None = None
+        self._code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.holder.get("pid")
+        return pid if type(pid) is int else None
+
+    def poll(self) -> int | None:
+        """None while a process holds the run; then 0 if its last event says it finished or
+        stopped, 1 if it failed or vanished without a word (killed)."""
+        if self._code is None and self.run.holder() is None:
+            last = self._last_event()
+            self._code = 0 if last.get("kind") in ("finished", "stopped") else 1
+        return self._code
+
+    @property
+    def running(self) -> bool:
+        return self.poll() is None
+
+    def request_stop(self) -> None:
+        """The trainer checkpoints, writes a ``stopped`` event and exits when it sees STOP."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        self.stop_file.touch()
+
+    def enforce_stop(self, grace_s: float = 30.0) -> None:
+        """As :meth:`Job.enforce_stop`, for a trainer on this host only (a pid elsewhere means
+        nothing here): SIGTERM after ``grace_s`` (it still checkpoints), SIGKILL ``grace_s`` later."""
+        if self.stop_requested_at is None or not self.running:
+            return
+        now = time.monotonic()
+        if self._terminated_at is None and now - self.stop_requested_at > grace_s:
+            self._terminated_at = now
+            self._signal(signal.SIGTERM)
+        elif self._terminated_at is not None and now - self._terminated_at > grace_s:
+            self._signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        if self.running:
+            self._terminated_at = time.monotonic()
+            self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.running:
+            self._signal(signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while self.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def _signal(self, sig: int) -> None:
+        import socket
+
+        holder = self.run.holder()
+        # Only the process that holds the run now, and only on this host: a pid from an old
+        # lock file may belong to anything by now.
+        if holder is None or holder.get("pid") != self.pid or self.pid is None \
+                or holder.get("host") != socket.gethostname():
+            return
+        try:
+            os.kill(self.pid, sig)
+        except OSError:
+            pass
+
+    def _last_event(self) -> dict:
+        from .events import read_events
+
+        events, _ = read_events(self.run.events)
+        return events[-1] if events else {}
+
+    def error_message(self) -> str:
+        last = self._last_event()
+        if last.get("kind") == "error":
+            return str(last.get("message", "unknown error"))
+        return (f"the trainer of {self.run_dir.name} (pid {self.pid}) ended without finishing, "
+                f"after step {int(last.get('step', 0))}: it was killed; Resume continues from the last checkpoint")
+
+
 # --------------------------------------------------------------------------- the project
 @dataclass
 class ImageEntry:
@@ -408,23 +512,68 @@ class JournalEntry:
 
 class Project:
     """A project folder (see module docstring). All writes are atomic; ``project.json`` is rewritten
-    after every change so closing napari at any moment loses nothing."""
+    after every change so closing napari at any moment loses nothing.
 
-    def __init__(self, root: Path, data: dict[str, Any]):
+    A Project object holds the folder's lock (``PROJECT/.sgrs.lock``, see ``core/lockfile.py``)
+    from :meth:`create` / :meth:`open` until :meth:`close`: a second Project on the same folder,
+    in this process or another viewer, is refused with a message naming the holder. Refused,
+    not opened read-only: a read-only panel would still show editable label layers and buttons,
+    and edits made there could be neither autosaved nor accepted, the silent loss this lock is
+    for. The operating system drops the lock when its process ends, so a killed viewer never
+    keeps its project from being reopened.
+    """
+
+    LOCK_WHAT = "napari-sgrs project"
+    LOCK_HINT = "close the project in the viewer that has it open"
+
+    def __init__(self, root: Path, data: dict[str, Any], lock: Any = None):
         self.root = Path(root)
         self.data = data
+        self._lock = lock
 
     # --- create / open
     @classmethod
+    def _acquire(cls, root: Path):
+        from .lockfile import FolderLock
+
+        return FolderLock(root, what=cls.LOCK_WHAT, stop_hint=cls.LOCK_HINT).acquire()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Under the lock no other writer is here: the temp files of project.json and of the
+        journal are what a writer killed mid-write left."""
+        from .outputs import remove_stale_temp_files
+
+        remove_stale_temp_files(self.root, [PROJECT_FILE])
+        cases = set(self.case_names()) | {p.stem for p in self.journal_dir.glob(f"*{JOURNAL_SUFFIX}")}
+        remove_stale_temp_files(self.journal_dir, [f"{case_name(c)}{JOURNAL_SUFFIX}" for c in cases])
+
+    @classmethod
     def create(cls, root: str | os.PathLike) -> "Project":
+        """A new project in ``root``, which must be absent or empty (the project writes images/,
+        labels/... there and must not replace a file it did not write); an existing project is
+        opened instead."""
         root = Path(root)
         if (root / PROJECT_FILE).exists():
             return cls.open(root)
-        root.mkdir(parents=True, exist_ok=True)
-        project = cls(root, {"version": PROJECT_VERSION, "created": time.time(), "images": [],
-                             "labels_dir": "labels", "corrections": [], "runs": [],
-                             "prediction": None, "settings": asdict(TrainSettings())})
-        project.save()
+        if root.exists() and not root.is_dir():
+            raise InputError(f"{root} is a file; choose an empty folder for the project")
+        lock = cls._acquire(root)
+        try:
+            if (root / PROJECT_FILE).exists():  # made by another viewer meanwhile
+                lock.release()
+                return cls.open(root)
+            others = sorted(e.name for e in root.iterdir() if e.name != Path(lock.path).name)
+            if others:
+                shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                raise InputError(f"{root} is not empty and is not a napari-sgrs project (it holds {shown}); "
+                                 f"choose an empty folder (nothing there was changed)")
+            project = cls(root, {"version": PROJECT_VERSION, "created": time.time(), "images": [],
+                                 "labels_dir": "labels", "corrections": [], "runs": [],
+                                 "prediction": None, "settings": asdict(TrainSettings())}, lock)
+            project.save()
+        except BaseException:
+            lock.release()
+            raise
         return project
 
     @classmethod
@@ -433,13 +582,32 @@ class Project:
         path = root / PROJECT_FILE
         if not path.is_file():
             raise InputError(f"{root} is not a napari-sgrs project (no {PROJECT_FILE}); create one with New project")
+        lock = cls._acquire(root)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {path}: {exc}; restore it from a backup") from exc
-        if not isinstance(data, dict) or "images" not in data:
-            raise InputError(f"{path} is not a napari-sgrs project file")
-        return cls(root, data)
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"cannot read {path}: {exc}; restore it from a backup") from exc
+            if not isinstance(data, dict) or "images" not in data:
+                raise InputError(f"{path} is not a napari-sgrs project file")
+        except BaseException:
+            lock.release()
+            raise
+        project = cls(root, data, lock)
+        project._remove_stale_temp_files()
+        return project
+
+    def close(self) -> None:
+        """Release the folder's lock (another viewer may open it then); the object is done."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "Project":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def save(self) -> None:
         _atomic_write_json(self.root / PROJECT_FILE, self.data)
@@ -581,9 +749,18 @@ class Project:
         return None if name is None else self.runs_dir / name
 
     def new_run(self, settings: TrainSettings) -> Path:
-        name = f"run-{len(self.data['runs']) + 1:03d}"
-        run = self.runs_dir / name
-        run.mkdir(parents=True, exist_ok=True)
+        """A new, empty run folder ``runs/run-NNN`` (a name no folder has yet, so a run made by
+        anyone else, e.g. ``sgrs train --out`` by hand, is never trained into)."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        number = len(self.data["runs"]) + 1
+        while True:
+            name = f"run-{number:03d}"
+            run = self.runs_dir / name
+            try:
+                run.mkdir()
+                break
+            except FileExistsError:
+                number += 1
         self.data["runs"].append({"name": name, "created": time.time(), "settings": asdict(settings)})
         self.data["settings"] = asdict(settings)
         self.save()
@@ -656,39 +833,66 @@ class Project:
         return {k: v for k, v in out.items() if v.exists()}
 
     # --- autosave journal
+    def journal_path(self, name: str) -> Path:
+        return self.journal_dir / f"{case_name(name)}{JOURNAL_SUFFIX}"
+
     def save_journal(self, name: str, array: np.ndarray) -> Path:
-        """Autosave an unaccepted label edit (atomic). Reopening the project offers it back."""
+        """Autosave an unaccepted label edit. Reopening the project offers it back.
+
+        One file holds the array and its case name and time, replaced whole (temp + fsync +
+        rename): a kill at any moment leaves the previous autosave or this one, never a torn
+        file, and never an array paired with another autosave's metadata.
+        """
+        array = np.asarray(array)
+        meta = json.dumps({"case": name, "time": time.time(), "shape": list(array.shape)}).encode("utf-8")
         buf = _stdio.BytesIO()
-        np.save(buf, np.asarray(array), allow_pickle=False)
-        path = self.journal_dir / f"{case_name(name)}.npy"
+        np.savez(buf, label=array, meta=np.frombuffer(meta, np.uint8))
+        path = self.journal_path(name)
         _atomic_write_bytes(path, buf.getvalue())
-        _atomic_write_json(path.with_suffix(".json"), {"case": name, "time": time.time(),
-                                                       "shape": list(np.shape(array))})
+        for legacy in (path.with_suffix(".npy"), path.with_suffix(".json")):
+            legacy.unlink(missing_ok=True)  # an older version's pair for this case is superseded
         return path
 
     def pending_journal(self) -> list[JournalEntry]:
-        """Autosaved edits not yet accepted, oldest first."""
-        out = []
+        """Autosaved edits not yet accepted, oldest first (an unreadable one is listed too, so
+        :meth:`load_journal` can name it rather than it vanishing silently)."""
+        out = {}
+        for path in sorted(self.journal_dir.glob(f"*{JOURNAL_SUFFIX}")):
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
+                out[path.stem] = JournalEntry(name=str(meta["case"]), time=float(meta["time"]), path=path)
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+                out[path.stem] = JournalEntry(name=path.stem, time=path.stat().st_mtime, path=path)
+        # An older version wrote <case>.npy + <case>.json; offer those edits back too.
         for npy in sorted(self.journal_dir.glob("*.npy")):
+            if npy.stem in out:
+                continue
             try:
                 meta = json.loads(npy.with_suffix(".json").read_text(encoding="utf-8"))
-                out.append(JournalEntry(name=str(meta.get("case", npy.stem)), time=float(meta.get("time", 0)), path=npy))
-            except (OSError, ValueError):
-                out.append(JournalEntry(name=npy.stem, time=npy.stat().st_mtime, path=npy))
-        return sorted(out, key=lambda e: e.time)
+                out[npy.stem] = JournalEntry(name=str(meta.get("case", npy.stem)),
+                                             time=float(meta.get("time", 0)), path=npy)
+            except (OSError, ValueError, AttributeError):
+                out[npy.stem] = JournalEntry(name=npy.stem, time=npy.stat().st_mtime, path=npy)
+        return sorted(out.values(), key=lambda e: e.time)
 
     def load_journal(self, name: str) -> np.ndarray:
-        path = self.journal_dir / f"{case_name(name)}.npy"
+        path = self.journal_path(name)
+        if not path.exists() and path.with_suffix(".npy").exists():
+            path = path.with_suffix(".npy")
         try:
-            return np.load(path, allow_pickle=False)  # never unpickle: the folder may travel
-        except (OSError, ValueError) as exc:
+            # never unpickle: the folder may travel
+            if path.suffix == ".npy":
+                return np.load(path, allow_pickle=False)
+            with np.load(path, allow_pickle=False) as npz:
+                return np.asarray(npz["label"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise InputError(f"cannot read autosaved edits {path}: {exc}; discard them") from exc
 
     def clear_journal(self, name: str) -> None:
-        for suffix in (".npy", ".json"):
-            path = self.journal_dir / f"{case_name(name)}{suffix}"
-            if path.exists():
-                path.unlink()
+        path = self.journal_path(name)
+        for p in (path, path.with_suffix(".npy"), path.with_suffix(".json")):
+            p.unlink(missing_ok=True)
 
     # --- export
     def segmentation(self, name: str) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -727,7 +931,7 @@ class Project:
         checkpoint = self.last_checkpoint()
         checkpoint_info = None
         if checkpoint is not None:
-            from .checkpoint import file_sha256
+            from .outputs import file_sha256
 
             checkpoint_info = {"path": str(checkpoint), "sha256": file_sha256(checkpoint),
                                "step": self.last_step()}

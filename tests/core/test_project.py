@@ -8,11 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from napari_sgrs.core.errors import InputError
+from napari_sgrs.core.errors import InputError, LockedError
 from napari_sgrs.core.io import Geometry, read_volume, write_volume
-from napari_sgrs.core.project import (IGNORE_INDEX, Project, ReviewQueue, TrainSettings, case_name,
-                                      largest_region, mark_unpainted_slices, provenance_counts,
-                                      provenance_for_accept, rank_for_review, train_command)
+from napari_sgrs.core.runfolder import RunFolder
+from napari_sgrs.core.project import (IGNORE_INDEX, Project, ReviewQueue, TrainerProcess, TrainSettings,
+                                      case_name, largest_region, mark_unpainted_slices,
+                                      provenance_counts, provenance_for_accept, rank_for_review,
+                                      train_command)
 
 GEOM = Geometry(spacing=(2.0, 0.5, 0.75), origin=(10.0, -5.0, 3.0), direction=tuple(np.eye(3).ravel()))
 
@@ -99,6 +101,7 @@ def _project_with_cases(tmp_path):
 def test_project_roundtrip_and_accept(tmp_path):
     project = _project_with_cases(tmp_path)
     assert project.labeled_cases() == ["c0"] and project.unlabeled_cases() == ["c1"]
+    project.close()
     reopened = Project.open(tmp_path / "proj")
     assert reopened.case_names() == ["c0", "c1"] and reopened.images[0].source == "/data/c0.nrrd"
     model = np.zeros((8, 8, 8), np.uint8); model[3:6, 3:6, 3:6] = 1
@@ -107,7 +110,9 @@ def test_project_roundtrip_and_accept(tmp_path):
     assert reopened.label_path("c1").exists() and int((prov == 2).sum()) == 1
     saved = read_volume(reopened.label_path("c1"))
     assert np.array_equal(saved.array, edited) and saved.geometry.close_to(GEOM)
-    assert Project.open(tmp_path / "proj").data["corrections"][-1]["provenance"]["human_drawn"] == 1
+    reopened.close()
+    with Project.open(tmp_path / "proj") as again:
+        assert again.data["corrections"][-1]["provenance"]["human_drawn"] == 1
     with pytest.raises(InputError):
         Project.open(tmp_path / "nothing")
 
@@ -117,17 +122,80 @@ def test_journal_recovery(tmp_path):
     edit = np.zeros((8, 8, 8), np.uint8); edit[1, 2, 3] = 1
     project.save_journal("c1", edit)
     # a "killed viewer": only the folder remains; a new Project object finds the edit
+    project.close()
     again = Project.open(project.root)
     pending = again.pending_journal()
     assert [e.name for e in pending] == ["c1"]
     assert np.array_equal(again.load_journal("c1"), edit)
     again.accept("c1", edit, GEOM, None)       # accepting clears the journal
     assert again.pending_journal() == []
-    # a tampered journal file is refused, never unpickled
-    (again.journal_dir / "evil.npy").parent.mkdir(exist_ok=True)
-    np.save(again.journal_dir / "evil.npy", np.array([object()], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError):
-        again.load_journal("evil")
+    # a tampered journal file is refused, never unpickled (the current one-file form and an
+    # older version's .npy)
+    again.journal_dir.mkdir(exist_ok=True)
+    np.savez(again.journal_dir / "evil.npz", label=np.array([object()], dtype=object))
+    np.save(again.journal_dir / "old.npy", np.array([object()], dtype=object), allow_pickle=True)
+    assert {e.name for e in again.pending_journal()} == {"evil", "old"}  # listed, so it can be named
+    for name in ("evil", "old"):
+        with pytest.raises(InputError, match=name):
+            again.load_journal(name)
+
+
+def test_journal_from_an_older_version_is_offered_back(tmp_path):
+    project = _project_with_cases(tmp_path)
+    edit = np.zeros((8, 8, 8), np.uint8); edit[4, 4, 4] = 1
+    project.journal_dir.mkdir()
+    np.save(project.journal_dir / "c1.npy", edit)
+    (project.journal_dir / "c1.json").write_text(json.dumps({"case": "c1", "time": 5.0}))
+    assert [(e.name, e.time) for e in project.pending_journal()] == [("c1", 5.0)]
+    assert np.array_equal(project.load_journal("c1"), edit)
+    project.save_journal("c1", edit + 1)           # the new form supersedes the old pair
+    assert sorted(p.name for p in project.journal_dir.iterdir()) == ["c1.npz"]
+    assert np.array_equal(project.load_journal("c1"), edit + 1)
+
+
+_SAVE_JOURNAL = """
+import sys, numpy as np
+from napari_sgrs.core.project import Project
+project = Project.open(sys.argv[1])
+edit = np.zeros((8, 8, 8), np.uint8); edit[:, 0, 0] = 2
+project.save_journal("c1", edit)
+"""
+
+
+def test_journal_survives_a_kill_during_an_autosave(tmp_path):
+    """The autosave journal is written as the panel writes it, by a process that is SIGKILLed
+    while the new file is complete but not yet renamed into place: the previous autosave is
+    read back whole, with its own case and time (one file, never a half pair)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    project = _project_with_cases(tmp_path)
+    first = np.zeros((8, 8, 8), np.uint8); first[1, 2, 3] = 1
+    project.save_journal("c1", first)
+    saved_at = project.pending_journal()[0].time
+    project.close()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), SGRS_TEST_SLOW_CHECKPOINT="60")
+    child = subprocess.Popen([sys.executable, "-c", _SAVE_JOURNAL, str(project.root)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(project.journal_dir.glob(".c1.npz.*.tmp")):
+            assert child.poll() is None and time.monotonic() < deadline, "the second autosave never started"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert list(project.journal_dir.glob(".c1.npz.*.tmp"))  # what the kill left behind
+    again = Project.open(project.root)
+    pending = again.pending_journal()
+    assert [(e.name, e.time) for e in pending] == [("c1", saved_at)]
+    assert np.array_equal(again.load_journal("c1"), first)
+    assert sorted(p.name for p in again.journal_dir.iterdir()) == ["c1.npz"]  # the torn temp is gone
 
 
 def test_export_with_sidecar(tmp_path):
@@ -168,3 +236,132 @@ def test_update_label_keeps_provenance_of_unchanged_voxels(tmp_path):
     assert project.update_label("c1", again, GEOM) is True
     prov = project.read_provenance("c1")
     assert provenance_counts(prov) == {"model_only": 0, "accepted_pseudo_label": 510, "human_drawn": 2}
+
+
+# --------------------------------------------------------------------------- one writer per folder
+_HOLD_PROJECT = """
+import sys, time
+from napari_sgrs.core.project import Project
+project = Project.open(sys.argv[1])
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def _child(code, *args, **env):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    full_env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), **env)
+    child = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=full_env,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "holding", "the child did not start"
+    return child
+
+
+def _kill(child):
+    import signal
+
+    if child.poll() is None:
+        child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    child.stdout.close()
+
+
+def test_a_second_project_object_on_a_folder_is_refused_naming_the_holder(tmp_path):
+    import os
+
+    first = _project_with_cases(tmp_path)
+    with pytest.raises(LockedError) as info:
+        Project.open(first.root)
+    message = str(info.value)
+    assert str(first.root) in message and f"pid {os.getpid()}" in message and "napari-sgrs project" in message
+    assert "\n" not in message
+    with pytest.raises(LockedError):
+        Project.create(first.root)
+    first.close()
+    with Project.open(first.root) as second:     # closed: free for the next one
+        assert second.case_names() == ["c0", "c1"]
+
+
+def test_a_project_open_in_another_process_is_refused_until_that_process_dies(tmp_path):
+    project = _project_with_cases(tmp_path)
+    project.close()
+    child = _child(_HOLD_PROJECT, project.root)
+    try:
+        with pytest.raises(LockedError, match=f"pid {child.pid}"):
+            Project.open(project.root)
+    finally:
+        _kill(child)   # a viewer killed with SIGKILL: its lock goes with it
+    with Project.open(project.root) as again:
+        again.save_journal("c1", np.ones((8, 8, 8), np.uint8))
+        assert [e.name for e in again.pending_journal()] == ["c1"]
+
+
+def test_new_run_never_trains_into_an_existing_folder(tmp_path):
+    project = _project_with_cases(tmp_path)
+    (project.runs_dir / "run-001").mkdir(parents=True)     # e.g. `sgrs train --out runs/run-001` by hand
+    (project.runs_dir / "run-001" / "mine.txt").write_text("not sgrs's")
+    run = project.new_run(TrainSettings())
+    assert run.name == "run-002" and list(run.iterdir()) == []
+    assert project.current_run == run
+
+
+# A stand-in for `sgrs train`: holds the run folder's lock as the trainer does, stops on STOP.
+_FAKE_TRAINER = """
+import json, sys, time
+from pathlib import Path
+from napari_sgrs.core.runfolder import RunFolder
+run = Path(sys.argv[1])
+lock = RunFolder(run).lock()
+events = open(run / "events.jsonl", "a")
+events.write(json.dumps({"kind": "started", "step": 0, "time": time.time()}) + "\\n"); events.flush()
+print("holding", flush=True)
+while not (run / "STOP").exists():
+    time.sleep(0.05)
+events.write(json.dumps({"kind": "stopped", "step": 3, "time": time.time()}) + "\\n"); events.flush()
+"""
+
+
+def test_a_run_held_by_another_process_is_followed_and_stopped(tmp_path):
+    project = _project_with_cases(tmp_path)
+    run = RunFolder(project.new_run(TrainSettings()))
+    child = _child(_FAKE_TRAINER, run.path)
+    try:
+        trainer = TrainerProcess(run.path, run.holder())
+        assert trainer.pid == child.pid and trainer.running and trainer.poll() is None
+        trainer.request_stop()                       # as the panel's Stop does
+        child.wait(timeout=60)
+        assert trainer.poll() == 0                   # its last event says it stopped
+    finally:
+        _kill(child)
+    assert run.holder() is None
+
+
+def test_a_trainer_killed_without_a_word_is_reported_as_failed(tmp_path):
+    project = _project_with_cases(tmp_path)
+    run = RunFolder(project.new_run(TrainSettings()))
+    child = _child(_FAKE_TRAINER, run.path)
+    try:
+        trainer = TrainerProcess(run.path, run.holder())
+        assert trainer.running
+    finally:
+        _kill(child)
+    assert trainer.poll() == 1 and "killed" in trainer.error_message() and "Resume" in trainer.error_message()
+
+
+def test_a_new_project_is_never_made_in_a_folder_of_other_files(tmp_path):
+    folder = tmp_path / "my-data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "c0.nii.gz").write_bytes(b"the user's own image")
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    with pytest.raises(InputError, match="not empty") as info:
+        Project.create(folder)
+    assert str(folder) in str(info.value) and "images" in str(info.value)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before   # nothing written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        Project.create(tmp_path / "afile")
+    with Project.create(tmp_path / "empty") as project:        # absent or empty: fine
+        assert project.case_names() == []

@@ -121,7 +121,9 @@ def test_reopen_restores_and_recovers(panel, qtbot, make_napari_viewer, cohort):
     widget.autosave()
     edited = np.array(pseudo.data)
     root = widget.project.root
-    # "kill" the viewer: a fresh viewer and panel open the project folder
+    # "kill" the viewer: a fresh viewer and panel open the project folder (the lock of a killed
+    # viewer goes with its process; tests/napari/test_viewer_killed.py kills a real one)
+    widget.project.close()
     viewer2 = make_napari_viewer()
     widget2 = SGRSTrainWidget(viewer2)
     widget2.open_project(root, recover=True)
