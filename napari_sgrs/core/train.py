@@ -296,10 +296,10 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
         _check_ignore_is_no_class(ignore, k, found)
     if not (found > 0).any():
         ignored = sum(int((c.label == ignore).sum()) for c in loaded if c.label is not None)
-        hint = (f"; {ignored} voxels hold {ignore}, the ignore index (unannotated): if {ignore} marks your "
-                f"structure, relabel it as 1" if ignored else "")
+        fix = (f"; {ignored} voxels hold {ignore}, the ignore index (unannotated) - if {ignore} marks your "
+               f"structure, relabel it as 1" if ignored else " - label the structure as 1 (or 1..N)")
         raise InputError(f"no foreground in any label: every annotated voxel of the {len(values)} label file(s) "
-                         f"({_some(values)}) is 0, background{hint} - label the structure as 1 (or 1..N)")
+                         f"({_some(values)}) is 0, background{fix}")
     if k_given is None and notes is not None:
         notes.append(_classes_note(values, found, k, ignore))
     return loaded, k
@@ -334,8 +334,8 @@ def _check_plausible_classes(values: dict[str, np.ndarray], ignore: int) -> None
     top = int(worst.max(initial=0))
     if top + 1 > MAX_CLASSES:
         raise InputError(f"{name}: label value {top} would make {top + 1} classes, but prediction volumes are "
-                         f"uint8 and hold at most {MAX_CLASSES} (0..{MAX_CLASSES - 1}) - renumber the classes "
-                         f"0..N-1")
+                         f"uint8 and hold at most {MAX_CLASSES} classes (0..{MAX_CLASSES - 1}) - renumber the "
+                         f"classes 0..N-1")
 
 
 def _check_ignore_is_no_class(ignore: int, k: int, found) -> None:
