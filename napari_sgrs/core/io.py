@@ -932,8 +932,9 @@ def _list_volumes(folder: Path, *, with_series: bool, skip: Path | None = None) 
         entries = sorted(folder.iterdir())
     except OSError as exc:
         raise InputError(f"{name}: cannot list the folder ({exc.strerror}) - check its permissions") from exc
+    skip_real = os.path.realpath(skip) if skip is not None else None  # realpath: no error on a link loop
     for entry in entries:
-        if entry.name.startswith(".") or (skip is not None and entry.resolve() == skip.resolve()):
+        if entry.name.startswith(".") or (skip_real is not None and os.path.realpath(entry) == skip_real):
             continue
         suffix = _suffix_of(entry)
         if suffix is not None and not entry.is_file():
@@ -983,7 +984,7 @@ def find_cases(
     """
     images_dir = Path(images_dir)
     labels_path = Path(labels_dir) if labels_dir is not None else None
-    if labels_path is not None and images_dir.resolve() == labels_path.resolve():
+    if labels_path is not None and os.path.realpath(images_dir) == os.path.realpath(labels_path):
         # Every image would pair with itself as its label: an intensity "label" map.
         raise InputError(
             f"--labels {_show(labels_path)} is the --images folder - give the folder that holds"

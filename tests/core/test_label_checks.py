@@ -160,6 +160,13 @@ def _label_is_a_broken_link(images, labels):
     return [], [first.name, "not a readable file"]
 
 
+def _label_is_a_link_loop(images, labels):
+    first = _first(labels)
+    first.unlink()
+    first.symlink_to(first)
+    return [], [first.name, "not a readable file"]
+
+
 REFUSED = {
     "all-ignored": _all_ignored,
     "every-label-ignored": _every_label_ignored,
@@ -180,6 +187,7 @@ REFUSED = {
     "foreground-is-255": _foreground_is_255,
     "label-is-a-folder": _label_is_a_folder,
     "label-is-a-broken-link": _label_is_a_broken_link,
+    "label-is-a-link-loop": _label_is_a_link_loop,
 }
 
 
@@ -205,7 +213,7 @@ def test_predict_refuses_labels_equal_to_images(tiny_cohort, tmp_path, capsys):
     _expect_one_line_error(capsys, code, ["is the --images folder"], out)
 
 
-@pytest.mark.parametrize("kind", ["folder", "broken-link"])
+@pytest.mark.parametrize("kind", ["folder", "broken-link", "link-loop"])
 def test_find_cases_refuses_an_image_name_that_is_not_a_file(kind, tiny_cohort, tmp_path):
     images, labels = _cohort(tiny_cohort, tmp_path)
     bad = sorted(images.iterdir())[-1]
@@ -213,7 +221,7 @@ def test_find_cases_refuses_an_image_name_that_is_not_a_file(kind, tiny_cohort, 
     if kind == "folder":
         bad.mkdir()
     else:
-        bad.symlink_to(images / "gone.nii.gz")
+        bad.symlink_to(images / "gone.nii.gz" if kind == "broken-link" else bad)
     with pytest.raises(SGRSError, match=f"{bad.name}: named like a volume file"):
         find_cases(images, labels)
 
