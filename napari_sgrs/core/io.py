@@ -931,14 +931,17 @@ def _list_volumes(folder: Path, *, with_series: bool, skip: Path | None = None) 
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
-        raise InputError(f"{name}: cannot list the folder ({exc.strerror}) - check its permissions") from exc
-    skip_real = os.path.realpath(skip) if skip is not None else None  # realpath: no error on a link loop
+        raise InputError(
+            f"{name}: cannot list the folder ({exc.strerror}) - check its permissions"
+        ) from exc
+    # realpath, not resolve(): a looping link must not raise here
+    skip_real = os.path.realpath(skip) if skip is not None else None
     for entry in entries:
-        if entry.name.startswith(".") or (skip_real is not None and os.path.realpath(entry) == skip_real):
+        if entry.name.startswith(".") or (skip_real and os.path.realpath(entry) == skip_real):
             continue
         suffix = _suffix_of(entry)
         if suffix is not None and not entry.is_file():
-            what = "a folder" if entry.is_dir() else "not a readable file (a broken or looping link?)"
+            what = "a folder" if entry.is_dir() else "not a readable file (broken or looping link)"
             raise InputError(
                 f"{_show(entry)}: named like a volume file but is {what} - rename or remove it"
             )

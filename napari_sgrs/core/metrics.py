@@ -250,8 +250,9 @@ def case_metrics(
         raise InputError(
             f"spacing {spacing} must hold {pred.ndim} positive values (mm, axis order D,H,W)"
         )
-    pred, ref, _ = _drop_ignored(pred, ref, ignore_index, f"prediction {name!r}" if name else "prediction",
-                                 f"reference {name!r}" if name else "reference")
+    pred_what = f"prediction {name!r}" if name else "prediction"
+    ref_what = f"reference {name!r}" if name else "reference"
+    pred, ref, _ = _drop_ignored(pred, ref, ignore_index, pred_what, ref_what)
     top = int(max(pred.max(initial=0), ref.max(initial=0)))
     if num_classes is None:
         num_classes = max(2, top + 1)
@@ -317,8 +318,11 @@ def evaluate_folders(
         )
 
     if ignore_index is not None and not 0 <= ignore_index <= 255:
-        raise InputError(f"--ignore-index must be in 0..255 (the value of unannotated voxels), got {ignore_index}")
-    _check_ignore_is_no_class(ignore_index, num_classes or 2)  # 0 and 1 always are: refuse before reading
+        raise InputError(
+            f"--ignore-index must be in 0..255 (the value of unannotated voxels),"
+            f" got {ignore_index}"
+        )
+    _check_ignore_is_no_class(ignore_index, num_classes or 2)  # 0 and 1 always are classes
     loaded = []
     ignored = 0
     for case in sorted(preds):
@@ -349,7 +353,9 @@ def evaluate_folders(
     _check_ignore_is_no_class(ignore_index, num_classes)
     cases: list[CaseMetrics] = []
     for case, pred, ref, spacing in loaded:
-        cases.extend(case_metrics(pred, ref, spacing, num_classes=num_classes, name=case, ignore_index=None))
+        cases.extend(
+            case_metrics(pred, ref, spacing, num_classes=num_classes, name=case, ignore_index=None)
+        )
     report = EvaluationReport(
         cases=cases,
         summary=summarize(cases),

@@ -291,7 +291,7 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
     if k_given is not None:
         k = k_given  # validate_label has checked every value against it
     else:
-        _check_plausible_classes(values, ignore)
+        _check_plausible_classes(values)
         k = max(2, int(found.max(initial=0)) + 1)
         _check_ignore_is_no_class(ignore, k, found)
     if not (found > 0).any():
@@ -323,7 +323,7 @@ def _show_values(v: np.ndarray, at_most: int = 6) -> str:
         ", ".join(map(str, v[:at_most - 1])) + f", ..., {v[-1]}"
 
 
-def _check_plausible_classes(values: dict[str, np.ndarray], ignore: int) -> None:
+def _check_plausible_classes(values: dict[str, np.ndarray]) -> None:
     """Refuse labels that read as intensities, or as more classes than a prediction can hold."""
     name, worst = max(values.items(), key=lambda kv: len(kv[1]))
     if len(worst) > MAX_INFERRED_CLASSES:
