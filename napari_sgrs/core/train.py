@@ -257,7 +257,8 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
     Labels that would train something other than what the user meant are refused with one line:
     an ignore index that is a class (or outside 0..255), a label map holding image intensities,
     more classes than a uint8 prediction holds, or no foreground in any label. When the class
-    count is inferred, a one-line note naming the values found is appended to ``notes``.
+    count is inferred and is not the plain 0/1 of every label, a one-line note naming the values
+    found is appended to ``notes`` (the CLI prints it).
     """
     from .io import check_pair, read_volume, validate_label
 
@@ -300,8 +301,9 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
                f"structure, relabel it as 1" if ignored else " - label the structure as 1 (or 1..N)")
         raise InputError(f"no foreground in any label: every annotated voxel of the {len(values)} label file(s) "
                          f"({_some(values)}) is 0, background{fix}")
-    if k_given is None and notes is not None:
-        notes.append(_classes_note(values, found, k, ignore))
+    note = _classes_note(values, found, k, ignore) if k_given is None else None
+    if note and notes is not None:
+        notes.append(note)
     return loaded, k
 
 
@@ -352,19 +354,27 @@ def _check_ignore_is_no_class(ignore: int, k: int, found) -> None:
                       f"--ignore-index to the value that marks unannotated voxels (default 255)")
 
 
-def _classes_note(values: dict[str, np.ndarray], found: np.ndarray, k: int, ignore: int) -> str:
-    """One line naming the label values and the inferred class count, so a stray value shows."""
-    parts = [f"classes from the labels: values {_show_values(found, 12)} found "
-             f"(ignore index {ignore} left out) -> training {k} classes"]
+def _classes_note(values: dict[str, np.ndarray], found: np.ndarray, k: int, ignore: int) -> str | None:
+    """One line naming the label values and the inferred class count, so a stray value shows.
+
+    None for the common case that needs no word: two classes, both annotated, and class 1 in
+    every label file (a note on every run would bury the one that matters, and stderr of a
+    failing run stays its one error line).
+    """
     missing = sorted(set(range(k)) - {int(v) for v in found})
-    if missing:
-        parts.append(f"class(es) {_show_values(np.array(missing))} have no voxel")
+    rare = []
     if len(values) > 1:
         for v in found:
             holders = [n for n, vals in values.items() if v in vals]
             if len(holders) == 1 and v > 0:
-                parts.append(f"value {int(v)} only in {holders[0]}")
-    parts = parts[:5]  # one readable line, even for many rare values
+                rare.append(f"value {int(v)} only in {holders[0]}")
+    if k == 2 and not missing and not rare:
+        return None
+    parts = [f"classes from the labels: values {_show_values(found, 12)} found "
+             f"(ignore index {ignore} left out) -> training {k} classes"]
+    if missing:
+        parts.append(f"class(es) {_show_values(np.array(missing))} have no voxel")
+    parts = (parts + rare)[:5]  # one readable line, even for many rare values
     return "; ".join(parts) + "; --num-classes sets it"
 
 

@@ -228,19 +228,31 @@ def test_find_cases_refuses_an_image_name_that_is_not_a_file(kind, tiny_cohort, 
 
 # ----------------------------------------------------------------------------- train: accepted
 
-def _partial(a):
+def _partial(a, i=0):
     out = np.full_like(a, 255)
     out[::4] = a[::4]  # every fourth slice annotated, the rest unannotated
     return out
 
 
+def _stray_in_first(a, i):
+    if i == 0:
+        a[0, 0, 0] = 2
+    return a
+
+
 LEGIT = {
-    # id: (change to every label, extra TrainConfig settings, expected class count, words of the note)
-    "partial-255": (_partial, {}, 2, ["values 0, 1 found", "ignore index 255 left out", "training 2 classes"]),
-    "float-0-1": (lambda a: a.astype(np.float32), {}, 2, ["training 2 classes"]),
-    "other-ignore-index": (lambda a: np.where(_partial(a) == 255, 254, a).astype(np.uint8), {"ignore_index": 254}, 2,
-                           ["ignore index 254 left out", "training 2 classes"]),
-    "explicit-classes": (lambda a: a, {"num_classes": 4}, 4, None),
+    # id: (change(label, index), TrainConfig settings, class count, words of the note; None: no note)
+    "partial-255": (_partial, {}, 2, None),
+    "float-0-1": (lambda a, i: a.astype(np.float32), {}, 2, None),
+    "other-ignore-index": (lambda a, i: np.where(_partial(a) == 255, 254, a).astype(np.uint8),
+                           {"ignore_index": 254}, 2, None),
+    "explicit-classes": (lambda a, i: a, {"num_classes": 4}, 4, None),
+    "stray-value": (_stray_in_first, {}, 3, ["values 0, 1, 2 found", "ignore index 255 left out",
+                                             "training 3 classes", "value 2 only in", "blob_000.nii.gz"]),
+    "sparse-values": (lambda a, i: np.where(a == 1, 4, a), {}, 5,
+                      ["values 0, 4 found", "training 5 classes", "class(es) 1, 2, 3 have no voxel"]),
+    "no-background-annotated": (lambda a, i: np.where(a == 0, 255, a), {}, 2,
+                                ["values 1 found", "class(es) 0 have no voxel"]),
 }
 
 
@@ -250,14 +262,14 @@ def test_legitimate_labels_load(case, tiny_cohort, tmp_path):
 
     images, labels = _cohort(tiny_cohort, tmp_path)
     change, settings, k, words = LEGIT[case]
-    for p in labels.iterdir():
-        _rewrite(p, change)
+    for i, p in enumerate(sorted(labels.iterdir())):
+        _rewrite(p, lambda a: change(a, i))
     notes: list[str] = []
     loaded, num_classes = load_cases(find_cases(images, labels), tiny_config(**settings), notes)
     assert num_classes == k
     assert sum(c.label is not None for c in loaded) == len(tiny_cohort.labeled_names)
     if words is None:
-        assert notes == []  # a class count the user gave needs no note
+        assert notes == []  # plain 0/1 labels, or a class count the user gave: nothing to say
     else:
         assert len(notes) == 1 and "\n" not in notes[0], notes
         for w in words:
