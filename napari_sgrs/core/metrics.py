@@ -47,6 +47,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_sgrs.core.errors import InputError
+from napari_sgrs.core.project import IGNORE_INDEX  # unannotated voxels; never a class
 
 __all__ = [
     "CaseMetrics",
@@ -58,9 +59,6 @@ __all__ = [
     "summarize",
     "surface_distances",
 ]
-
-#: The label value of unannotated voxels (the trainer's --ignore-index default); never a class.
-IGNORE_INDEX = 255
 
 #: Metric fields of :class:`CaseMetrics`, in table order.
 METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
