@@ -372,9 +372,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_h5(args)
     if args.labels is None:
         raise ConfigError("give --labels DIR, or --h5-root ROOT --list FILE")
-    report = evaluate_folders(args.pred, args.labels, json_path=args.json)
-    print(report.format_table())
+    report = evaluate_folders(args.pred, args.labels, json_path=args.json, ignore_index=args.ignore_index)
+    _print_report(report)
     return 0
+
+
+def _print_report(report) -> None:
+    print(report.format_table())
+    if report.ignored_voxels:  # 0/255 masks would otherwise score as empty without a word
+        print(f"note: {report.ignored_voxels} voxels hold the ignore index {report.ignore_index} and are left out "
+              f"of every metric (--ignore-index sets it)", file=sys.stderr)
 
 
 def _evaluate_h5(args: argparse.Namespace) -> int:
@@ -390,8 +397,8 @@ def _evaluate_h5(args: argparse.Namespace) -> int:
         for case in read_h5_benchmark(args.h5_root, args.list):
             label = case.read_label()
             write_volume(Path(tmp) / f"{case.name}.nii.gz", label.array.astype("uint8"), label.geometry)
-        report = evaluate_folders(args.pred, tmp, json_path=args.json)
-    print(report.format_table())
+        report = evaluate_folders(args.pred, tmp, json_path=args.json, ignore_index=args.ignore_index)
+    _print_report(report)
     return 0
 
 
@@ -488,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None,
                    help="also write the report here: a new file, or an earlier sgrs evaluation report, outside "
                         "--pred and --labels")
+    p.add_argument("--ignore-index", type=int, default=255,
+                   help="voxels with this value (unannotated) are left out of every metric (default 255)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo-data", help="write a small procedural cohort with labels")

@@ -918,7 +918,12 @@ def write_volume(
 
 
 def _list_volumes(folder: Path, *, with_series: bool, skip: Path | None = None) -> dict[str, Path]:
-    """Map case name -> volume path for the visible volumes in ``folder``."""
+    """Map case name -> volume path for the visible volumes in ``folder``.
+
+    A name that ends like a volume (``case01.nii.gz``) but is a folder, a broken link or
+    another non-file is refused, not skipped: skipped, its case would silently lose its
+    label (or its image) and train as something it is not.
+    """
     name = _show(folder)
     if not folder.is_dir():
         raise InputError(f"{name}: no such folder - check the path")
@@ -926,19 +931,28 @@ def _list_volumes(folder: Path, *, with_series: bool, skip: Path | None = None) 
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
-        raise InputError(f"{name}: cannot list the folder ({exc.strerror})") from exc
+        raise InputError(
+            f"{name}: cannot list the folder ({exc.strerror}) - check its permissions"
+        ) from exc
+    # realpath, not resolve(): a looping link must not raise here
+    skip_real = os.path.realpath(skip) if skip is not None else None
     for entry in entries:
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or (skip_real and os.path.realpath(entry) == skip_real):
             continue
+        suffix = _suffix_of(entry)
+        if suffix is not None and not entry.is_file():
+            what = "a folder" if entry.is_dir() else "not a readable file (broken or looping link)"
+            raise InputError(
+                f"{_show(entry)}: named like a volume file but is {what} - rename or remove it"
+            )
         if entry.is_dir():
-            # A subfolder is a DICOM series, unless it is the labels folder itself.
-            if not with_series or (skip is not None and entry.resolve() == skip.resolve()):
-                continue
-            case = entry.name
-        elif entry.is_file() and _suffix_of(entry) is not None:
+            if not with_series:
+                continue  # subfolders of a labels folder are not labels
+            case = entry.name  # a DICOM series
+        elif suffix is not None:
             case = _stem_of(entry)
         else:
-            continue  # companions (.raw), notes, broken links
+            continue  # companions (.raw), notes, links to nowhere without a volume name
         if case in found:
             raise InputError(
                 f"{name}: two volumes for case '{case}' ({found[case].name} and {entry.name})"
@@ -967,11 +981,18 @@ def find_cases(
         Cases sorted by name.
 
     Raises:
-        InputError: a missing or empty folder, two volumes with one case name, or a label
-        whose image is missing.
+        InputError: a missing or empty folder, two volumes with one case name, a label
+        whose image is missing, the labels folder being the images folder, or a folder (or
+        broken link) named like a volume.
     """
     images_dir = Path(images_dir)
     labels_path = Path(labels_dir) if labels_dir is not None else None
+    if labels_path is not None and os.path.realpath(images_dir) == os.path.realpath(labels_path):
+        # Every image would pair with itself as its label: an intensity "label" map.
+        raise InputError(
+            f"--labels {_show(labels_path)} is the --images folder - give the folder that holds"
+            " the label maps (same file names as the images)"
+        )
     images = _list_volumes(images_dir, with_series=True, skip=labels_path)
     labels = _list_volumes(labels_path, with_series=False) if labels_path is not None else {}
     orphans = sorted(set(labels) - set(images))
@@ -1092,10 +1113,11 @@ def validate_label(label: Volume, num_classes: int | None, ignore_index: int | N
     """Check a label map and return it as an int64 ``(D, H, W)`` array.
 
     Values must be whole numbers in ``0 .. num_classes - 1`` (any non-negative whole number
-    when ``num_classes`` is None); ``ignore_index`` is allowed in addition.
+    when ``num_classes`` is None); ``ignore_index`` is allowed in addition, but not everywhere.
 
     Raises:
-        InputError: fractional, non-finite, negative or too-large values (first few listed).
+        InputError: fractional, non-finite, negative or too-large values (first few listed),
+        or every voxel is ``ignore_index`` (nothing annotated).
     """
     array = np.asarray(label.array)
     name = label.name
@@ -1123,6 +1145,12 @@ def validate_label(label: Volume, num_classes: int | None, ignore_index: int | N
     allowed_max = None if num_classes is None else int(num_classes) - 1
     low = int(values.min()) if values.size else 0
     high = int(values.max()) if values.size else 0
+    if ignore_index is not None and values.size and low == high == ignore_index:
+        # An annotation layer saved before anything was painted: it teaches nothing.
+        raise InputError(
+            f"{name}: every voxel is the ignore index {ignore_index}, so nothing is annotated"
+            " - label at least one slice, or remove the file to train the case as unlabeled"
+        )
     if low >= 0 and (allowed_max is None or high <= allowed_max):
         return values  # fast path: no unique() over the whole volume
     bad_mask = values < 0

@@ -20,6 +20,11 @@ Definitions (all per foreground class ``c``, on the binary masks ``P = pred == c
   ``mean(d(P→R))``; values are close but not identical.)
 - ``*_vox`` distances are in voxels (unit spacing); ``*_mm`` use the given spacing.
 
+Ignored voxels: a voxel holding the ignore index (255 by default, the value that marks
+unannotated voxels in a training label) in the reference or the prediction is left out of every
+metric: it is background in both masks, so it is neither a hit, a miss nor a false alarm, and the
+ignore index is never a class.
+
 Empty-mask conventions (never reported as 0):
 
 - P and R both empty: ``dice = jaccard = 1.0``; distances are ``nan`` ("undefined").
@@ -42,6 +47,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_sgrs.core.errors import InputError
+from napari_sgrs.core.project import IGNORE_INDEX  # unannotated voxels; never a class
 
 __all__ = [
     "CaseMetrics",
@@ -112,11 +118,15 @@ class EvaluationReport:
     pred_dir: str = ""
     label_dir: str = ""
     num_classes: int = 2
+    ignore_index: int | None = IGNORE_INDEX
+    ignored_voxels: int = 0  # voxels left out of every metric because they hold ignore_index
     definitions: dict[str, str] = field(
         default_factory=lambda: {
             "hd95": "max of the two directed 95th percentiles of surface distances (MedPy hd95)",
             "asd": "mean of the two directed mean surface distances (MedPy assd)",
             "surface": "foreground voxels with a background 6-neighbour",
+            "ignored": "voxels holding ignore_index in the reference or prediction are left out of "
+                       "every metric (background in both masks)",
             "both_empty": "dice=jaccard=1, distances null (undefined)",
             "one_empty": "dice=jaccard=0, distances 'inf'",
             "json": "nan is written as null and inf as the string 'inf'",
@@ -130,6 +140,8 @@ class EvaluationReport:
                 "pred_dir": self.pred_dir,
                 "label_dir": self.label_dir,
                 "num_classes": self.num_classes,
+                "ignore_index": self.ignore_index,
+                "ignored_voxels": self.ignored_voxels,
                 "definitions": self.definitions,
                 "summary": {str(k): asdict(v) for k, v in self.summary.items()},
                 "cases": [asdict(c) for c in self.cases],
@@ -202,6 +214,7 @@ def case_metrics(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     num_classes: int | None = None,
     name: str = "",
+    ignore_index: int | None = IGNORE_INDEX,
 ) -> list[CaseMetrics]:
     """Metrics of every foreground class of one case.
 
@@ -210,15 +223,18 @@ def case_metrics(
         ref: reference label volume, same shape.
         spacing: voxel size (D, H, W) in mm, for the ``*_mm`` distances.
         num_classes: number of classes including background; ``None`` infers
-            ``max(pred.max(), ref.max()) + 1`` (at least 2).
+            ``max(pred.max(), ref.max()) + 1`` (at least 2), ignored voxels left out.
         name: case name stored in each record.
+        ignore_index: voxels holding this value in ``ref`` or ``pred`` are left out of every
+            metric; ``None``: every value is a class.
 
     Returns:
         One :class:`CaseMetrics` per class 1 .. num_classes-1, in class order.
 
     Raises:
         InputError: shapes differ, spacing does not match the dimensions, values are not
-            integer class ids, or a value is >= num_classes.
+            integer class ids, a value is >= num_classes, the ignore index is a class, or
+            every reference voxel is ignored.
     """
     pred = _as_label_array(pred, f"prediction {name!r}" if name else "prediction")
     ref = _as_label_array(ref, f"reference {name!r}" if name else "reference")
@@ -232,10 +248,14 @@ def case_metrics(
         raise InputError(
             f"spacing {spacing} must hold {pred.ndim} positive values (mm, axis order D,H,W)"
         )
+    pred_what = f"prediction {name!r}" if name else "prediction"
+    ref_what = f"reference {name!r}" if name else "reference"
+    pred, ref, _ = _drop_ignored(pred, ref, ignore_index, pred_what, ref_what)
     top = int(max(pred.max(initial=0), ref.max(initial=0)))
     if num_classes is None:
         num_classes = max(2, top + 1)
-    elif top >= num_classes:
+    _check_ignore_is_no_class(ignore_index, num_classes)
+    if top >= num_classes:
         raise InputError(
             f"label value {top} found{' in case ' + repr(name) if name else ''} but "
             f"num_classes={num_classes}; pass num_classes>={top + 1}"
@@ -252,6 +272,7 @@ def evaluate_folders(
     *,
     json_path: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    ignore_index: int | None = IGNORE_INDEX,
 ) -> EvaluationReport:
     """Evaluate every prediction in ``pred_dir`` against the same-named file in ``label_dir``.
 
@@ -266,16 +287,21 @@ def evaluate_folders(
         label_dir: folder of reference label volumes.
         json_path: if given, the report is also written there as JSON.
         num_classes: classes including background; ``None`` infers it from all files.
+        ignore_index: voxels holding this value (in the reference or the prediction) are left
+            out of every metric; ``None``: every value is a class.
 
     Raises:
         InputError: a folder is missing or has no volumes, a prediction has no reference,
-            a reference has no prediction, or a pair differs in shape or spacing.
+            a reference has no prediction, a pair differs in shape or spacing, a reference
+            is ignored everywhere, or the ignore index is one of the classes.
     """
-    from napari_sgrs.core.io import read_volume
+    from napari_sgrs.core.io import _list_volumes, read_volume
 
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
-    preds = _list_volumes(pred_dir, "prediction")
-    refs = _list_volumes(label_dir, "reference")
+    # the case listing of training and prediction: a folder or broken link named like a volume is
+    # refused there rather than skipped, so no case drops out of the evaluation unseen
+    preds = _list_volumes(pred_dir, with_series=False)
+    refs = _list_volumes(label_dir, with_series=False)
     missing_ref = sorted(set(preds) - set(refs))
     if missing_ref:
         raise InputError(
@@ -289,7 +315,14 @@ def evaluate_folders(
             f" ({len(missing_pred)} unmatched); predict that image or remove the label"
         )
 
+    if ignore_index is not None and not 0 <= ignore_index <= 255:
+        raise InputError(
+            f"--ignore-index must be in 0..255 (the value of unannotated voxels),"
+            f" got {ignore_index}"
+        )
+    _check_ignore_is_no_class(ignore_index, num_classes or 2)  # 0 and 1 always are classes
     loaded = []
+    ignored = 0
     for case in sorted(preds):
         pred_vol = read_volume(preds[case], dataset="label")
         ref_vol = read_volume(refs[case], dataset="label")
@@ -307,20 +340,28 @@ def evaluate_folders(
                 f"prediction {preds[case]} has spacing {p_sp} but reference {refs[case]} has "
                 f"{r_sp}; write predictions with the input image geometry"
             )
+        pred, ref, n_ignored = _drop_ignored(pred, ref, ignore_index, f"prediction {preds[case]}",
+                                             f"reference {refs[case]}")
+        ignored += n_ignored
         loaded.append((case, pred, ref, r_sp))
 
     if num_classes is None:
         top = max(int(max(p.max(initial=0), r.max(initial=0))) for _, p, r, _ in loaded)
         num_classes = max(2, top + 1)
+    _check_ignore_is_no_class(ignore_index, num_classes)
     cases: list[CaseMetrics] = []
     for case, pred, ref, spacing in loaded:
-        cases.extend(case_metrics(pred, ref, spacing, num_classes=num_classes, name=case))
+        cases.extend(
+            case_metrics(pred, ref, spacing, num_classes=num_classes, name=case, ignore_index=None)
+        )
     report = EvaluationReport(
         cases=cases,
         summary=summarize(cases),
         pred_dir=str(pred_dir),
         label_dir=str(label_dir),
         num_classes=num_classes,
+        ignore_index=ignore_index,
+        ignored_voxels=ignored,
     )
     if json_path is not None:
         report.to_json(json_path)
@@ -379,6 +420,38 @@ def _class_metrics(
     )
 
 
+def _drop_ignored(
+    pred: np.ndarray, ref: np.ndarray, ignore_index: int | None, pred_what: str, ref_what: str
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Make voxels holding ``ignore_index`` in either volume background in both.
+
+    Returns the two arrays (copies where something was ignored) and the ignored voxel count.
+    The training loop's validation drops ignored voxels the same way.
+    """
+    if ignore_index is None or pred.shape != ref.shape:
+        return pred, ref, 0  # no ignore index, or a shape error the caller reports
+    ignored = (ref == ignore_index) | (pred == ignore_index)
+    n = int(ignored.sum())
+    if n == 0:
+        return pred, ref, 0
+    if n == ignored.size:
+        what = ref_what if bool((ref == ignore_index).all()) else f"{pred_what} with {ref_what}"
+        raise InputError(
+            f"{what}: every voxel holds the ignore index {ignore_index}, so nothing is left to"
+            " evaluate - give the annotated labels, or set --ignore-index"
+        )
+    return np.where(ignored, 0, pred), np.where(ignored, 0, ref), n
+
+
+def _check_ignore_is_no_class(ignore_index: int | None, num_classes: int) -> None:
+    if ignore_index is not None and ignore_index < num_classes:
+        raise InputError(
+            f"--ignore-index {ignore_index} is one of the {num_classes} classes (0.."
+            f"{num_classes - 1}), so that class would not be scored - set it to the value of"
+            " unannotated voxels (default 255)"
+        )
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Foreground voxels with a background 6-neighbour (outside the array is background)."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -420,33 +493,6 @@ def _as_label_array(array: np.ndarray, what: str) -> np.ndarray:
     if array.size and array.min() < 0:
         raise InputError(f"{what} holds negative label {int(array.min())}; labels must be >= 0")
     return array
-
-
-def _list_volumes(folder: Path, what: str) -> dict[str, Path]:
-    """Map case name -> volume file directly in ``folder`` (sub-folders are not read)."""
-    from napari_sgrs.core.io import SUPPORTED_SUFFIXES
-
-    if not folder.is_dir():
-        raise InputError(f"{what} folder {folder} does not exist; pass an existing folder")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        lower = path.name.lower()
-        suffix = next((s for s in SUPPORTED_SUFFIXES if lower.endswith(s)), None)
-        if path.name.startswith(".") or suffix is None or not path.is_file():
-            continue
-        case = path.name[: -len(suffix)]
-        if case in found:
-            raise InputError(
-                f"{what} files {found[case].name} and {path.name} both name case {case!r}; "
-                "keep one"
-            )
-        found[case] = path
-    if not found:
-        raise InputError(
-            f"{what} folder {folder} holds no volumes ({', '.join(SUPPORTED_SUFFIXES)}); "
-            "check the path"
-        )
-    return found
 
 
 def _fmt(value: float) -> str:

@@ -329,11 +329,39 @@ class LoadedCase:
     spacing: tuple[float, float, float]
 
 
-def load_cases(cases: list, config: TrainConfig) -> tuple[list[LoadedCase], int]:
-    """Read, check and pair the volumes. Returns the cases and the class count."""
+#: Prediction volumes are uint8 and checkpoints hold 2..255 classes (checkpoint.py), so no run
+#: trains more: the classes are 0..254 and 255 stays free for the ignore index.
+MAX_CLASSES = 255
+#: Without --num-classes, a label map with more distinct values than this is taken for an image
+#: (--labels pointing at intensities) rather than trained as that many classes.
+MAX_INFERRED_CLASSES = 64
+
+
+def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
+               ) -> tuple[list[LoadedCase], int]:
+    """Read, check and pair the volumes. Returns the cases and the class count.
+
+    Labels that would train something other than what the user meant are refused with one line:
+    an ignore index that is a class (or outside 0..255), a label map holding image intensities,
+    more classes than a uint8 prediction holds, or no foreground in any label. When the class
+    count is inferred and is not the plain 0/1 of every label, a one-line note naming the values
+    found is appended to ``notes`` (the CLI prints it).
+    """
     from .io import check_pair, read_volume, validate_label
 
+    ignore = config.ignore_index
+    if type(ignore) is not int or not 0 <= ignore <= 255:
+        raise ConfigError(f"--ignore-index must be a whole number in 0..255 (label files are uint8 and 255, the "
+                          f"default, marks unannotated voxels), got {ignore!r}")
+    k_given = config.num_classes
+    if k_given is not None:
+        if type(k_given) is not int or not 2 <= k_given <= MAX_CLASSES:
+            raise ConfigError(f"--num-classes must be a whole number in 2..{MAX_CLASSES} (background included; "
+                              f"prediction volumes are uint8), got {k_given!r}")
+        _check_ignore_is_no_class(ignore, k_given, [])
+
     loaded: list[LoadedCase] = []
+    values: dict[str, np.ndarray] = {}  # label file -> distinct values other than the ignore index
     for case in cases:
         img = read_volume(case.image)
         lab = None
@@ -341,18 +369,100 @@ def load_cases(cases: list, config: TrainConfig) -> tuple[list[LoadedCase], int]
             lv = read_volume(case.label, dataset="label") if str(case.label).endswith((".h5", ".hdf5")) \
                 else read_volume(case.label)
             check_pair(img, lv)
-            lab = validate_label(lv, config.num_classes, config.ignore_index)
+            lab = validate_label(lv, k_given, ignore)
+            values[lv.name] = _label_values(lab, ignore)
         loaded.append(LoadedCase(case.name, img.array, lab, tuple(img.geometry.spacing)))
-    labeled = [c for c in loaded if c.label is not None]
-    if not labeled:
+    if not values:
         raise InputError("no labeled volume: put at least one label file with the same name as its image "
                          "in the --labels folder")
-    if config.num_classes is not None:
-        k = config.num_classes
+    found = np.unique(np.concatenate(list(values.values())))
+    if k_given is not None:
+        k = k_given  # validate_label has checked every value against it
     else:
-        top = max(int(c.label[c.label != config.ignore_index].max(initial=0)) for c in labeled)
-        k = max(2, top + 1)
+        _check_plausible_classes(values)
+        k = max(2, int(found.max(initial=0)) + 1)
+        _check_ignore_is_no_class(ignore, k, found)
+    if not (found > 0).any():
+        ignored = sum(int((c.label == ignore).sum()) for c in loaded if c.label is not None)
+        fix = (f"; {ignored} voxels hold {ignore}, the ignore index (unannotated) - if {ignore} marks your "
+               f"structure, relabel it as 1" if ignored else " - label the structure as 1 (or 1..N)")
+        raise InputError(f"no foreground in any label: every annotated voxel of the {len(values)} label file(s) "
+                         f"({_some(values)}) is 0, background{fix}")
+    note = _classes_note(values, found, k, ignore) if k_given is None else None
+    if note and notes is not None:
+        notes.append(note)
     return loaded, k
+
+
+def _label_values(label: np.ndarray, ignore_index: int) -> np.ndarray:
+    """Distinct values of a validated (non-negative int64) label map, the ignore index left out."""
+    top = int(label.max(initial=0))
+    present = np.flatnonzero(np.bincount(label.ravel())) if top < 1 << 16 else np.unique(label)
+    return present[present != ignore_index]
+
+
+def _some(names, at_most: int = 3) -> str:
+    names = list(names)
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
+def _show_values(v: np.ndarray, at_most: int = 6) -> str:
+    v = [int(x) for x in v]
+    return ", ".join(map(str, v)) if len(v) <= at_most else \
+        ", ".join(map(str, v[:at_most - 1])) + f", ..., {v[-1]}"
+
+
+def _check_plausible_classes(values: dict[str, np.ndarray]) -> None:
+    """Refuse labels that read as intensities, or as more classes than a prediction can hold."""
+    name, worst = max(values.items(), key=lambda kv: len(kv[1]))
+    if len(worst) > MAX_INFERRED_CLASSES:
+        raise InputError(f"{name}: label holds {len(worst)} distinct values ({_show_values(worst)}), which "
+                         f"looks like an image, not a label map - point --labels at the label maps, or pass "
+                         f"--num-classes if these really are classes")
+    name, worst = max(values.items(), key=lambda kv: kv[1].max(initial=0))
+    top = int(worst.max(initial=0))
+    if top + 1 > MAX_CLASSES:
+        raise InputError(f"{name}: label value {top} would make {top + 1} classes, but prediction volumes are "
+                         f"uint8 and hold at most {MAX_CLASSES} classes (0..{MAX_CLASSES - 1}) - renumber the "
+                         f"classes 0..N-1")
+
+
+def _check_ignore_is_no_class(ignore: int, k: int, found) -> None:
+    """The ignore index must not be one of the classes 0..k-1: its voxels would never be taught."""
+    if ignore >= k:
+        return
+    if ignore == 0:
+        what = "0 is background"
+    elif len(found) and int(np.max(found)) < ignore:
+        what = f"{ignore} is the only foreground class in the labels"
+    else:
+        what = f"{ignore} is one of the {k} classes (0..{k - 1})"
+    raise ConfigError(f"--ignore-index {ignore}: {what}, so its voxels would never be trained - set "
+                      f"--ignore-index to the value that marks unannotated voxels (default 255)")
+
+
+def _classes_note(values: dict[str, np.ndarray], found: np.ndarray, k: int, ignore: int) -> str | None:
+    """One line naming the label values and the inferred class count, so a stray value shows.
+
+    None for the common case that needs no word: two classes, both annotated, and class 1 in
+    every label file (a note on every run would bury the one that matters, and stderr of a
+    failing run stays its one error line).
+    """
+    missing = sorted(set(range(k)) - {int(v) for v in found})
+    rare = []
+    if len(values) > 1:
+        for v in found:
+            holders = [n for n, vals in values.items() if v in vals]
+            if len(holders) == 1 and v > 0:
+                rare.append(f"value {int(v)} only in {holders[0]}")
+    if k == 2 and not missing and not rare:
+        return None
+    parts = [f"classes from the labels: values {_show_values(found, 12)} found "
+             f"(ignore index {ignore} left out) -> training {k} classes"]
+    if missing:
+        parts.append(f"class(es) {_show_values(np.array(missing))} have no voxel")
+    parts = (parts + rare)[:5]  # one readable line, even for many rare values
+    return "; ".join(parts) + "; --num-classes sets it"
 
 
 def split_validation(labeled: list[LoadedCase], fraction: float, seed: int
@@ -694,7 +804,8 @@ def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, write
     rng = np.random.default_rng(config.seed + rank)
     gen = torch.Generator(device=device).manual_seed(config.seed + 7919 * (rank + 1))
 
-    loaded, num_classes = load_cases(cases, config)
+    notes: list[str] = []  # one-line notices from the data checks, sent with the started event
+    loaded, num_classes = load_cases(cases, config, notes)
     if _any_rank(stop.requested(), distributed, device):  # stopped while the volumes loaded
         return _stopped_before_training(run, resume, writer, stop, distributed, device)
     labeled = [c for c in loaded if c.label is not None]
@@ -796,7 +907,7 @@ def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, write
     writer.emit(EventKind.STARTED, step, total=config.iterations, device=device_name, method=config.method,
                 num_classes=num_classes, patch_size=list(patch), labeled=len(train_lab),
                 unlabeled=len(unlabeled), validation=len(val), world_size=world, ranks=per_rank_volumes,
-                workers=config.workers)
+                workers=config.workers, **({"note": " ".join(notes)} if notes else {}))
     batch_source = _batch_source(batches, config, rank, world, device, step)
     island_classes = (meta_base["single_component_classes"]
                       if config.method == "sgrs" and config.pseudo_islands == "background" else [])

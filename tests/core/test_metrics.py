@@ -326,9 +326,9 @@ def test_evaluate_folders_spacing_mismatch(folders):
 def test_evaluate_folders_missing_or_empty_folder(tmp_path):
     (tmp_path / "pred").mkdir()
     (tmp_path / "labels").mkdir()
-    with pytest.raises(InputError, match="holds no volumes"):
+    with pytest.raises(InputError, match="pred: no volumes found"):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="nope: no such folder"):
         evaluate_folders(tmp_path / "nope", tmp_path / "labels")
 
 
