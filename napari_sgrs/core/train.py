@@ -176,11 +176,14 @@ class TrainConfig:
             raise ConfigError(f"--rampup-fraction must be in [0, 1], got {self.rampup_fraction}")
         if not self.ct_window[0] < self.ct_window[1]:
             raise ConfigError(f"--ct-window needs LOW < HIGH, got {self.ct_window[0]} {self.ct_window[1]}")
-        if self.num_classes is not None and not 2 <= self.num_classes <= 255:
-            raise ConfigError(f"--num-classes must be between 2 and 255 (background included), got {self.num_classes}")
-        if self.ignore_index < 0 or (self.num_classes is not None and self.ignore_index < self.num_classes):
-            raise ConfigError(f"--ignore-index must be >= 0 and not one of the classes 0..{(self.num_classes or 2) - 1}, "
-                              f"got {self.ignore_index}")
+        if type(self.ignore_index) is not int or not 0 <= self.ignore_index <= 255:
+            raise ConfigError(f"--ignore-index must be a whole number in 0..255 (label files are uint8 and 255, the "
+                              f"default, marks unannotated voxels), got {self.ignore_index!r}")
+        if self.num_classes is not None:
+            if type(self.num_classes) is not int or not 2 <= self.num_classes <= MAX_CLASSES:
+                raise ConfigError(f"--num-classes must be a whole number in 2..{MAX_CLASSES} (background included; "
+                                  f"prediction volumes are uint8), got {self.num_classes!r}")
+            _check_ignore_is_no_class(self.ignore_index, self.num_classes, [])
         if self.normalization not in ("zscore", "ct", "none"):
             raise ConfigError(f"--normalization must be zscore, ct or none, got {self.normalization!r}")
         if self.method != "supervised" and self.batch_size < 2:
@@ -349,16 +352,9 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
     """
     from .io import check_pair, read_volume, validate_label
 
+    config.validate()  # the ranges of --ignore-index and --num-classes, before any volume is read
     ignore = config.ignore_index
-    if type(ignore) is not int or not 0 <= ignore <= 255:
-        raise ConfigError(f"--ignore-index must be a whole number in 0..255 (label files are uint8 and 255, the "
-                          f"default, marks unannotated voxels), got {ignore!r}")
     k_given = config.num_classes
-    if k_given is not None:
-        if type(k_given) is not int or not 2 <= k_given <= MAX_CLASSES:
-            raise ConfigError(f"--num-classes must be a whole number in 2..{MAX_CLASSES} (background included; "
-                              f"prediction volumes are uint8), got {k_given!r}")
-        _check_ignore_is_no_class(ignore, k_given, [])
 
     loaded: list[LoadedCase] = []
     values: dict[str, np.ndarray] = {}  # label file -> distinct values other than the ignore index

@@ -211,9 +211,9 @@ def test_a_stale_stop_is_removed_and_a_fresh_one_honoured_before_the_first_step(
 
     real = T.load_cases
 
-    def stop_while_loading(cases, config):  # the panel's Stop while the volumes load
+    def stop_while_loading(cases, config, *rest):  # the panel's Stop while the volumes load
         (run / "STOP").touch()
-        return real(cases, config)
+        return real(cases, config, *rest)
 
     before = (run / "checkpoints" / "last.safetensors").read_bytes()
     for when in ("before the call", "while loading"):
