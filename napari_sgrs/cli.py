@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .core.errors import ConfigError, InputError, ResourceError, SGRSError
+from .core.errors import ConfigError, InputError, InputWarning, ResourceError, SGRSError
 
 EXIT_USAGE = 2
 
@@ -238,13 +238,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     for case in tqdm(cases, desc="predict", unit="volume", disable=args.quiet):
-        vol = read_volume(case.image)
+        vol = read_volume(case.image, nan="keep")  # NaN: no data; predicted as background, with a warning
         want_regions = args.regions and case.name not in labeled_names
         check_inference_memory(vol.array.shape, predictor.patch, predictor.num_classes, predictor.device,
                                regions=want_regions, base_filters=getattr(predictor.model, "base_filters", 16),
                                sw_batch_size=args.sw_batch_size, name=str(case.image))
         pred = predictor.predict(vol.array, regions=want_regions, overlap=args.overlap,
-                                 batch_size=args.sw_batch_size, largest_component=args.largest_component)
+                                 batch_size=args.sw_batch_size, largest_component=args.largest_component,
+                                 name=str(case.image))
         name = f"{case.name}.nii.gz" if args.h5_root is not None else _output_name(case.image)
         write_volume(out / name, pred.label, vol.geometry)
         if want_regions:
@@ -423,12 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_input_warnings(message, category, filename, lineno, file=None, line=None, *, _default=None):
+    """Our warnings (InputWarning) are one line, ``warning: <message>``; others print as Python's do."""
+    if issubclass(category, InputWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what --resume calls 'given'
+    import functools
+    import warnings
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_print_input_warnings, _default=warnings.showwarning)
+            return int(args.func(args) or 0)
     except SGRSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

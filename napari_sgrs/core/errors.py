@@ -33,3 +33,8 @@ class ResourceError(SGRSError):
 
 class TrainingDiverged(SGRSError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class InputWarning(UserWarning):
+    """An input that is used, but not quite as given (e.g. NaN voxels ignored): one line naming
+    the file. The CLI prints it as ``warning: <message>``."""

@@ -393,7 +393,7 @@ def _outside_folder(folder: Path, entry: str) -> str | None:
         except (OSError, RuntimeError):  # a looping link
             inside = False
         if not inside:
-            return "a link to a file outside the folder"
+            return "a link to a file elsewhere"
     return None
 
 
@@ -720,8 +720,8 @@ def _data_files(path: Path, value: str, following: list[str] | None) -> list[Pat
         why = _outside_folder(path.parent, entry)
         if why:
             raise InputError(
-                f"{name}: its data file '{entry}' is {why}, outside the header's folder, and is"
-                " not read - put the data file in the header's folder and name it relative to it"
+                f"{name}: its data file '{entry}' is {why}; no file outside the header's folder is"
+                " read - put the data file in that folder and name it relative to the header"
             )
 
     check(value)

@@ -244,17 +244,19 @@ class LoadedCase:
 
 def load_cases(cases: list, config: TrainConfig) -> tuple[list[LoadedCase], int]:
     """Read, check and pair the volumes. Returns the cases and the class count."""
+    from .data import mask_outside_view
     from .io import check_pair, read_volume, validate_label
 
     loaded: list[LoadedCase] = []
     for case in cases:
-        img = read_volume(case.image)
+        img = read_volume(case.image, nan="keep")  # NaN: no data (outside the field of view), masked below
         lab = None
         if case.label is not None:
             lv = read_volume(case.label, dataset="label") if str(case.label).endswith((".h5", ".hdf5")) \
                 else read_volume(case.label)
             check_pair(img, lv)
             lab = validate_label(lv, config.num_classes, config.ignore_index)
+        mask_outside_view(img.name, img.array, lab, config.ignore_index)
         loaded.append(LoadedCase(case.name, img.array, lab, tuple(img.geometry.spacing)))
     labeled = [c for c in loaded if c.label is not None]
     if not labeled:
