@@ -170,10 +170,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def _check_fits_in_memory(path: Path) -> None:
     """Loading holds the file's bytes and the tensors made from them: refuse before reading."""
-    from .memory import HEADROOM, _gib, available_bytes
+    from .memory import HEADROOM, _gib, host_available_bytes
 
     size = path.stat().st_size
-    free = available_bytes("cpu")
+    free = host_available_bytes()
     if free is not None and 2 * size > HEADROOM * free:
         raise ResourceError(f"{path}: loading this {_gib(size)} checkpoint needs about {_gib(2 * size)} of memory "
                             f"but only {_gib(free)} is free; free memory or use a machine with more")

@@ -365,7 +365,7 @@ def _check_memory(shape: tuple[int, ...], itemsize: int, name: str) -> None:
 
     voxels = math.prod(shape)
     need = voxels * (2 * itemsize + 2 * 4)
-    free = memory.available_bytes("cpu")
+    free = memory.host_available_bytes()
     if free is None or need <= memory.HEADROOM * free:
         return
     raise ResourceError(
