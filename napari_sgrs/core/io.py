@@ -566,9 +566,22 @@ def _check_xforms(header: Any, name: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Keep nibabel's header-fix log lines ("data code 999 not recognized ...") off stderr: our
+    error, or the volume, is what the user gets. (nibabel's LoggingOutputSuppressor removes the
+    handlers, and Python's last-resort handler then prints the same lines.)"""
+    from nibabel.imageglobals import logger
+
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
 def _read_nifti(path: Path, name: str, dataset: str, nan: str) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
-    from nibabel.imageglobals import LoggingOutputSuppressor
 
     gz = path.name.lower().endswith(".gz")
     stored = path.stat().st_size
@@ -576,9 +589,8 @@ def _read_nifti(path: Path, name: str, dataset: str, nan: str) -> tuple[np.ndarr
         path, name, gz, stored * _MAX_DEFLATE_RATIO + _DEFLATE_SLACK_BYTES if gz else stored
     )
     # mmap=False: a memory map would keep the file open (Windows cannot replace it) and
-    # make later reads fail lazily, outside our error handling. nibabel logs header fixes to
-    # stderr itself; our error or the volume is what the user gets.
-    with LoggingOutputSuppressor():
+    # make later reads fail lazily, outside our error handling.
+    with _nibabel_quiet():
         img = nib.load(os.fspath(path), mmap=False)
     header = img.header
     dtype = header.get_data_dtype()
@@ -595,7 +607,7 @@ def _read_nifti(path: Path, name: str, dataset: str, nan: str) -> tuple[np.ndarr
     # nibabel applies scl_slope/scl_inter in float64.
     scaled = getattr(img.dataobj, "slope", 1.0) != 1.0 or getattr(img.dataobj, "inter", 0.0) != 0.0
     _check_memory(shape_ijk, 8 if scaled else max(dtype.itemsize, 1), name)
-    with LoggingOutputSuppressor():
+    with _nibabel_quiet():
         data = np.asanyarray(img.dataobj)
     if isinstance(data, np.memmap):  # belt and braces: never hand out a file-backed array
         data = np.array(data)

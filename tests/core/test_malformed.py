@@ -325,7 +325,7 @@ def _nifti_extension_claiming(tmp: Path) -> Path:
 
 
 def _checkpoint(tmp: Path, change=None, *, meta: dict | None = None) -> Path:
-    """A checkpoint of a 1-filter V-Net (40 kB); ``change(tensors)`` tampers with its weights."""
+    """A checkpoint of a 1-filter V-Net (190 kB); ``change(tensors)`` tampers with its weights."""
     import torch
 
     from napari_sgrs.core.checkpoint import save_checkpoint
