@@ -1389,7 +1389,16 @@ def read_h5_benchmark(root: os.PathLike | str, list_file: os.PathLike | str) -> 
         raise InputError(f"{_show(list_path)}: the case list is empty - one case name per line")
     cases = []
     for case in names:
+        # A case names a file under root: '../x' or '/x' in a downloaded list must not reach out.
         file = _benchmark_file(root, case)
+        why = _outside_folder(root, case) or (
+            file is not None and _outside_folder(root, os.path.relpath(file, root))
+        )
+        if why:
+            raise InputError(
+                f"{_show(list_path)}: case '{case}' is {why}; only files inside {_show(root)} are"
+                f" read (as {case}/mri_norm2.h5, {case}.h5 or {case}/*.h5) - fix the case list"
+            )
         if file is None:
             raise InputError(
                 f"{_show(list_path)}: case '{case}' has no h5 file (looked for"

@@ -372,6 +372,11 @@ def _drop(name: str):
     return change
 
 
+def _list_cases(listing: Path, *cases: str) -> Path:
+    listing.write_text("".join(case + "\n" for case in cases))
+    return listing
+
+
 def load_ckpt(path: Path) -> object:
     from napari_sgrs.core.checkpoint import load_checkpoint
 
@@ -662,6 +667,17 @@ CORPUS: list = [
         id="ckpt-rng-state",
     ),
     pytest.param(lambda t: _checkpoint(t, meta={"tau": "high"}), load_ckpt, id="ckpt-text-tau"),
+    # a benchmark case list naming files outside its root
+    pytest.param(
+        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=np.zeros(SHAPE)), f"../{t.name}/case1"),
+        benchmark,
+        id="h5-benchmark-case-dotdot",
+    ),
+    pytest.param(
+        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=np.zeros(SHAPE)), str(t / "case1")),
+        benchmark,
+        id="h5-benchmark-case-absolute",
+    ),
     # label values
     pytest.param(
         lambda t: write_volume(t / "lab7.nii.gz", np.full(SHAPE, 7, np.uint8), GEOMETRY),
