@@ -6,8 +6,10 @@ User errors (``SGRSError``) print ``error: <one line>`` and exit with code 2, no
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .core.errors import ConfigError, InputError, InputWarning, ResourceError, SGRSError
@@ -436,9 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what --resume calls 'given'
-    import functools
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.showwarning = functools.partial(_print_input_warnings, _default=warnings.showwarning)

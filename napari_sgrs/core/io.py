@@ -695,7 +695,9 @@ def _file_pattern(words: list[str], name: str) -> list[str] | None:
     except ValueError:
         return None
     if step == 0:
-        raise InputError(f"{name}: the header's data file pattern has step 0 - the header is corrupt")
+        raise InputError(
+            f"{name}: the header's data file pattern has step 0 - the header is corrupt"
+        )
     numbers = range(first, last + (1 if step > 0 else -1), step)
     if len(numbers) > _MAX_DATA_FILES:
         raise InputError(
@@ -742,10 +744,14 @@ def _data_files(path: Path, value: str, following: list[str] | None) -> list[Pat
         return None
     if words[0].upper() == "LIST":
         if following is None:
-            raise InputError(f"{name}: the header's list of data files is too long - the header is corrupt")
+            raise InputError(
+                f"{name}: the header's list of data files is too long - the header is corrupt"
+            )
         files = [line for line in following if line]
         if len(files) > _MAX_DATA_FILES:
-            raise InputError(f"{name}: the header lists {len(files)} data files - the header is corrupt")
+            raise InputError(
+                f"{name}: the header lists {len(files)} data files - the header is corrupt"
+            )
     else:
         files = _file_pattern(words, name) or [value]
     for entry in (*words, *files):

@@ -234,7 +234,7 @@ def _slices(tmp: Path) -> None:
 
 
 def _up(tmp: Path, name: str) -> str:
-    """A name that leaves ``tmp`` through '..' and comes back: the data is there, the path escapes."""
+    """A name leaving ``tmp`` through '..' and coming back: the data is there, the path escapes."""
     return f"../{tmp.name}/{name}"
 
 
@@ -279,7 +279,8 @@ def _h5_external_raw(tmp: Path) -> Path:
     _slices(tmp)
     path = tmp / "external.h5"
     with h5py.File(path, "w") as f:
-        f.create_dataset("image", shape=(2, 3, 4), dtype="u1", external=[(str(tmp / "d.raw"), 0, 24)])
+        external = [(str(tmp / "d.raw"), 0, 24)]
+        f.create_dataset("image", shape=(2, 3, 4), dtype="u1", external=external)
     return path
 
 
@@ -298,7 +299,7 @@ def _h5_elsewhere(tmp: Path, kind: str) -> Path:
     return path
 
 
-def _xforms(tmp: Path, name: str, qform_shift: tuple[float, float, float], qform_zoom: float) -> Path:
+def _xforms(tmp: Path, name: str, qform_shift: tuple[float, ...], qform_zoom: float) -> Path:
     """A NIfTI whose sform (1 mm voxels) and qform (both code 1) place the voxels differently."""
     sform = np.diag([1.0, 1.0, 1.0, 1.0])
     qform = np.diag([qform_zoom, qform_zoom, qform_zoom, 1.0])
@@ -596,7 +597,9 @@ CORPUS: list = [
     pytest.param(lambda t: _nhdr(t, str(t / "d.raw")), read, id="nhdr-data-file-absolute"),
     pytest.param(lambda t: _nhdr(t, _up(t, "d.raw")), read, id="nhdr-data-file-dotdot"),
     pytest.param(lambda t: _nhdr(t, _link_out(t)), read, id="nhdr-data-file-link-out"),
-    pytest.param(lambda t: _nhdr(t, "LIST", "s0.raw", _up(t, "s1.raw")), read, id="nhdr-list-dotdot"),
+    pytest.param(
+        lambda t: _nhdr(t, "LIST", "s0.raw", _up(t, "s1.raw")), read, id="nhdr-list-dotdot"
+    ),
     pytest.param(lambda t: _nhdr(t, "LIST", "s0.raw", str(OUTSIDE)), read, id="nhdr-list-absolute"),
     pytest.param(lambda t: _nhdr(t, _up(t, "s%d.raw") + " 0 1 1"), read, id="nhdr-pattern-dotdot"),
     pytest.param(lambda t: _mhd(t, str(t / "d.raw")), read, id="mhd-data-file-absolute"),
@@ -669,12 +672,12 @@ CORPUS: list = [
     pytest.param(lambda t: _checkpoint(t, meta={"tau": "high"}), load_ckpt, id="ckpt-text-tau"),
     # a benchmark case list naming files outside its root
     pytest.param(
-        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=np.zeros(SHAPE)), f"../{t.name}/case1"),
+        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=_image()), _up(t, "case1")),
         benchmark,
         id="h5-benchmark-case-dotdot",
     ),
     pytest.param(
-        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=np.zeros(SHAPE)), str(t / "case1")),
+        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=_image()), str(t / "case1")),
         benchmark,
         id="h5-benchmark-case-absolute",
     ),
