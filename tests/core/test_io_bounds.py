@@ -425,3 +425,21 @@ def test_library_messages_stay_off_stderr(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("case", ["nhdr-data-file-link-out", "mhd-data-file-absolute"])
+def test_cli_refuses_an_escaping_header_in_a_real_process(case, tiny_cohort, tmp_path):
+    """The issue's `sgrs train` on /etc/passwd: exit 2, one line, nothing from ITK, no run."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny_cohort.images_tr, images)
+    header = next(p.values[0] for p in M.CORPUS if p.id == case)(images)
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_sgrs.cli", "train", "--images", str(images), "--labels",
+         str(tiny_cohort.labels_tr), "--out", str(tmp_path / "run"), *TINY_ARGS],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert header.name in proc.stderr and "outside the header's folder" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
