@@ -52,7 +52,7 @@ def normalise(image: np.ndarray, mode: str = "zscore", ct_window: tuple[float, f
         v = x[sl].astype(np.float64)
         return v if missing is None else v[~missing[sl]]
 
-    count, peak, low, high = 0, 0.0, math.inf, -math.inf
+    count, low, high = 0, math.inf, -math.inf
     for sl in slabs:
         v = finite_values(sl)
         if v.size:
