@@ -6,13 +6,15 @@ User errors (``SGRSError``) print ``error: <one line>`` and exit with code 2, no
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
-from .core.errors import ConfigError, InputError, ResourceError, SGRSError
+from .core.errors import ConfigError, InputError, InputWarning, ResourceError, SGRSError
 
 EXIT_USAGE = 2
 
@@ -305,13 +307,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     for case in tqdm(cases, desc="predict", unit="volume", disable=args.quiet):
-        vol = read_volume(case.image)
+        vol = read_volume(case.image, nan="keep")  # NaN: no data; predicted as background, with a warning
         want_regions = args.regions and case.name not in labeled_names
         check_inference_memory(vol.array.shape, predictor.patch, predictor.num_classes, predictor.device,
                                regions=want_regions, base_filters=getattr(predictor.model, "base_filters", 16),
                                sw_batch_size=args.sw_batch_size, name=str(case.image))
         pred = predictor.predict(vol.array, regions=want_regions, overlap=args.overlap,
-                                 batch_size=args.sw_batch_size, largest_component=args.largest_component)
+                                 batch_size=args.sw_batch_size, largest_component=args.largest_component,
+                                 name=str(case.image))
         arrays = [pred.label] + ([pred.probability, pred.regions] if want_regions else [])
         for path, array in zip(targets[case.name], arrays):
             write_volume(path, array, vol.geometry)
@@ -388,7 +391,7 @@ def _evaluate_h5(args: argparse.Namespace) -> int:
     """References from the benchmark h5 files, written as NIfTI beside nothing (a temp folder)."""
     import tempfile
 
-    from .core.io import Geometry, read_h5_benchmark, write_volume
+    from .core.io import read_h5_benchmark, write_volume
     from .core.metrics import evaluate_folders
 
     if args.list is None:
@@ -521,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_input_warnings(message, category, filename, lineno, file=None, line=None, *, _default=None):
+    """Our warnings (InputWarning) are one line, ``warning: <message>``; others print as Python's do."""
+    if issubclass(category, InputWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -530,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     on_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_print_input_warnings, _default=warnings.showwarning)
+            return int(args.func(args) or 0)
     except SGRSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

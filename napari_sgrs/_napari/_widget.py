@@ -31,12 +31,11 @@ from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import read_events
 from napari_sgrs.core.runfolder import RunFolder
 from napari_sgrs.core.project import (IGNORE_INDEX, REGION_COLORS, REGION_NAMES, Job, Project,
-                                      ReviewQueue, TrainerProcess, TrainSettings, case_name,
-                                      largest_region, mark_unpainted_slices, predict_command,
+                                      ReviewQueue, TrainerProcess, TrainSettings, largest_region, mark_unpainted_slices, predict_command,
                                       train_command)
 
 from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
-                      layer_data_from_volume, layer_meta, regions_colormap, sgrs_meta)
+                      layer_data_from_volume, layer_meta, sgrs_meta)
 
 POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
 AUTOSAVE_MS = 3000     # label edits since the last Accept are journaled this often

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ResourceError
+from .errors import CheckpointError, ResourceError, SGRSError
 
 # the one atomic writer (torch-free, shared with the CLI's output rules); re-exported here for callers
 from .outputs import atomic_write_bytes, file_sha256, remove_stale_temp_files  # noqa: E402,F401
@@ -67,6 +68,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there; train first (sgrs train --out RUN) "
                               f"or pass the run folder that holds checkpoints/last.safetensors")
+    _check_fits_in_memory(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -98,9 +100,22 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(tensors=tensors, meta=meta, path=path, sha256=digest)
 
 
+def _check_fits_in_memory(path: Path) -> None:
+    """Loading holds the file's bytes and the tensors made from them: refuse before reading."""
+    from .memory import HEADROOM, _gib, host_available_bytes
+
+    size = path.stat().st_size
+    free = host_available_bytes()
+    if free is not None and 2 * size > HEADROOM * free:
+        raise ResourceError(f"{path}: loading this {_gib(size)} checkpoint needs about {_gib(2 * size)} of memory "
+                            f"but only {_gib(free)} is free; free memory or use a machine with more")
+
+
 def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
     """The metadata sizes the network that is built before the weights are loaded: a header that
     lies (a billion classes, a text where a number goes) must fail here, not allocate or crash."""
+    from .vnet import MAX_BASE_FILTERS
+
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: not a valid sgrs checkpoint: {what}; use a checkpoint written by sgrs train")
 
@@ -113,8 +128,8 @@ def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None
     head = tensors.get("student.head.weight")
     if k is not None and (type(k) is not int or not 2 <= k <= 255):
         raise bad(f"num_classes {k!r} is not an integer in 2..255")
-    if f is not None and (type(f) is not int or not 1 <= f <= 1024):
-        raise bad(f"base_filters {f!r} is not an integer in 1..1024")
+    if f is not None and (type(f) is not int or not 1 <= f <= MAX_BASE_FILTERS):
+        raise bad(f"base_filters {f!r} is not an integer in 1..{MAX_BASE_FILTERS}")
     if head is not None and k is not None and f is not None and tuple(head.shape[:2]) != (k, f):
         raise bad(f"the metadata says {k} classes and {f} filters but the weights hold "
                   f"{head.shape[0]} and {head.shape[1]}")
@@ -122,6 +137,64 @@ def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None
     if patch is not None and not (isinstance(patch, list) and len(patch) == 3
                                   and all(type(p) is int and 16 <= p <= 4096 and p % 16 == 0 for p in patch)):
         raise bad(f"patch_size {patch!r} is not 3 multiples of 16")
+    tau = meta.get("tau")
+    if tau is not None and not (type(tau) in (int, float) and 0 < tau < float("inf")):
+        raise bad(f"tau {tau!r} is not a positive number")
+    partner = tensors.get("partner.image")
+    if partner is not None and patch is not None and list(partner.shape) != patch:
+        raise bad(f"its partner patch has shape {list(partner.shape)}, not the patch size {patch}")
+    for key in ("rng.torch", "rng.noise"):
+        state = tensors.get(key)
+        if state is not None and (state.dtype != torch.uint8 or state.dim() != 1 or state.numel() > 1 << 20):
+            raise bad(f"{key} is not a random generator state")
+    if k is not None:
+        _check_shapes(config, k, tensors, bad)
+
+
+# Tensor name prefixes of whole networks (state dicts), and of momentum buffers (optim.momentum.<i>
+# is the buffer of the network's i-th parameter).
+_NETWORKS = ("student", "teacher", "anchor", "anchor_ema")
+_MOMENTA = ("optim.momentum.", "anchor_optim.momentum.")
+
+
+def _check_shapes(config: dict, num_classes: int, tensors: dict[str, torch.Tensor], bad) -> None:
+    """Every weight must have the shape of the network that the metadata describes.
+
+    That network is built on torch's meta device, which allocates nothing, so metadata asking
+    for a huge network costs a few Python objects here instead of gigabytes later; a real
+    network is built only once every tensor matches it (and then has the file's size).
+    """
+    from .train import build_model  # train imports this module
+
+    try:
+        with torch.device("meta"):
+            net = build_model(config, num_classes)
+    except (TypeError, ValueError, SGRSError) as exc:
+        raise bad(f"its settings do not describe a network ({exc})") from exc
+    expected = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    params = [tuple(p.shape) for p in net.parameters()]
+    size = f"{num_classes} classes, {net.base_filters} base filters, {sum(math.prod(p) for p in params):,} parameters"
+    for prefix in _NETWORKS:
+        got = {name[len(prefix) + 1:]: tuple(t.shape) for name, t in tensors.items() if name.startswith(prefix + ".")}
+        if not got:
+            continue
+        for name, shape in got.items():
+            if name not in expected:
+                raise bad(f"{prefix}.{name} is not a weight of the network its metadata describes ({size})")
+            if shape != expected[name]:
+                raise bad(f"{prefix}.{name} has shape {list(shape)} but the network its metadata describes "
+                          f"({size}) needs {list(expected[name])}")
+        missing = sorted(expected.keys() - got.keys())
+        if missing:
+            raise bad(f"{prefix} lacks {len(missing)} weights of the network its metadata describes ({size}), "
+                      f"e.g. {missing[0]}")
+    for name, t in tensors.items():
+        for prefix in _MOMENTA:
+            if name.startswith(prefix):
+                index = name[len(prefix):]
+                if not (index.isdigit() and int(index) < len(params) and tuple(t.shape) == params[int(index)]):
+                    raise bad(f"{name} has shape {list(t.shape)}, which matches no parameter of the network "
+                              f"its metadata describes ({size})")
 
 
 def _load_pickle_weights_only(path: Path, digest: str) -> Checkpoint:

@@ -6,34 +6,108 @@ Arrays are (D, H, W); batches are tensors ``image (B, 1, D, H, W)`` float32 and
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.utils.data
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError, InputWarning
+
+
+_SLAB_VOXELS = 1 << 22  # float64 work buffers of normalise: 32 MiB at a time, not a volume copy
+
+
+def _slabs(shape: tuple[int, ...]) -> list[slice]:
+    step = max(1, _SLAB_VOXELS // max(1, math.prod(shape[1:])))
+    return [slice(i, i + step) for i in range(0, shape[0], step)]
 
 
 def normalise(image: np.ndarray, mode: str = "zscore", ct_window: tuple[float, float] = (-160.0, 240.0)
               ) -> np.ndarray:
-    """Per-volume intensity normalisation -> float32.
+    """Per-volume intensity normalisation -> float32, finite everywhere.
 
-    ``zscore``: (x - mean) / std over the whole volume (MRI). ``ct``: clip to the window in HU
-    and map it linearly to [-1, 1], so the same tissue gets the same value in every scan.
+    ``zscore``: (x - mean) / std over the volume (MRI). ``ct``: clip to the window in HU and map
+    it linearly to [-1, 1], so the same tissue gets the same value in every scan. ``none``: as is.
+
+    NaN voxels (no data, e.g. outside the field of view; :func:`nan_mask`) are left out of the
+    statistics and get the lowest normalised value, as if they were the darkest background.
+    Statistics are computed in float64 on the volume scaled by its largest magnitude, so values
+    near the float32 maximum (3.4e38), whose squares overflow float32, give finite results.
+
+    Raises:
+        InputError: Inf voxels, or (``none``) values beyond the float32 range.
     """
-    x = image.astype(np.float32, copy=False)
-    if mode == "zscore":
-        mean, std = float(x.mean()), float(x.std())
-        return ((x - mean) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+    if mode not in ("zscore", "ct", "none"):
+        raise ConfigError(f"unknown normalisation {mode!r}: use zscore, ct or none")
+    if mode == "ct" and not ct_window[1] > ct_window[0]:
+        raise ConfigError(f"CT window must be (low, high) with high > low, got {ct_window}")
+    x = np.asarray(image)
+    missing = nan_mask(x)
+    slabs = _slabs(x.shape) if x.ndim else [slice(None)]
+
+    def finite_values(sl: slice) -> np.ndarray:
+        v = x[sl].astype(np.float64)
+        return v if missing is None else v[~missing[sl]]
+
+    count, low, high = 0, math.inf, -math.inf
+    for sl in slabs:
+        v = finite_values(sl)
+        if v.size:
+            if not np.isfinite(v).all():
+                raise InputError(f"the image holds {int(np.isinf(x).sum())} Inf voxels - fix them before use")
+            count += v.size
+            low, high = min(low, float(v.min())), max(high, float(v.max()))
+    peak = max(abs(low), abs(high)) if count else 0.0
+    out = np.empty(x.shape, np.float32)
     if mode == "ct":
         lo, hi = ct_window
-        if not hi > lo:
-            raise ConfigError(f"CT window must be (low, high) with high > low, got {ct_window}")
-        return ((np.clip(x, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
-    if mode == "none":
-        return x.astype(np.float32)
-    raise ConfigError(f"unknown normalisation {mode!r}: use zscore, ct or none")
+        for sl in slabs:
+            out[sl] = (np.clip(x[sl].astype(np.float64), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
+        fill = -1.0
+    elif mode == "none":
+        if peak > np.finfo(np.float32).max:
+            raise InputError(f"the image holds values up to {peak:.3g}, beyond float32: use normalization zscore")
+        for sl in slabs:
+            out[sl] = x[sl]
+        fill = low if count else 0.0
+    else:
+        scale = peak if peak > 0 else 1.0
+        mean = sum(float((finite_values(sl) / scale).sum()) for sl in slabs) / max(count, 1)
+        var = sum(float(np.square(finite_values(sl) / scale - mean).sum()) for sl in slabs) / max(count, 1)
+        # the old float32 rule: a spread under 1e-8 (raw units) is a constant volume, divided by 1
+        std = math.sqrt(var) if math.sqrt(var) * scale > 1e-8 else 1.0 / scale
+        for sl in slabs:
+            out[sl] = (x[sl].astype(np.float64) / scale - mean) / std
+        fill = (low / scale - mean) / std if count else 0.0
+    if missing is not None:
+        out[missing] = fill
+    return out
+
+
+def nan_mask(image: np.ndarray) -> np.ndarray | None:
+    """Where a float image is NaN - voxels without data, e.g. outside the field of view after
+    resampling (``read_volume(..., nan="keep")``) - or None when it has no NaN voxel."""
+    if not np.issubdtype(np.asarray(image).dtype, np.floating):
+        return None
+    mask = np.isnan(image)
+    return mask if mask.any() else None
+
+
+def mask_outside_view(name: str, image: np.ndarray, label: np.ndarray | None, ignore_index: int) -> None:
+    """Training on an image with NaN voxels (no data): their label, if any, becomes ``ignore_index``
+    (in place) so no loss is computed there; :func:`normalise` gives their image value. Warns in
+    one line (:class:`~napari_sgrs.core.errors.InputWarning`) naming the file."""
+    missing = nan_mask(image)
+    if missing is None:
+        return
+    if label is not None:
+        label[missing] = ignore_index
+    share = 100.0 * missing.sum() / missing.size
+    warnings.warn(InputWarning(f"{name}: {int(missing.sum())} voxels ({share:.1f}%) are NaN (no data, e.g. outside "
+                               f"the field of view); training ignores them"), stacklevel=2)
 
 
 def pad_to(array: np.ndarray, shape: tuple[int, ...], value: float) -> tuple[np.ndarray, tuple[slice, ...]]:

@@ -50,3 +50,8 @@ def os_reason(exc: OSError) -> str:
     return {errno.ENOSPC: "the disk is full", errno.EROFS: "the disk is read-only",
             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
             errno.EDQUOT: "the disk quota is exceeded"}.get(exc.errno, exc.strerror or str(exc))
+
+
+class InputWarning(UserWarning):
+    """An input that is used, but not quite as given (e.g. NaN voxels ignored): one line naming
+    the file. The CLI prints it as ``warning: <message>``."""

@@ -16,6 +16,7 @@ the same Gaussian weights before the regions are taken.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,10 +24,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import normalise, pad_to
-from .errors import CheckpointError, ConfigError
+from .data import nan_mask, normalise, pad_to
+from .errors import CheckpointError, ConfigError, InputError, InputWarning
 from .postprocess import keep_largest_component, resolve_largest_component
-from .sgrs import PAPER_TAU, synergy_regions
+from .sgrs import PAPER_TAU, REGION_NONE, synergy_regions
 
 INFERENCE_MIX_LAMBDA = 0.75
 
@@ -164,16 +165,27 @@ class Predictor:
     def predict(self, image: np.ndarray, regions: bool = False, overlap: float = 0.5,
                 batch_size: int = 4, keep_probabilities: bool = False,
                 progress: Callable[[int, int], None] | None = None,
-                largest_component: str = "off") -> Prediction:
+                largest_component: str = "off", name: str | None = None) -> Prediction:
         """Segment one (D, H, W) volume given in raw intensities (normalised here as in training).
 
         ``largest_component`` (off, auto, on; :mod:`.postprocess`) reduces classes of the label to
         their largest connected component; the probability and region maps stay the network's.
+        NaN voxels (no data, e.g. outside the field of view) are background with probability 0 and
+        no region; with ``name`` (the file, for messages) a one-line InputWarning says how many.
+
+        Raises:
+            InputError: Inf voxels, or intensities so far from the training range that the network's
+                probabilities are not finite (nothing is returned then).
         """
         classes = resolve_largest_component(largest_component, self.meta, self.num_classes)
         if image.ndim != 3:
             raise ConfigError(f"expected a 3D volume (D, H, W), got shape {image.shape}")
-        x = normalise(image, self.normalization, self.ct_window)
+        where = f"{name}: " if name else ""
+        try:
+            x = normalise(image, self.normalization, self.ct_window)
+        except InputError as exc:
+            raise InputError(where + str(exc)) from exc
+        missing = nan_mask(image)
         x, region = pad_to(x, self.patch, 0.0)
         vol = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device)
         if regions:
@@ -195,6 +207,18 @@ class Predictor:
             prob_mix = None
         crop = (slice(None),) + region
         prob = prob[crop]
+        if not bool(torch.isfinite(prob).all()) or (prob_mix is not None and not bool(torch.isfinite(prob_mix).all())):
+            raise InputError(f"{where}the network's probabilities are not finite on this volume: its intensities "
+                             f"({float(np.nanmin(image)):.3g} to {float(np.nanmax(image)):.3g}) are far outside what it "
+                             f"was trained on with normalisation {self.normalization!r}; rescale the image or train "
+                             f"with normalization zscore")
+        if missing is not None:
+            outside = torch.from_numpy(missing).to(prob.device)
+            prob[:, outside] = 0.0
+            prob[0, outside] = 1.0  # background, certain
+            if name:
+                warnings.warn(InputWarning(f"{name}: {int(missing.sum())} voxels are NaN (no data, e.g. outside the "
+                                           f"field of view); they are labelled background"), stacklevel=2)
         label = prob.argmax(0).to(torch.uint8)
         label = label.cpu().numpy()
         if classes:
@@ -203,6 +227,8 @@ class Predictor:
         if regions:
             reg = synergy_regions(prob[None], prob_mix[crop][None], self.tau)
             out.regions = reg.as_map()[0].cpu().numpy()
+            if missing is not None:
+                out.regions[missing] = REGION_NONE
         if keep_probabilities:
             out.probabilities = prob.cpu().numpy()
         return out

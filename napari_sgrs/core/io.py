@@ -16,12 +16,16 @@ message naming the file and the fix; no nibabel, SimpleITK, h5py or OS error esc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +81,12 @@ MAX_VOXELS = 2**31
 _MAX_DEFLATE_RATIO = 1100
 _DEFLATE_SLACK_BYTES = 1 << 16
 _READABLE_HINT = "NIfTI, NRRD, MHA/MHD, DICOM folder or h5"
+#: What ``read_volume(..., nan=...)`` accepts.
+NAN_POLICIES = ("refuse", "keep")
+# A header may spread its voxels over one file per slice; no volume has more slices than this.
+_MAX_DATA_FILES = 1 << 16
+# sform and qform are float32 (the qform a quaternion): copies of one affine differ by ~1e-6.
+_XFORM_ATOL = 1e-3
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -300,6 +310,93 @@ def _sitk_path(path: Path) -> str:
     return text
 
 
+def _sitk() -> Any:
+    """SimpleITK, with ITK's own warning printer off: a user sees our one line, not ITK's."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
+
+
+_stderr_lock = threading.Lock()
+_stderr_users = 0
+_stderr_saved: int | None = None
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what C++ libraries print to file descriptor 2 while inside the block.
+
+    MetaIO, NrrdIO and GDCM write some complaints straight to ``std::cerr`` (no ITK switch turns
+    them off); the failure itself still reaches us as an exception and becomes one line. Nested
+    and concurrent blocks share one redirection, restored when the last one leaves.
+    """
+    global _stderr_users, _stderr_saved
+    with _stderr_lock:
+        if _stderr_users == 0:
+            try:
+                sys.stderr.flush()
+                _stderr_saved = os.dup(2)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 2)
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):  # no fd 2 (embedded): nothing to silence
+                _stderr_saved = None
+        _stderr_users += 1
+    try:
+        yield
+    finally:
+        with _stderr_lock:
+            _stderr_users -= 1
+            if _stderr_users == 0 and _stderr_saved is not None:
+                os.dup2(_stderr_saved, 2)
+                os.close(_stderr_saved)
+                _stderr_saved = None
+
+
+def _check_memory(shape: tuple[int, ...], itemsize: int, name: str) -> None:
+    """Refuse a volume whose reading would not fit in the memory free now, before reading it.
+
+    Reading holds the file's voxels and one reordered copy (``itemsize`` bytes each); training
+    and prediction then make two float32 copies (normalised, padded). ``itemsize`` is that of
+    the largest array the reader makes (e.g. float64 for scaled NIfTI).
+    """
+    from napari_sgrs.core import memory
+
+    voxels = math.prod(shape)
+    need = voxels * (2 * itemsize + 2 * 4)
+    free = memory.host_available_bytes()
+    if free is None or need <= memory.HEADROOM * free:
+        return
+    raise ResourceError(
+        f"{name}: this {'x'.join(map(str, shape))} volume needs about {memory._gib(need)} of memory"
+        f" to read and normalise but only {memory._gib(free)} is free - crop or resample it, or"
+        " free memory"
+    )
+
+
+def _outside_folder(folder: Path, entry: str) -> str | None:
+    """Why ``entry``, a file name from a header in ``folder``, is not a file of that folder.
+
+    None when it is: a relative name without '..' that, links followed, stays in ``folder``
+    (a subfolder is inside). Absolute names are refused even when they point inside: the rule
+    must not depend on where the folder is mounted.
+    """
+    if os.path.isabs(entry) or entry.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", entry):
+        return "an absolute path"
+    if ".." in re.split(r"[\\/]", entry):
+        return "a path through '..'"
+    target = folder / entry
+    if os.path.lexists(target):
+        try:
+            inside = target.resolve().is_relative_to(folder.resolve())
+        except (OSError, RuntimeError):  # a looping link
+            inside = False
+        if not inside:
+            return "a link to a file elsewhere"
+    return None
+
+
 def _check_dtype(dtype: np.dtype, name: str) -> None:
     if dtype == np.bool_:
         return
@@ -353,8 +450,14 @@ def _check_stored_bytes(stored: int, needed: int, encoding: str, name: str) -> N
         )
 
 
-def _finish_array(array: np.ndarray, shape: tuple[int, int, int], name: str) -> np.ndarray:
-    """Reshape to 3D, make bool arrays uint8, and refuse NaN/Inf voxels."""
+def _finish_array(
+    array: np.ndarray, shape: tuple[int, int, int], name: str, nan: str = "refuse"
+) -> np.ndarray:
+    """Reshape to 3D, make bool arrays uint8, and refuse non-finite voxels.
+
+    With ``nan="keep"`` NaN voxels stay (they mark "no data", e.g. outside the field of view
+    after resampling); Inf, which marks no such thing, and a volume of NaN only are refused.
+    """
     _check_dtype(array.dtype, name)
     if array.size != math.prod(shape):
         raise InputError(f"{name}: read {array.shape} but the header says {shape} - file corrupt")
@@ -363,8 +466,17 @@ def _finish_array(array: np.ndarray, shape: tuple[int, int, int], name: str) -> 
         array = array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         bad = array.size - int(np.count_nonzero(np.isfinite(array)))
-        if bad:
+        if bad and nan == "refuse":
             raise InputError(f"{name}: {bad} voxels are NaN or Inf - fix or mask them before use")
+        if bad:
+            infinite = bad - int(np.count_nonzero(np.isnan(array)))
+            if infinite:
+                raise InputError(
+                    f"{name}: {infinite} voxels are Inf (an overflow, not a no-data mark)"
+                    " - fix them before use"
+                )
+            if bad == array.size:
+                raise InputError(f"{name}: every voxel is NaN - the volume holds no data")
     return array
 
 
@@ -373,30 +485,136 @@ def _finish_array(array: np.ndarray, shape: tuple[int, int, int], name: str) -> 
 # --------------------------------------------------------------------------------------
 
 
-def _read_nifti(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geometry]:
+def _nifti_extensions_end(path: Path, name: str, gz: bool, bound: int) -> int:
+    """Walk the NIfTI header extensions before nibabel does; return the voxel data offset.
+
+    nibabel reads each extension whole at the size the extension claims, and from a gzip
+    stream that is as much as the stream inflates to: a small file could make it decompress
+    gigabytes before any check. Here every claimed size must fit before the voxel offset, and
+    that offset within what the file can hold (``bound`` bytes).
+    """
+    import gzip
+    import struct
+
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        head = f.read(544)
+        for order in "<>":
+            if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] in (348, 540):
+                break
+        else:
+            return 0  # not a NIfTI header: nibabel names the problem
+        if struct.unpack(order + "i", head[:4])[0] == 348:
+            offset, ext_at = struct.unpack(order + "f", head[108:112])[0], 348
+        else:
+            offset, ext_at = struct.unpack(order + "q", head[168:176])[0], 540
+        if not (math.isfinite(offset) and 0 <= offset <= bound):
+            raise InputError(
+                f"{name}: header puts the voxel data at byte {offset:.0f}, beyond what the file"
+                " holds - the header is corrupt"
+            )
+        offset = int(offset)
+        if len(head) < ext_at + 4 or head[ext_at] == 0:
+            return offset
+        position = ext_at + 4
+        f.seek(position)
+        left = offset - position
+        while left >= 16:  # nibabel's loop condition
+            start = f.read(8)
+            if len(start) < 8:
+                break  # nibabel reports the short header
+            size = struct.unpack(order + "i", start[:4])[0]
+            if not 8 <= size <= left:
+                raise InputError(
+                    f"{name}: a header extension claims {size} bytes where {left} are left"
+                    " before the voxel data - the header is corrupt"
+                )
+            f.seek(size - 8, 1)
+            left -= size
+    return offset
+
+
+def _xforms_agree(header: Any) -> bool:
+    """False when a NIfTI header's sform and qform are both set and place voxels differently."""
+    if int(header["sform_code"]) <= 0 or int(header["qform_code"]) <= 0:
+        return True
+    return np.allclose(header.get_sform()[:3], header.get_qform()[:3], rtol=0, atol=_XFORM_ATOL)
+
+
+def _check_xforms(header: Any, name: str) -> None:
+    """Refuse a NIfTI whose sform and qform are both set and disagree.
+
+    nibabel uses the sform. ITK (SimpleITK 2.5, tests/core/test_io_bounds.py) takes the voxel
+    size from pixdim, which belongs to the qform, and the origin from the sform or the qform
+    depending on the two codes. No single choice of ours agrees with every ITK-based tool, so
+    the file is refused rather than read with a geometry that another tool would not show.
+    """
+    if _xforms_agree(header):
+        return
+    sform, qform = header.get_sform(), header.get_qform()
+
+    def described(affine: np.ndarray) -> str:
+        size = np.linalg.norm(affine[:3, :3], axis=0)
+        return (
+            f"voxel size {tuple(float(f'{v:.4g}') for v in size)} mm, origin"
+            f" {tuple(float(f'{v:.4g}') for v in affine[:3, 3])}"
+        )
+
+    raise InputError(
+        f"{name}: its sform ({described(sform)}) and qform ({described(qform)}) disagree, so"
+        " tools would place it differently - make them equal, e.g. with nibabel:"
+        " img.set_qform(img.get_sform()); img.to_filename(path)"
+    )
+
+
+@contextlib.contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Keep nibabel's header-fix log lines ("data code 999 not recognized ...") off stderr: our
+    error, or the volume, is what the user gets. (nibabel's LoggingOutputSuppressor removes the
+    handlers, and Python's last-resort handler then prints the same lines.)"""
+    from nibabel.imageglobals import logger
+
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _read_nifti(path: Path, name: str, dataset: str, nan: str) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
+    gz = path.name.lower().endswith(".gz")
+    stored = path.stat().st_size
+    data_at = _nifti_extensions_end(
+        path, name, gz, stored * _MAX_DEFLATE_RATIO + _DEFLATE_SLACK_BYTES if gz else stored
+    )
     # mmap=False: a memory map would keep the file open (Windows cannot replace it) and
     # make later reads fail lazily, outside our error handling.
-    img = nib.load(os.fspath(path), mmap=False)
+    with _nibabel_quiet():
+        img = nib.load(os.fspath(path), mmap=False)
     header = img.header
     dtype = header.get_data_dtype()
     _check_dtype(dtype, name)
     shape_ijk = _check_declared(img.shape, dtype.itemsize, name)
     needed = math.prod(shape_ijk) * dtype.itemsize
-    if path.name.lower().endswith(".gz"):
-        _check_stored_bytes(path.stat().st_size, needed, "deflate", name)
+    if gz:
+        _check_stored_bytes(stored, data_at + needed, "deflate", name)
     else:
         offset = max(int(header.get_data_offset()), int(header.sizeof_hdr))
-        _check_stored_bytes(path.stat().st_size - offset, needed, "raw", name)
+        _check_stored_bytes(stored - offset, needed, "raw", name)
+    _check_xforms(header, name)
     geometry = Geometry._from_nifti_affine(img.affine)
-    data = np.asanyarray(img.dataobj)
+    # nibabel applies scl_slope/scl_inter in float64.
+    scaled = getattr(img.dataobj, "slope", 1.0) != 1.0 or getattr(img.dataobj, "inter", 0.0) != 0.0
+    _check_memory(shape_ijk, 8 if scaled else max(dtype.itemsize, 1), name)
+    with _nibabel_quiet():
+        data = np.asanyarray(img.dataobj)
     if isinstance(data, np.memmap):  # belt and braces: never hand out a file-backed array
         data = np.array(data)
     data = np.asarray(data).reshape(shape_ijk)
     # nibabel's axes are (i, j, k) = (x, y, z); ours are (z, y, x).
     shape_kji = shape_ijk[::-1]
-    return _finish_array(data.transpose(2, 1, 0), shape_kji, name), geometry
+    return _finish_array(data.transpose(2, 1, 0), shape_kji, name, nan), geometry
 
 
 # Bytes per voxel of the MetaImage / NRRD type names (a lower bound where the platform decides).
@@ -438,21 +656,24 @@ class _TextHeader:
     itemsize: int
     channels: int
     encoding: str  # "raw" | "deflate" | "ascii" | "other"
-    stored: int | None  # bytes available for voxel data; None when spread over many files
+    stored: int  # bytes available for voxel data, summed over its data files
 
 
-def _header_lines(path: Path) -> tuple[list[tuple[str, int]], bytes]:
-    """Lines of the text header at the start of ``path``, each with the byte offset after it."""
+def _header_lines(path: Path) -> tuple[list[tuple[str, int]], bytes, str | None]:
+    """The text header at the start of ``path``: its lines, each with the byte offset after it;
+    the bytes read; and the unterminated last line when the whole file was read (else None)."""
     with open(path, "rb") as f:
-        head = f.read(_HEADER_LIMIT)
+        head = f.read(_HEADER_LIMIT + 1)
+    whole = len(head) <= _HEADER_LIMIT
+    head = head[:_HEADER_LIMIT]
     lines, pos = [], 0
     while pos < len(head):
         end = head.find(b"\n", pos)
         if end < 0:
-            break  # an unterminated last line: the header is cut short
+            break  # an unterminated last line: the header is cut short, or a list ends there
         lines.append((head[pos:end].decode("latin-1").strip(), end + 1))
         pos = end + 1
-    return lines, head
+    return lines, head, head[pos:].decode("latin-1").strip() if whole else None
 
 
 def _ints(text: str, what: str, name: str) -> tuple[int, ...]:
@@ -464,36 +685,109 @@ def _ints(text: str, what: str, name: str) -> tuple[int, ...]:
         ) from exc
 
 
-def _stored_bytes(path: Path, data_file: str, header_end: int, skip: int) -> int | None:
-    """Bytes available for voxel data, or None if the layout is not one we can measure."""
-    # MetaIO overruns a buffer on a long or binary data-file name (a damaged header line):
-    # only plain, printable names of sane length reach ITK.
-    if len(data_file) > 255 or not data_file.isprintable():
+def _file_pattern(words: list[str], name: str) -> list[str] | None:
+    """The names of a ``<format> <first> <last> <step> [<subdim>]`` data-file pattern (one file
+    per slice, ``format % i``), or None when ``words`` is not one."""
+    if len(words) not in (4, 5) or "%" not in words[0]:
+        return None
+    try:
+        first, last, step = (int(w) for w in words[1:4])
+    except ValueError:
+        return None
+    if step == 0:
         raise InputError(
-            f"{_show(path)}: the header's data file name is not text - the header is corrupt"
+            f"{name}: the header's data file pattern has step 0 - the header is corrupt"
         )
-    if data_file.upper() in ("LOCAL", ""):
+    numbers = range(first, last + (1 if step > 0 else -1), step)
+    if len(numbers) > _MAX_DATA_FILES:
+        raise InputError(
+            f"{name}: the header's data file pattern names {len(numbers)} files - the header is"
+            " corrupt"
+        )
+    try:
+        return [words[0] % i for i in numbers]
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"{name}: the header's data file pattern '{words[0]}' is not a printf number"
+            " format - the header is corrupt"
+        ) from exc
+
+
+def _data_files(path: Path, value: str, following: list[str] | None) -> list[Path] | None:
+    """The files that a header's data-file field names, each checked to lie in the header's
+    folder before anything opens it; None when the voxels follow the header in its own file.
+
+    ``value`` is NRRD's ``data file`` or MetaImage's ``ElementDataFile``; ``following`` the
+    header lines after it, which name the files of a ``LIST`` (None: the header was too long to
+    read whole). The value is checked every way ITK might read it: as one name, word by word,
+    and as a ``<format> <first> <last> <step>`` pattern of names.
+    """
+    name = _show(path)
+
+    def check(entry: str) -> None:
+        # MetaIO overruns a buffer on a long or binary data-file name (a damaged header line):
+        # only plain, printable names of sane length reach ITK.
+        if len(entry) > 255 or not entry.isprintable():
+            raise InputError(
+                f"{name}: the header's data file name is not text - the header is corrupt"
+            )
+        why = _outside_folder(path.parent, entry)
+        if why:
+            raise InputError(
+                f"{name}: its data file '{entry}' is {why}; no file outside the header's folder is"
+                " read - put the data file in that folder and name it relative to the header"
+            )
+
+    check(value)
+    words = value.split()
+    if value.upper() in ("LOCAL", ""):
+        return None
+    if words[0].upper() == "LIST":
+        if following is None:
+            raise InputError(
+                f"{name}: the header's list of data files is too long - the header is corrupt"
+            )
+        files = [line for line in following if line]
+        if len(files) > _MAX_DATA_FILES:
+            raise InputError(
+                f"{name}: the header lists {len(files)} data files - the header is corrupt"
+            )
+    else:
+        files = _file_pattern(words, name) or [value]
+    for entry in (*words, *files):
+        check(entry)
+    for entry in files:
+        for word in entry.split():
+            check(word)
+    return [path.parent / entry for entry in files]
+
+
+def _stored_bytes(path: Path, files: list[Path] | None, header_end: int, skip: int) -> int:
+    """Bytes available for voxel data: after the header, or in the (already checked) data files."""
+    if files is None:
         return path.stat().st_size - header_end
-    if data_file.upper().startswith("LIST") or "%" in data_file:
-        return None  # one file per slice: each is small and ITK checks them itself
-    companion = path.parent / data_file
-    if not companion.is_file():
-        raise InputError(
-            f"{_show(path)}: its data file {data_file} is missing - copy it next to the header"
-        )
-    return companion.stat().st_size - max(skip, 0)
+    total = 0
+    for file in files:
+        if not file.is_file():
+            raise InputError(
+                f"{_show(path)}: its data file {_show(file.relative_to(path.parent))} is missing"
+                " - copy it next to the header"
+            )
+        total += file.stat().st_size - max(skip, 0)
+    return total
 
 
 def _meta_header(path: Path, name: str) -> _TextHeader:
     """Parse and sanity-check a MetaImage (.mha/.mhd) header."""
-    lines, _ = _header_lines(path)
+    lines, _, tail = _header_lines(path)
     fields: dict[str, str] = {}
     header_end = None
-    for line, end in lines:
+    for index, (line, end) in enumerate(lines):
         key, _, value = line.partition("=")
         fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":  # always the last field
             header_end = end
+            following = None if tail is None else [text for text, _ in lines[index + 1 :]] + [tail]
             break
     if header_end is None:
         raise InputError(
@@ -513,30 +807,38 @@ def _meta_header(path: Path, name: str) -> _TextHeader:
     channels = _ints(fields.get("ElementNumberOfChannels", "1"), "ElementNumberOfChannels", name)
     skip = _ints(fields.get("HeaderSize", "0"), "HeaderSize", name)
     compressed = fields.get("CompressedData", "False").lower() in ("true", "1")
+    files = _data_files(path, fields["ElementDataFile"], following)
     return _TextHeader(
         shape=shape,
         itemsize=_META_ITEMSIZE[element],
         channels=channels[0] if channels else 1,
         encoding="deflate" if compressed else "raw",
-        stored=_stored_bytes(path, fields["ElementDataFile"], header_end, skip[0] if skip else 0),
+        stored=_stored_bytes(path, files, header_end, skip[0] if skip else 0),
     )
 
 
 def _nrrd_header(path: Path, name: str) -> _TextHeader:
     """Parse and sanity-check a NRRD (.nrrd/.nhdr) header."""
-    lines, head = _header_lines(path)
+    lines, head, tail = _header_lines(path)
     if not head.startswith(b"NRRD000"):
         raise InputError(f"{name}: does not start with the NRRD magic 'NRRD000x' - not a NRRD file")
     fields: dict[str, str] = {}
     header_end = None
-    for line, end in lines[1:]:
+    following: list[str] | None = []
+    for index, (line, end) in enumerate(lines[1:], start=1):
         if not line:
             header_end = end
             break
         if line.startswith("#") or ":=" in line:  # comments and key/value pairs
             continue
         key, _, value = line.partition(":")
-        fields[key.strip().lower().replace(" ", "")] = value.strip()
+        key = key.strip().lower().replace(" ", "")
+        fields[key] = value.strip()
+        if key == "datafile" and value.split()[:1] in (["LIST"], ["list"]):
+            # The lines after "data file: LIST" name the files, one per line, to the end.
+            following = None if tail is None else [text for text, _ in lines[index + 1 :]] + [tail]
+            header_end = len(head)
+            break
     data_file = fields.get("datafile", "")
     if header_end is None:
         if not data_file:  # attached data must follow a blank line
@@ -555,21 +857,31 @@ def _nrrd_header(path: Path, name: str) -> _TextHeader:
     if encoding not in _NRRD_ENCODING:
         raise InputError(f"{name}: NRRD encoding '{encoding[:30]}' is not supported")
     skip = _ints(fields.get("byteskip", "0"), "byte skip", name)
+    files = _data_files(path, data_file, following) if data_file else None
     return _TextHeader(
         shape=shape,
         itemsize=_NRRD_ITEMSIZE[kind],
         channels=1,
         encoding=_NRRD_ENCODING[encoding],
-        stored=_stored_bytes(path, data_file, header_end, skip[0] if skip else 0),
+        stored=_stored_bytes(path, files, header_end, skip[0] if skip else 0),
     )
 
 
-def _read_itk_file(path: Path, name: str, fmt: str) -> tuple[np.ndarray, Geometry]:
-    import SimpleITK as sitk
+def _sitk_itemsize(sitk: Any, pixel_id: int) -> int:
+    """Bytes per voxel of the array ITK will make (8 where unsure: estimates err high)."""
+    sizes = {
+        sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
+        sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkFloat32: 4,
+    }  # fmt: skip
+    return sizes.get(pixel_id, 8)
 
+
+def _read_itk_file(path: Path, name: str, fmt: str, nan: str) -> tuple[np.ndarray, Geometry]:
+    sitk = _sitk()
     sitk_path = _sitk_path(path)
     # Check the text header in Python before ITK sees it: MetaIO aborts the whole process
-    # (heap corruption) on some truncated headers, and ITK allocates whatever a header claims.
+    # (heap corruption) on some truncated headers, ITK allocates whatever a header claims, and
+    # ITK follows any data-file path, /etc/passwd included.
     header = _meta_header(path, name) if fmt in ("mha", "mhd") else _nrrd_header(path, name)
     if header.channels != 1:
         raise InputError(
@@ -578,29 +890,31 @@ def _read_itk_file(path: Path, name: str, fmt: str) -> tuple[np.ndarray, Geometr
         )
     shape = _check_declared(header.shape, header.itemsize, name)
     voxels = math.prod(shape)
-    if header.stored is not None:
-        needed = voxels if header.encoding == "ascii" else voxels * header.itemsize
-        _check_stored_bytes(header.stored, needed, header.encoding, name)
+    needed = voxels if header.encoding == "ascii" else voxels * header.itemsize
+    _check_stored_bytes(header.stored, needed, header.encoding, name)
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(sitk_path)
-    reader.ReadImageInformation()
-    if reader.GetNumberOfComponents() != 1:
-        raise InputError(
-            f"{name}: {reader.GetNumberOfComponents()} values per voxel; a scalar volume is"
-            " needed - export one channel"
-        )
-    if _check_declared(reader.GetSize(), header.itemsize, name) != shape:
-        raise InputError(f"{name}: ITK reads size {reader.GetSize()}, header says {header.shape}")
-    image = reader.Execute()
+    with _quiet_native_stderr():
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(sitk_path)
+        reader.ReadImageInformation()
+        if reader.GetNumberOfComponents() != 1:
+            raise InputError(
+                f"{name}: {reader.GetNumberOfComponents()} values per voxel; a scalar volume is"
+                " needed - export one channel"
+            )
+        if _check_declared(reader.GetSize(), header.itemsize, name) != shape:
+            raise InputError(
+                f"{name}: ITK reads size {reader.GetSize()}, header says {header.shape}"
+            )
+        _check_memory(shape, max(header.itemsize, _sitk_itemsize(sitk, reader.GetPixelID())), name)
+        image = reader.Execute()
     geometry = Geometry._from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return _finish_array(sitk.GetArrayFromImage(image), shape[::-1], name), geometry
+    return _finish_array(sitk.GetArrayFromImage(image), shape[::-1], name, nan), geometry
 
 
 def _check_slice_positions(files: list[str], name: str) -> None:
     """Refuse a DICOM series whose slices are not evenly spaced (e.g. a missing slice)."""
-    import SimpleITK as sitk
-
+    sitk = _sitk()
     if len(files) < 3:
         return
     positions = []
@@ -626,49 +940,80 @@ def _check_slice_positions(files: list[str], name: str) -> None:
         )
 
 
-def _read_dicom(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geometry]:
-    import SimpleITK as sitk
-
+def _read_dicom(path: Path, name: str, dataset: str, nan: str) -> tuple[np.ndarray, Geometry]:
+    sitk = _sitk()
     folder = _sitk_path(path)
     if not any(not p.name.startswith(".") for p in path.iterdir()):
         raise InputError(f"{name}: the folder is empty - point at a DICOM series folder or a file")
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(folder)
-    if len(series) != 1:
-        raise InputError(
-            f"{name}: folder holds {len(series)} DICOM series; exactly one is needed"
-            " - put each series in its own folder"
+    with _quiet_native_stderr():  # GDCM prints to std::cerr on files that are not DICOM
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(folder)
+        if len(series) != 1:
+            raise InputError(
+                f"{name}: folder holds {len(series)} DICOM series; exactly one is needed"
+                " - put each series in its own folder"
+            )
+        files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
+        _check_slice_positions(files, name)
+        info = sitk.ImageFileReader()
+        info.SetFileName(files[0])
+        info.ReadImageInformation()
+        if info.GetNumberOfComponents() != 1:
+            raise InputError(f"{name}: DICOM slices are colour images; a scalar volume is needed")
+        size = info.GetSize()
+        # A multi-frame file already holds the whole volume; otherwise one file per slice.
+        declared = tuple(size) if len(files) == 1 else (size[0], size[1], len(files))
+        _check_memory(
+            _check_declared(declared, 8, name), _sitk_itemsize(sitk, info.GetPixelID()), name
         )
-    files = list(reader.GetGDCMSeriesFileNames(folder, series[0]))
-    _check_slice_positions(files, name)
-    info = sitk.ImageFileReader()
-    info.SetFileName(files[0])
-    info.ReadImageInformation()
-    if info.GetNumberOfComponents() != 1:
-        raise InputError(f"{name}: DICOM slices are colour images; a scalar volume is needed")
-    size = info.GetSize()
-    # A multi-frame file already holds the whole volume; otherwise one file per slice.
-    declared = tuple(size) if len(files) == 1 else (size[0], size[1], len(files))
-    _check_declared(declared, 8, name)
-    reader.SetFileNames(files)
-    image = reader.Execute()
+        reader.SetFileNames(files)
+        image = reader.Execute()
     geometry = Geometry._from_itk(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     shape_xyz = _check_declared(image.GetSize(), 8, name)
-    return _finish_array(sitk.GetArrayFromImage(image), shape_xyz[::-1], name), geometry
+    return _finish_array(sitk.GetArrayFromImage(image), shape_xyz[::-1], name, nan), geometry
 
 
-def _read_h5(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geometry]:
+def _h5_dataset(f: Any, dataset: str, name: str) -> Any:
+    """The dataset, refused when its voxels would come from outside the file.
+
+    HDF5 follows external links, external raw storage and virtual-dataset sources to any path
+    (relative ones from the working folder): a 1 kB file could read /etc/passwd as an image.
+    """
+    import h5py
+
+    link = f.get(dataset, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise InputError(
+            f"{name}: dataset '{dataset}' links to another file ({link.filename}), which is not"
+            " read - copy the data into this file"
+        )
+    if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+        raise InputError(
+            f"{name}: no dataset '{dataset}' (found: {', '.join(sorted(f.keys())) or 'none'})"
+            f" - store the volume as dataset '{dataset}'"
+        )
+    ds = f[dataset]
+    if ds.external or ds.is_virtual:
+        raise InputError(
+            f"{name}: dataset '{dataset}' keeps its voxels in other files, which are not read"
+            " - copy the data into this file (e.g. h5repack)"
+        )
+    return ds
+
+
+def _read_h5(path: Path, name: str, dataset: str, nan: str) -> tuple[np.ndarray, Geometry]:
     import h5py
 
     with h5py.File(path, "r") as f:
-        if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
-            raise InputError(
-                f"{name}: no dataset '{dataset}' (found: {', '.join(sorted(f.keys())) or 'none'})"
-                f" - store the volume as dataset '{dataset}'"
-            )
-        ds = f[dataset]
+        ds = _h5_dataset(f, dataset, name)
         _check_dtype(ds.dtype, name)
         shape = _check_declared(ds.shape, ds.dtype.itemsize, name)
+        # HDF5 hands out fill values for storage never written, and a deflated chunk can
+        # inflate ~1000-fold: compare what is stored with what is declared before reading.
+        needed = math.prod(shape) * ds.dtype.itemsize
+        layout = "deflate" if ds.chunks is not None else "raw"
+        _check_stored_bytes(ds.id.get_storage_size(), needed, layout, name)
+        _check_memory(shape, ds.dtype.itemsize, name)
         data = ds[()]
         # Geometry attributes are written by write_volume; benchmark files have none.
         attrs = ds.attrs
@@ -677,14 +1022,14 @@ def _read_h5(path: Path, name: str, dataset: str) -> tuple[np.ndarray, Geometry]
             geometry = Geometry(attrs["spacing"], attrs["origin"], attrs["direction"], affine)
         else:
             geometry = Geometry.identity()
-    return _finish_array(np.asarray(data), shape, name), geometry
+    return _finish_array(np.asarray(data), shape, name, nan), geometry
 
 
-_READERS: dict[str, Callable[[Path, str, str], tuple[np.ndarray, Geometry]]] = {
+_READERS: dict[str, Callable[[Path, str, str, str], tuple[np.ndarray, Geometry]]] = {
     "nifti": _read_nifti,
-    "nrrd": lambda p, n, d: _read_itk_file(p, n, "nrrd"),
-    "mha": lambda p, n, d: _read_itk_file(p, n, "mha"),
-    "mhd": lambda p, n, d: _read_itk_file(p, n, "mhd"),
+    "nrrd": lambda p, n, d, nan: _read_itk_file(p, n, "nrrd", nan),
+    "mha": lambda p, n, d, nan: _read_itk_file(p, n, "mha", nan),
+    "mhd": lambda p, n, d, nan: _read_itk_file(p, n, "mhd", nan),
     "dicom": _read_dicom,
     "h5": _read_h5,
 }
@@ -709,27 +1054,39 @@ def _format_of(path: Path, name: str) -> str:
     return _FORMAT_OF_SUFFIX[suffix]
 
 
-def read_volume(path: os.PathLike | str, *, dataset: str = "image") -> Volume:
+def read_volume(
+    path: os.PathLike | str, *, dataset: str = "image", nan: str = "refuse"
+) -> Volume:
     """Read a 3D scalar volume and its geometry.
+
+    Nothing outside the file is read: a NRRD/MetaImage data file must lie in the header's
+    folder (no absolute path, no '..', no link out), an h5 dataset must hold its own voxels.
+    Every size a header declares is checked against the file and the free memory first.
 
     Args:
         path: a ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``, ``.h5``/``.hdf5``
             file, or a folder holding exactly one DICOM series.
         dataset: the h5 dataset to read (``"image"`` or ``"label"``); ignored otherwise.
+        nan: ``"refuse"`` any NaN or Inf voxel, or ``"keep"`` NaN voxels, which mark voxels
+            without data (e.g. outside the field of view after resampling). Inf, and a volume
+            that is NaN everywhere, are refused either way.
 
     Returns:
         A :class:`Volume` whose array is ``(D, H, W)`` = ``(z, y, x)`` in the file's dtype
         (bool becomes uint8) and whose geometry is in mm, LPS, array axis order.
 
     Raises:
-        InputError: unreadable, truncated or lying file; not 3D; non-numeric voxels; NaN/Inf.
-        ResourceError: not enough memory to hold the volume.
+        InputError: unreadable, truncated or lying file; a data file outside the header's
+            folder; not 3D; non-numeric voxels; NaN/Inf; disagreeing NIfTI sform and qform.
+        ResourceError: not enough memory to hold the volume (checked before reading).
     """
     path = Path(path)
     name = _show(path)
+    if nan not in NAN_POLICIES:
+        raise ValueError(f"nan must be one of {NAN_POLICIES}, got {nan!r}")  # a programming error
     try:
         fmt = _format_of(path, name)
-        array, geometry = _READERS[fmt](path, name, dataset)
+        array, geometry = _READERS[fmt](path, name, dataset, nan)
     except SGRSError as exc:
         if name in str(exc):
             raise
@@ -770,12 +1127,15 @@ def _write_nifti(target: Path, array: np.ndarray, geometry: Geometry, dataset: s
         header.set_sform(None, code="unknown")
         if not np.array_equal(header.get_best_affine(), affine):
             header.set_sform(affine, code="scanner")  # closest we can store
+    if not _xforms_agree(header):
+        # A sheared affine has no quaternion: a qform beside it would disagree with the sform
+        # (and read_volume refuses such files), so the sform alone carries it.
+        header.set_qform(None, code="unknown")
     nib.save(image, os.fspath(target))
 
 
 def _write_itk(target: Path, array: np.ndarray, geometry: Geometry, dataset: str) -> None:
-    import SimpleITK as sitk
-
+    sitk = _sitk()
     image = sitk.GetImageFromArray(array)
     spacing, origin, direction = geometry._to_itk()
     image.SetSpacing(spacing)
@@ -783,7 +1143,8 @@ def _write_itk(target: Path, array: np.ndarray, geometry: Geometry, dataset: str
     image.SetDirection(direction)
     # .mhd keeps an uncompressed .raw companion so other tools can memory-map it.
     compress = not target.name.lower().endswith(".mhd")
-    sitk.WriteImage(image, os.fspath(target), useCompression=compress)
+    with _quiet_native_stderr():
+        sitk.WriteImage(image, os.fspath(target), useCompression=compress)
 
 
 def _write_h5(target: Path, array: np.ndarray, geometry: Geometry, dataset: str) -> None:
@@ -1055,7 +1416,16 @@ def read_h5_benchmark(root: os.PathLike | str, list_file: os.PathLike | str) -> 
         raise InputError(f"{_show(list_path)}: the case list is empty - one case name per line")
     cases = []
     for case in names:
+        # A case names a file under root: '../x' or '/x' in a downloaded list must not reach out.
         file = _benchmark_file(root, case)
+        why = _outside_folder(root, case) or (
+            file is not None and _outside_folder(root, os.path.relpath(file, root))
+        )
+        if why:
+            raise InputError(
+                f"{_show(list_path)}: case '{case}' is {why}; only files inside {_show(root)} are"
+                f" read (as {case}/mri_norm2.h5, {case}.h5 or {case}/*.h5) - fix the case list"
+            )
         if file is None:
             raise InputError(
                 f"{_show(list_path)}: case '{case}' has no h5 file (looked for"

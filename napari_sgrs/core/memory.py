@@ -91,6 +91,12 @@ def available_bytes(device=None) -> int | None:
         return int(free)
     if kind == "mps":
         return None
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int | None:
+    """Free host memory (the kernel's MemAvailable), which reading files always uses, whatever the
+    compute device. None when it cannot be known (the check is then skipped)."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

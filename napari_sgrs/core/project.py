@@ -28,13 +28,13 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, InputError
+from .errors import InputError
 
 PROJECT_FILE = "project.json"
 PROJECT_VERSION = 1

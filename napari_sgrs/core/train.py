@@ -350,6 +350,7 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
     count is inferred and is not the plain 0/1 of every label, a one-line note naming the values
     found is appended to ``notes`` (the CLI prints it).
     """
+    from .data import mask_outside_view
     from .io import check_pair, read_volume, validate_label
 
     config.validate()  # the ranges of --ignore-index and --num-classes, before any volume is read
@@ -359,13 +360,15 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
     loaded: list[LoadedCase] = []
     values: dict[str, np.ndarray] = {}  # label file -> distinct values other than the ignore index
     for case in cases:
-        img = read_volume(case.image)
+        img = read_volume(case.image, nan="keep")  # NaN: no data (outside the field of view), masked below
         lab = None
         if case.label is not None:
             lv = read_volume(case.label, dataset="label") if str(case.label).endswith((".h5", ".hdf5")) \
                 else read_volume(case.label)
             check_pair(img, lv)
             lab = validate_label(lv, k_given, ignore)
+        mask_outside_view(img.name, img.array, lab, ignore)  # NaN voxels: ignored, one warning line
+        if lab is not None:
             values[lv.name] = _label_values(lab, ignore)
         loaded.append(LoadedCase(case.name, img.array, lab, tuple(img.geometry.spacing)))
     if not values:

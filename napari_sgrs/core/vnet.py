@@ -12,6 +12,10 @@ from torch import nn
 
 from .errors import ConfigError
 
+#: Widest network built: parameters grow with the square of the base filters (9.4 M at 16,
+#: 2.4 G at 256), and a checkpoint's metadata must not be able to ask for more.
+MAX_BASE_FILTERS = 256
+
 
 class StreamBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm3d that can normalise segments of the batch with their own statistics.
@@ -72,8 +76,8 @@ class VNet(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"num_classes must be >= 2 (background + target), got {num_classes}")
-        if base_filters < 1:
-            raise ConfigError(f"base filters must be >= 1, got {base_filters}")
+        if not 1 <= base_filters <= MAX_BASE_FILTERS:
+            raise ConfigError(f"base filters must be between 1 and {MAX_BASE_FILTERS}, got {base_filters}")
         f = base_filters
         self.in_channels, self.num_classes, self.base_filters = in_channels, num_classes, f
         self.enc1, self.down1 = _conv_stage(1, in_channels, f), _down(f, 2 * f)

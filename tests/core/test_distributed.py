@@ -6,7 +6,6 @@ in a subprocess with a timeout, so a deadlock between ranks fails the test inste
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

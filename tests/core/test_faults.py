@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from napari_sgrs.cli import main
-from napari_sgrs.core import checkpoint as ckpt_mod
 from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.errors import ResourceError, TrainingDiverged
 from napari_sgrs.core.events import read_events

@@ -217,6 +217,173 @@ def _benchmark_case(tmp: Path, **datasets: np.ndarray) -> Path:
     return listing
 
 
+# --------------------------------------------------------------------------------------
+# Headers whose data files lie elsewhere, files that declare more than they hold, hostile
+# checkpoints. Each would be read (or built) without its guard: the escaping headers point at
+# readable bytes, so only the containment rule refuses them.
+# --------------------------------------------------------------------------------------
+
+OUTSIDE = Path(__file__)  # a file outside every test folder, only ever read
+TEXT_SHAPE = "4 3 2"  # 4 x 3 x 2 uint8 = 24 bytes, in slices of 12
+
+
+def _slices(tmp: Path) -> None:
+    (tmp / "d.raw").write_bytes(bytes(range(24)))
+    (tmp / "s0.raw").write_bytes(bytes(range(12)))
+    (tmp / "s1.raw").write_bytes(bytes(range(12, 24)))
+
+
+def _up(tmp: Path, name: str) -> str:
+    """A name leaving ``tmp`` through '..' and coming back: the data is there, the path escapes."""
+    return f"../{tmp.name}/{name}"
+
+
+def _nhdr(tmp: Path, data_file: str, *following: str) -> Path:
+    _slices(tmp)
+    path = tmp / "detached.nhdr"
+    path.write_text(
+        f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: {TEXT_SHAPE}\nencoding: raw\n"
+        f"data file: {data_file}\n" + "".join(line + "\n" for line in following)
+    )
+    return path
+
+
+def _mhd(tmp: Path, data_file: str, *following: str, suffix: str = ".mhd") -> Path:
+    _slices(tmp)
+    path = tmp / f"detached{suffix}"
+    path.write_text(
+        f"ObjectType = Image\nNDims = 3\nDimSize = {TEXT_SHAPE}\nElementType = MET_UCHAR\n"
+        f"ElementDataFile = {data_file}\n" + "".join(line + "\n" for line in following)
+    )
+    return path
+
+
+def _link_out(tmp: Path) -> str:
+    link = tmp / "link.raw"
+    try:
+        os.symlink(OUTSIDE, link)
+    except OSError:
+        pytest.skip("symlinks are not available here")
+    return link.name
+
+
+def _h5_declaring(tmp: Path, name: str, **options: object) -> Path:
+    """An h5 whose dataset declares 64 MiB and stores nothing (HDF5 would hand out fill values)."""
+    path = tmp / name
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", shape=(256, 256, 256), dtype="f4", **options)
+    return path
+
+
+def _h5_external_raw(tmp: Path) -> Path:
+    _slices(tmp)
+    path = tmp / "external.h5"
+    with h5py.File(path, "w") as f:
+        external = [(str(tmp / "d.raw"), 0, 24)]
+        f.create_dataset("image", shape=(2, 3, 4), dtype="u1", external=external)
+    return path
+
+
+def _h5_elsewhere(tmp: Path, kind: str) -> Path:
+    source = tmp / ".source.h5"  # hidden: not a case of an --images folder
+    with h5py.File(source, "w") as f:
+        f["image"] = _image()
+    path = tmp / f"{kind}.h5"
+    with h5py.File(path, "w") as f:
+        if kind == "external-link":
+            f["image"] = h5py.ExternalLink(source.name, "image")
+        else:
+            layout = h5py.VirtualLayout(shape=SHAPE, dtype="f4")
+            layout[:] = h5py.VirtualSource(source.name, "image", shape=SHAPE)
+            f.create_virtual_dataset("image", layout)
+    return path
+
+
+def _xforms(tmp: Path, name: str, qform_shift: tuple[float, ...], qform_zoom: float) -> Path:
+    """A NIfTI whose sform (1 mm voxels) and qform (both code 1) place the voxels differently."""
+    sform = np.diag([1.0, 1.0, 1.0, 1.0])
+    qform = np.diag([qform_zoom, qform_zoom, qform_zoom, 1.0])
+    qform[:3, 3] = qform_shift
+    image = nib.Nifti1Image(_image(), sform)
+    image.set_sform(sform, code=1)
+    image.set_qform(qform, code=1)
+    nib.save(image, tmp / name)
+    return tmp / name
+
+
+def _nifti_extension_claiming(tmp: Path) -> Path:
+    """A .nii.gz with a 16-byte extension slot whose extension claims the rest of the file:
+    nibabel would inflate the whole stream (gigabytes, in a bigger file) as header."""
+    image = nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4))
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(0, b"x" * 8))
+    raw = tmp / "ext.nii"
+    nib.save(image, raw)
+    data = bytearray(raw.read_bytes())
+    assert struct.unpack_from("<f", data, 108)[0] == 368.0  # 352 + one 16-byte extension
+    struct.pack_into("<i", data, 352, len(data) - 352)
+    raw.write_bytes(bytes(data))
+    return _gzip(raw)
+
+
+def _checkpoint(tmp: Path, change=None, *, meta: dict | None = None) -> Path:
+    """A checkpoint of a 1-filter V-Net (190 kB); ``change(tensors)`` tampers with its weights."""
+    import torch
+
+    from napari_sgrs.core.checkpoint import save_checkpoint
+    from napari_sgrs.core.vnet import VNet
+
+    torch.manual_seed(0)
+    net = VNet(1, 2, 1)
+    tensors = {f"student.{k}": v for k, v in net.state_dict().items()}
+    tensors["partner.image"] = torch.zeros(16, 16, 16)
+    if change is not None:
+        change(tensors)
+    settings = {"config": {"base_filters": 1, "patch_size": [16, 16, 16]}, "num_classes": 2}
+    for key, value in (meta or {}).items():
+        (settings["config"] if key in ("base_filters", "patch_size") else settings)[key] = value
+    path = tmp / "hostile.safetensors"
+    save_checkpoint(path, tensors, settings)
+    return path
+
+
+def _head(filters: int):
+    """Only the head agrees with the metadata's filters: it passed the old check."""
+    import torch
+
+    def change(tensors):
+        tensors["student.head.weight"] = torch.zeros(2, filters, 1, 1, 1)
+
+    return change
+
+
+def _set(name: str, *shape: int):
+    """Replace (or add) tensor ``name`` by zeros of ``shape``."""
+    import torch
+
+    def change(tensors):
+        tensors[name] = torch.zeros(*shape)
+
+    return change
+
+
+def _drop(name: str):
+    def change(tensors):
+        del tensors[name]
+
+    return change
+
+
+def _list_cases(listing: Path, *cases: str) -> Path:
+    listing.write_text("".join(case + "\n" for case in cases))
+    return listing
+
+
+def load_ckpt(path: Path) -> object:
+    from napari_sgrs.core.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
 CORPUS: list = [
     # zero-byte files of each format
     *[
@@ -426,6 +593,94 @@ CORPUS: list = [
     pytest.param(lambda t: _text(t / "notes.mha", "hello\n"), read, id="text-named.mha"),
     pytest.param(lambda t: _text(t / "photo.png", "PNG"), read, id="unsupported-suffix"),
     pytest.param(lambda t: t / "absent.nii.gz", read, id="missing-file"),
+    # data files outside the header's folder: absolute, through '..', a link out, a LIST, a pattern
+    pytest.param(lambda t: _nhdr(t, str(t / "d.raw")), read, id="nhdr-data-file-absolute"),
+    pytest.param(lambda t: _nhdr(t, _up(t, "d.raw")), read, id="nhdr-data-file-dotdot"),
+    pytest.param(lambda t: _nhdr(t, _link_out(t)), read, id="nhdr-data-file-link-out"),
+    pytest.param(
+        lambda t: _nhdr(t, "LIST", "s0.raw", _up(t, "s1.raw")), read, id="nhdr-list-dotdot"
+    ),
+    pytest.param(lambda t: _nhdr(t, "LIST", "s0.raw", str(OUTSIDE)), read, id="nhdr-list-absolute"),
+    pytest.param(lambda t: _nhdr(t, _up(t, "s%d.raw") + " 0 1 1"), read, id="nhdr-pattern-dotdot"),
+    pytest.param(lambda t: _mhd(t, str(t / "d.raw")), read, id="mhd-data-file-absolute"),
+    pytest.param(lambda t: _mhd(t, _up(t, "d.raw")), read, id="mhd-data-file-dotdot"),
+    pytest.param(lambda t: _mhd(t, _link_out(t)), read, id="mhd-data-file-link-out"),
+    pytest.param(lambda t: _mhd(t, "LIST", "s0.raw", _up(t, "s1.raw")), read, id="mhd-list-dotdot"),
+    pytest.param(lambda t: _mhd(t, _up(t, "s%d.raw") + " 0 1 1"), read, id="mhd-pattern-dotdot"),
+    pytest.param(
+        lambda t: _mhd(t, str(t / "d.raw"), suffix=".mha"), read, id="mha-data-file-absolute"
+    ),
+    # h5 voxels from elsewhere, or declared and never stored
+    pytest.param(_h5_external_raw, read, id="h5-external-raw-storage"),
+    pytest.param(lambda t: _h5_elsewhere(t, "external-link"), read, id="h5-external-link"),
+    pytest.param(lambda t: _h5_elsewhere(t, "virtual"), read, id="h5-virtual-dataset"),
+    pytest.param(
+        lambda t: _h5_declaring(t, "chunked.h5", chunks=(64, 64, 64), compression="gzip"),
+        read,
+        id="h5-chunked-declares-64MiB-stores-none",
+    ),
+    pytest.param(
+        lambda t: _h5_declaring(t, "contiguous.h5"), read, id="h5-contiguous-declares-64MiB"
+    ),
+    # NIfTI geometry that tools read differently; an extension bigger than its slot
+    pytest.param(
+        lambda t: _xforms(t, "moved.nii", (5.0, -6.0, 7.0), 1.0), read, id="nii-qform-moved"
+    ),
+    pytest.param(
+        lambda t: _xforms(t, "zoomed.nii.gz", (0.0, 0.0, 0.0), 2.0), read, id="nii.gz-qform-zoomed"
+    ),
+    pytest.param(_nifti_extension_claiming, read, id="nii.gz-extension-claims-more"),
+    # checkpoints whose metadata or weights lie
+    pytest.param(
+        lambda t: _checkpoint(t, _head(1024), meta={"base_filters": 1024}),
+        load_ckpt,
+        id="ckpt-1024-filters",
+    ),
+    pytest.param(
+        lambda t: _checkpoint(t, _head(200), meta={"base_filters": 200}),
+        load_ckpt,
+        id="ckpt-200-filters-small-weights",
+    ),
+    pytest.param(
+        lambda t: _checkpoint(t, _set("student.enc1.0.weight", 9, 1, 3, 3, 3)),
+        load_ckpt,
+        id="ckpt-weight-shape",
+    ),
+    pytest.param(
+        lambda t: _checkpoint(t, _set("student.extra", 3)),
+        load_ckpt,
+        id="ckpt-unknown-weight",
+    ),
+    pytest.param(
+        lambda t: _checkpoint(t, _drop("student.enc1.0.bias")), load_ckpt, id="ckpt-missing-weight"
+    ),
+    pytest.param(
+        lambda t: _checkpoint(t, _set("optim.momentum.0", 1000)),
+        load_ckpt,
+        id="ckpt-momentum-shape",
+    ),
+    pytest.param(
+        lambda t: _checkpoint(t, _set("partner.image", 16, 16)),
+        load_ckpt,
+        id="ckpt-partner-shape",
+    ),
+    pytest.param(
+        lambda t: _checkpoint(t, _set("rng.torch", 4, 4)),
+        load_ckpt,
+        id="ckpt-rng-state",
+    ),
+    pytest.param(lambda t: _checkpoint(t, meta={"tau": "high"}), load_ckpt, id="ckpt-text-tau"),
+    # a benchmark case list naming files outside its root
+    pytest.param(
+        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=_image()), _up(t, "case1")),
+        benchmark,
+        id="h5-benchmark-case-dotdot",
+    ),
+    pytest.param(
+        lambda t: _list_cases(_benchmark_case(t, image=_image(), label=_image()), str(t / "case1")),
+        benchmark,
+        id="h5-benchmark-case-absolute",
+    ),
     # label values
     pytest.param(
         lambda t: write_volume(t / "lab7.nii.gz", np.full(SHAPE, 7, np.uint8), GEOMETRY),

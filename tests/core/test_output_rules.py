@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from napari_sgrs.cli import main
-from napari_sgrs.core.io import Geometry, read_volume, write_volume
+from napari_sgrs.core.io import read_volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from tiny import TINY_ARGS, tiny_config  # noqa: E402

@@ -3,7 +3,6 @@ run's record of it, and `sgrs predict --largest-component`."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -297,7 +297,7 @@ def test_train_out_on_a_folder_that_is_not_a_run_changes_nothing(name, tiny_coho
     code = main(["train", "--images", str(tiny_cohort.images_tr), "--labels", str(tiny_cohort.labels_tr),
                  "--out", str(out), *TINY_ARGS, *extra])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"error: ") and err.count("\n") == 1 and str(out) in err, err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and str(out) in err, err
     assert needle in err, err
     assert _snapshot(out) == before  # byte for byte, and no lock file or anything else added
 

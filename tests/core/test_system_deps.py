@@ -3,7 +3,6 @@ share: with fake apt-get / dpkg-query / id / sudo on PATH, so no package is real
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
@@ -172,7 +171,6 @@ def test_pseudo_views_mix_sends_no_unlabeled_gradient_through_the_plain_view():
     and mixed parts of the batch taken out of the graph, nothing flows back to the U patches."""
     import copy
 
-    import numpy as np
     import torch
 
     from napari_sgrs.core.train import TrainConfig, build_model, sgrs_step
