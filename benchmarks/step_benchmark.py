@@ -39,7 +39,6 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--method", default="sgrs", choices=["sgrs", "supervised"])
-    p.add_argument("--no-channels-last", action="store_true", help="contiguous (NCDHW) tensors, as the published code")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN's heuristic algorithms, no autotuning")
     p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
@@ -53,10 +52,9 @@ def main(argv=None) -> int:
                                         resolve_device, sgrs_step)
 
     device = resolve_device(args.device)
-    cl = not args.no_channels_last
     cfg = TrainConfig(method=args.method, base_filters=args.filters, patch_size=tuple(args.patch),
                       batch_size=args.labeled + args.unlabeled, labeled_batch_size=args.labeled,
-                      channels_last=cl, amp=args.amp, cudnn_benchmark=not args.no_cudnn_benchmark)
+                      amp=args.amp, cudnn_benchmark=not args.no_cudnn_benchmark)
     if args.pseudo_anchor:
         cfg.pseudo_anchor = args.pseudo_anchor
     cfg.validate()
@@ -72,9 +70,7 @@ def main(argv=None) -> int:
                                n_lab, 0 if args.method == "supervised" else args.unlabeled,
                                PatchSampler(tuple(args.patch), rng))
     configure_backends(device, cfg)  # cuDNN autotuning on CUDA, as the trainer
-    student = build_model(cfg, 2).to(device)
-    if cl:
-        student = student.to(memory_format=torch.channels_last_3d)
+    student = build_model(cfg, 2).to(device, memory_format=torch.channels_last_3d)  # as the trainer
     teacher = copy.deepcopy(student).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     anchor = LabelAnchor(cfg, 2, device, False) if args.method == "sgrs" and cfg.pseudo_anchor == "labels" else None
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
         if t is None:
             return None
         t = t.to(device, non_blocking=True)
-        return t.to(memory_format=torch.channels_last_3d) if (cl and t.dim() == 5) else t
+        return t.to(memory_format=torch.channels_last_3d) if t.dim() == 5 else t
 
     def plain_step(step):
         x, y, u = (to_dev(t) for t in next(batches)[:3])
@@ -172,7 +168,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "method": args.method,
         "patch": list(args.patch), "filters": args.filters, "labeled": args.labeled,
-        "unlabeled": args.unlabeled, "channels_last": cl, "amp": str(amp_dtype), "step_s": step_s,
+        "unlabeled": args.unlabeled, "amp": str(amp_dtype), "step_s": step_s,
         "phases_s": phases,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         # the process does nothing but these steps, so its high-water mark is the training peak
@@ -187,7 +183,7 @@ def main(argv=None) -> int:
         anchored = ", label-only anchor" if result["pseudo_anchor"] == "labels" else ""
         print(f"{args.method}{anchored} step at patch {tuple(args.patch)}, F={args.filters}, "
               f"{args.labeled}+{args.unlabeled}, "
-              f"channels_last={cl}, {result['device']} x{result['threads']} threads: {step_s:.3f} s/step, "
+              f"{result['device']} x{result['threads']} threads: {step_s:.3f} s/step, "
               f"peak RSS {result['peak_rss_mb']:.0f} MiB" + (f", peak GPU {result['peak_gpu_mb']:.0f} MiB"
                                                              if result["peak_gpu_mb"] else ""))
         for k, v in phases.items():

@@ -92,15 +92,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pseudo-views", choices=["mix", "both"], default=None,
                    help="sgrs: which student views the pseudo labels teach: mix (default), only the mixed view, "
                         "never the view they were made from; both: the plain and the mixed view (the paper's)")
-    p.add_argument("--pseudo-islands", choices=["keep", "background"], default=None,
-                   help="sgrs: keep (default) the teacher's pseudo labels as they are; background: for each "
-                        "class that is one connected piece in every labeled volume, teach the teacher's "
-                        "islands outside its largest component (whole-volume prediction, refreshed at each "
-                        "validation) as background")
-    p.add_argument("--pseudo-cap", choices=["off", "labels"], default=None,
-                   help="sgrs: off (default); labels: at each validation interval cap each class's share of the "
-                        "pseudo labels (teacher's whole-volume prediction) at its share of the labeled voxels, "
-                        "turning its least confident pseudo-label voxels into background")
     p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
                    help="sgrs: labels (default): a second network trained on the labeled patches alone is "
                         "averaged with the teacher into the pseudo labels, so the teacher cannot confirm its own "
@@ -116,10 +107,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="share of labeled volumes held out for validation (default 0.2; none below 3 labels)")
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")
-    p.add_argument("--select", choices=["last", "best"], default=None,
-                   help="checkpoint that predict uses: last (default) or best on the validation split")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=None)
-    p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=None,
                    help="on CUDA, use cuDNN's heuristic algorithms instead of timing them for the patch "
@@ -157,11 +145,10 @@ def _config_from_args(args: argparse.Namespace):
                "lr_schedule": "lr_schedule",
                "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
                "region_weighting": "region_weighting", "pseudo_views": "pseudo_views",
-               "pseudo_islands": "pseudo_islands", "pseudo_cap": "pseudo_cap", "pseudo_anchor": "pseudo_anchor",
+               "pseudo_anchor": "pseudo_anchor",
                "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
                "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
-               "checkpoint_every": "checkpoint_every", "select": "select", "amp": "amp",
-               "channels_last": "channels_last", "compile": "compile", "sync_bn": "sync_bn",
+               "checkpoint_every": "checkpoint_every", "amp": "amp", "compile": "compile", "sync_bn": "sync_bn",
                "cudnn_benchmark": "cudnn_benchmark",
                "reference_compat": "reference_compat", "workers": "workers", "log_every": "log_every"}
     for arg, field_name in mapping.items():
@@ -229,13 +216,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     """On --resume, settings the user did not repeat come from the run's config.json."""
     from .core.runfolder import RunFolder
-    from .core.train import TrainConfig
+    from .core.train import TrainConfig, check_resumable
 
     run = RunFolder(args.out)
     if not run.config.exists():
         return  # the checkpoint holds what must match; the command line gives the rest
+    raw = run.read_config()
+    check_resumable(raw, run.config)  # a setting removed in 0.2: refused before anything is written
     try:
-        saved = TrainConfig.from_json(run.read_config()).validate()
+        saved = TrainConfig.from_json(raw).validate()
     except (ConfigError, TypeError) as exc:
         raise InputError(f"{run.config}: the saved run settings are invalid ({exc}); restore the file or start "
                          f"a new run") from exc
@@ -243,7 +232,7 @@ def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
     for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
                  "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
                  "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat", "gate",
-                 "region_weighting", "pseudo_views", "pseudo_islands", "pseudo_cap", "pseudo_anchor"):
+                 "region_weighting", "pseudo_views", "pseudo_anchor"):
         flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
         if flag not in given:
             setattr(cfg, name, getattr(saved, name))
@@ -264,13 +253,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     subfolders = [out] + ([out / "probability", out / "regions"] if args.regions else [])
     for folder in subfolders:  # the subfolders too: one may be a link into an input
         check_not_input(folder, inputs)
-    which = args.checkpoint
     run = RunFolder(args.run)
-    if which is None and run.path.is_dir() and run.config.exists():
-        which = run.read_config().get("select", "last")
-        if which not in RunFolder.CHECKPOINT_KINDS:
-            raise InputError(f"{run.config}: \"select\" must be \"last\" or \"best\", got {which!r}; restore the "
-                             f"file or pass --checkpoint last")
+    if run.path.is_dir() and run.config.exists():
+        run.read_config()  # a damaged config.json is one line here too, as on --resume
     if args.h5_root is not None:
         from .core.io import read_h5_benchmark
 
@@ -296,7 +281,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.infer import Predictor
     from .core.memory import check_inference_memory
 
-    predictor = Predictor.from_run(args.run, device=args.device, checkpoint=which or "last", model=args.model)
+    predictor = Predictor.from_run(args.run, device=args.device, checkpoint=args.checkpoint, model=args.model)
     _note_largest_component(args.largest_component, predictor, quiet=args.quiet)
     for folder in subfolders:
         try:
@@ -480,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write probability/ (foreground probability) and regions/ (0 none, 1 disregarded, "
                         "2 consistent, 3 inconsistent) for each unlabeled volume")
     p.add_argument("--device", default="auto")
-    p.add_argument("--checkpoint", choices=["last", "best"], default=None)
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="last (default): the run's final checkpoint; best: the best on its validation split")
     p.add_argument("--model", choices=["student", "teacher"], default="student")
     p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=_int_at_least(1), default=4, help="windows per forward pass")

@@ -132,9 +132,6 @@ class Sample:
     image: np.ndarray          # (D, H, W) float32, normalised and padded to >= patch
     label: np.ndarray | None   # (D, H, W) uint8/int64, padded with ignore_index
     foreground: np.ndarray | None = None  # (N, 3) coordinates of labeled foreground voxels
-    # unlabeled volumes under --pseudo-islands background: voxels of the teacher's last whole-volume
-    # prediction that lie outside the largest component of a one-piece class (train.sweep_unlabeled)
-    islands: np.ndarray | None = None
 
 
 def make_sample(name: str, image: np.ndarray, label: np.ndarray | None, patch: tuple[int, int, int],
@@ -173,14 +170,12 @@ class PatchSampler:
         return tuple(int(self.rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch))
 
     def draw(self, sample: Sample, labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """An image patch and its companion under the same crop, flips and rotation: the label
-        patch for a labeled draw; for an unlabeled one the island mask when the sample has one
-        (bool), else None."""
+        """An image patch and, for a labeled draw, its label patch under the same crop, flips and
+        rotation (None for an unlabeled draw)."""
         z, y, x = self._corner(sample, labeled)
         d, h, w = self.patch
         img = sample.image[z:z + d, y:y + h, x:x + w]
-        companion = sample.label if labeled else sample.islands
-        lab = companion[z:z + d, y:y + h, x:x + w] if companion is not None else None
+        lab = sample.label[z:z + d, y:y + h, x:x + w] if labeled else None
         if self.augment:
             if h == w:
                 k = int(self.rng.integers(4))
@@ -191,14 +186,13 @@ class PatchSampler:
                     img = np.flip(img, axis)
                     lab = np.flip(lab, axis) if lab is not None else None
         img = np.ascontiguousarray(img, dtype=np.float32)
-        lab = np.ascontiguousarray(lab, dtype=np.int64 if labeled else bool) if lab is not None else None
+        lab = np.ascontiguousarray(lab, dtype=np.int64) if lab is not None else None
         return img, lab
 
 
 class TwoStreamBatches:
-    """Infinite iterator of (labeled images, labels, unlabeled images, unlabeled island masks)
-    batches; the last two are None without unlabeled patches, the masks (bool) also when no
-    unlabeled volume has one (a volume without a mask gives an all-False one).
+    """Infinite iterator of (labeled images, labels, unlabeled images) batches; the unlabeled
+    images are None without unlabeled patches.
 
     Each step draws ``labeled_batch`` patches from labeled volumes and ``unlabeled_batch``
     from unlabeled ones, volumes picked uniformly at random with replacement. With several
@@ -217,7 +211,7 @@ class TwoStreamBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rng = self.sampler.rng
         imgs, labs = [], []
         for i in rng.integers(0, len(self.labeled), self.labeled_batch):
@@ -226,15 +220,12 @@ class TwoStreamBatches:
             labs.append(lab)
         x = torch.from_numpy(np.stack(imgs)[:, None])
         y = torch.from_numpy(np.stack(labs))
-        u = masks = None
+        u = None
         if self.unlabeled_batch > 0 and self.unlabeled:
-            draws = [self.sampler.draw(self.unlabeled[i], labeled=False)
+            draws = [self.sampler.draw(self.unlabeled[i], labeled=False)[0]
                      for i in rng.integers(0, len(self.unlabeled), self.unlabeled_batch)]
-            u = torch.from_numpy(np.stack([img for img, _ in draws])[:, None])
-            if any(m is not None for _, m in draws):
-                masks = torch.from_numpy(np.stack([m if m is not None else np.zeros(img.shape, bool)
-                                                   for img, m in draws]))
-        return x, y, u, masks
+            u = torch.from_numpy(np.stack(draws)[:, None])
+        return x, y, u
 
 
 class BatchStream(torch.utils.data.IterableDataset):

@@ -150,9 +150,7 @@ class Predictor:
             raise CheckpointError(f"{path}: weights do not fit the network described in its metadata "
                                   f"({str(exc).splitlines()[0]})") from exc
         partner = ckpt.tensors.get("partner.image")
-        net = net.to(dev)
-        if meta["config"].get("channels_last", True):
-            net = net.to(memory_format=torch.channels_last_3d)
+        net = net.to(dev, memory_format=torch.channels_last_3d)
         return cls(net, meta, dev, partner=partner, checkpoint_sha256=ckpt.sha256)
 
     def _forward_probs(self, windows: torch.Tensor) -> torch.Tensor:

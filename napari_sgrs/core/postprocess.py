@@ -53,23 +53,15 @@ def largest_component(mask: np.ndarray, full_connectivity: bool = True) -> np.nd
     return components == (int(np.argmax(sizes)) + 1)
 
 
-def island_mask(label: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Boolean mask of the voxels of each class in ``classes`` that lie outside its largest
-    26-connected component: what :func:`keep_largest_component` sets to background."""
-    if label.ndim != 3:
-        raise ConfigError(f"largest-component post-processing needs a 3D label volume, got shape {label.shape}")
-    out = np.zeros(label.shape, dtype=bool)
-    for k in classes:
-        mask = label == k
-        out |= mask & ~largest_component(mask)
-    return out
-
-
 def keep_largest_component(label: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """A copy of ``label`` where each class in ``classes`` keeps only its largest 26-connected
     component; the voxels of its other components become background (0)."""
+    if label.ndim != 3:
+        raise ConfigError(f"largest-component post-processing needs a 3D label volume, got shape {label.shape}")
     out = label.copy()
-    out[island_mask(label, classes)] = 0
+    for k in classes:
+        mask = label == k
+        out[mask & ~largest_component(mask)] = 0
     return out
 
 

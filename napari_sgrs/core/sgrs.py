@@ -61,34 +61,6 @@ def hard_label(prob_or_logits: torch.Tensor) -> torch.Tensor:
     return prob_or_logits.contiguous().argmax(1)
 
 
-def share_floors(hist: np.ndarray, total: int, label_share) -> np.ndarray:
-    """Per-class probability floors that cap each foreground class's share of the pseudo labels
-    at its share of the labeled voxels (distribution alignment, trimming only).
-
-    ``hist`` (K, bins): for each class k, the voxels whose hard label is k, binned by p_k on
-    [0, 1] (row 0 unused); ``total``: all voxels swept. A class whose share is already at or
-    below ``label_share[k]`` gets floor 0 (left alone); otherwise the floor is the lowest bin edge
-    above which at most that share remains, so the least confident voxels of the class go first.
-    """
-    hist = np.asarray(hist, dtype=np.float64)
-    k_classes, bins = hist.shape
-    floors = np.zeros(k_classes, dtype=np.float64)
-    for k in range(1, k_classes):
-        allowed = float(label_share[k]) * total
-        above = np.cumsum(hist[k][::-1])[::-1]     # above[i]: voxels in bins i..end
-        if above[0] <= allowed:
-            continue
-        fits = np.flatnonzero(above <= allowed)
-        floors[k] = (fits[0] if len(fits) else bins) / bins
-    return floors
-
-
-def apply_floors(pseudo: torch.Tensor, prob: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:
-    """Pseudo-label voxels whose class probability is below that class's floor become background."""
-    p = prob.gather(1, pseudo.unsqueeze(1)).squeeze(1)
-    return pseudo.masked_fill(p < floors.to(p.dtype)[pseudo], 0)
-
-
 def entropy_log10(prob: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-voxel entropy in log10 units of (B, K, ...) probabilities -> (B, ...)."""
     return -(prob * torch.log10(prob.clamp_min(eps))).sum(dim=1)

@@ -35,9 +35,9 @@ from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_
 from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged, os_reason
 from .events import EventKind, EventWriter
 from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
-from .postprocess import island_mask, single_component_classes
+from .postprocess import single_component_classes
 from .runfolder import RunFolder, process_start_time
-from .vnet import VNet, set_bn_segments
+from .vnet import VNet
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
 DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
@@ -78,6 +78,25 @@ def _describe_type(hint, value) -> str | None:
 #: The loss of runs whose config.json predates these fields (the paper's, as trained then).
 _LEGACY_LOSS = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both", "pseudo_anchor": "off"}
 
+#: Settings removed in 0.2 (CHANGELOG.md) that changed training, each with its name in messages and
+#: the value under which a run trained as it does now. from_json drops them (and the other removed
+#: keys, channels_last and select), so every earlier run still predicts; one that used another value
+#: does not resume (check_resumable).
+_REMOVED_SETTINGS = {"pseudo_islands": ("--pseudo-islands", "keep"), "pseudo_cap": ("--pseudo-cap", "off"),
+                     "bn_streams": ("bn_streams", False)}
+
+
+def check_resumable(saved: dict[str, Any], where: str | os.PathLike) -> None:
+    """CheckpointError, one line naming ``where`` (the file the settings came from) and the option,
+    when a run's saved settings used a removed setting with a value other than the one that
+    behaves as the code does now."""
+    for key, (name, same) in _REMOVED_SETTINGS.items():
+        value = saved.get(key, same)
+        if value != same:
+            raise CheckpointError(f"{where}: cannot resume: the run was trained with {name} {value}, which was "
+                                  f"removed in 0.2 (see CHANGELOG.md); sgrs predict still reads the run, or start "
+                                  f"a new run")
+
 
 @dataclass
 class TrainConfig:
@@ -114,10 +133,8 @@ class TrainConfig:
     val_every: int | None = None       # None: iterations // 10
     checkpoint_every: int = 100
     log_every: int = 10
-    select: str = "last"               # which checkpoint predict uses by default: last | best
     reference_compat: bool = False     # reproduce the published code's defects (see SGRS.md)
     amp: str = "auto"                  # auto | off | bf16 | fp16
-    channels_last: bool = True         # channels_last_3d: ~5-10x faster conv backward on CPU (benchmarks/)
     compile: bool = False
     # on CUDA, let cuDNN time its algorithms for the fixed patch shape once and keep the fastest
     # (nnU-Net does the same); off: cuDNN's heuristic choice, repeatable run to run on one GPU
@@ -126,21 +143,11 @@ class TrainConfig:
     workers: int = 0
     foreground_fraction: float = 0.33
     dropout: float = 0.5
-    bn_streams: bool = False           # per-stream BN statistics in the one student forward (vnet.py)
     gate: str = "teacher-dice"         # teacher-dice: scale L_u by the teacher's Dice on the step's labeled patches | none (paper)
     region_weighting: str = "voxels"   # voxels: each scored voxel weighs the same | terms: the paper's mean of region terms
     # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
     # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
     pseudo_views: str = "mix"
-    # keep (default): the teacher's pseudo label as it is. background: every val_every steps the
-    # teacher predicts each unlabeled volume whole; for each class that is one connected piece in
-    # every labeled volume (postprocess.single_component_classes), the voxels outside its largest
-    # component ("islands") are taught as background until the next refresh (sweep_unlabeled)
-    pseudo_islands: str = "keep"
-    # off (default): no cap. labels: at the same refreshes, each foreground class's share of the
-    # pseudo labels is capped at its share of the labeled voxels: its least confident pseudo-label
-    # voxels become background until the share fits (distribution alignment; sgrs.share_floors)
-    pseudo_cap: str = "off"
     # labels (default): a second V-Net with its own initialisation (the anchor, LabelAnchor) trains
     # on the labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's
     # and the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher
@@ -212,16 +219,6 @@ class TrainConfig:
             raise ConfigError(f"--pseudo-anchor must be labels or off, got {self.pseudo_anchor!r}")
         if self.pseudo_views not in ("both", "mix"):
             raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
-        if self.pseudo_islands not in ("keep", "background"):
-            raise ConfigError(f"--pseudo-islands must be keep or background, got {self.pseudo_islands!r}")
-        if self.pseudo_cap not in ("off", "labels"):
-            raise ConfigError(f"--pseudo-cap must be off or labels, got {self.pseudo_cap!r}")
-        if self.pseudo_islands == "background" and self.workers > 0:
-            raise ConfigError(f"--pseudo-islands background needs --workers 0 (got {self.workers}): worker "
-                              f"processes hold their own copies of the volumes and would not see the "
-                              f"refreshed island masks")
-        if self.select not in ("last", "best"):
-            raise ConfigError(f"--select must be last or best, got {self.select!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.patch_size is not None:
@@ -507,10 +504,7 @@ class LabelAnchor:
         with torch.random.fork_rng(devices=[]):  # the student's draws stay what they were without it
             torch.manual_seed(config.seed + self.SEED_OFFSET)
             net = build_model(config, num_classes)
-        net = net.to(device)
-        if config.channels_last:
-            net = net.to(memory_format=torch.channels_last_3d)
-        self.net = net.train()
+        self.net = net.to(device, memory_format=torch.channels_last_3d).train()
         self.ema = copy.deepcopy(net).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -577,12 +571,8 @@ class StepOutput:
 
 
 def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np.random.Generator,
-              gen: torch.Generator | None, rampup_len: float, num_classes: int,
-              islands: torch.Tensor | None = None, floors: torch.Tensor | None = None,
-              anchor=None) -> StepOutput:
+              gen: torch.Generator | None, rampup_len: float, num_classes: int, anchor=None) -> StepOutput:
     """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None;
-    islands (bu,D,H,W) bool or None: voxels whose pseudo label is set to background; floors (K,)
-    or None: per-class probability below which a pseudo-label voxel becomes background (sgrs only);
     anchor: a network (LabelAnchor.ema) whose probabilities are averaged with the teacher's into
     the pseudo label, or None."""
     b = x.shape[0]
@@ -616,26 +606,13 @@ def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np
         pseudo = S.hard_label(mean_probs)
     else:
         pseudo = S.hard_label(teacher_logits)
-    if islands is not None:
-        pseudo = pseudo.masked_fill(islands, 0)
-    if floors is not None:
-        pseudo = S.apply_floors(pseudo, torch.softmax(teacher_logits.float(), 1), floors)
     if config.use_mix:
         lam = S.sample_mix_lambda(bu, config.mix_alpha, rng)
         partner = torch.from_numpy(rng.integers(0, b, bu))
         u_mix = S.mix_augment(u_noisy, x_noisy, lam, partner)
     else:
         u_mix = u_noisy  # ablation: the second view is the noisy unlabeled patch alone
-    # One forward over the concatenated batch; with bn_streams each stream (labeled, unlabeled,
-    # mixed) is normalised with its own BatchNorm statistics, and the running statistics come
-    # from the labeled stream alone, as in supervised training.
-    if config.bn_streams:
-        set_bn_segments(student, (b, bu, bu))
-    try:
-        logits = student(torch.cat([x, u, u_mix], 0))
-    finally:
-        if config.bn_streams:
-            set_bn_segments(student, None)
+    logits = student(torch.cat([x, u, u_mix], 0))  # one forward over the three streams
     ls = S.supervised_loss(logits[:b], y, ignore)
     lu_logits, mix_logits = logits[b:b + bu], logits[b + bu:]
     with torch.no_grad():
@@ -836,9 +813,8 @@ def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, write
     student = build_model(config, num_classes)
     if config.sync_bn and distributed:
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    student = student.to(device)
-    if config.channels_last:
-        student = student.to(memory_format=torch.channels_last_3d)
+    # channels_last_3d: several times faster Conv3d backward on CPU (benchmarks/RESULTS.md)
+    student = student.to(device, memory_format=torch.channels_last_3d)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -908,41 +884,6 @@ def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, write
                 unlabeled=len(unlabeled), validation=len(val), world_size=world, ranks=per_rank_volumes,
                 workers=config.workers, **({"note": " ".join(notes)} if notes else {}))
     batch_source = _batch_source(batches, config, rank, world, device, step)
-    island_classes = (meta_base["single_component_classes"]
-                      if config.method == "sgrs" and config.pseudo_islands == "background" else [])
-    if config.method == "sgrs" and config.pseudo_islands == "background" and not island_classes:
-        writer.emit(EventKind.REGIONS, step, scope="islands", classes=[], islands=0.0,
-                    note="--pseudo-islands background does nothing: no class is one connected piece in "
-                         "every labeled volume")
-    label_share = (labeled_shares([c.label for c in labeled], num_classes, config.ignore_index)
-                   if config.method == "sgrs" and config.pseudo_cap == "labels" else None)
-    floors = None
-
-    def refresh() -> None:
-        nonlocal floors
-        sweep = sweep_unlabeled(teacher, batches.unlabeled, island_classes, patch, num_classes, device,
-                                histogram=label_share is not None)
-        if distributed and sweep.hist is not None:
-            import torch.distributed as dist
-
-            counts = torch.tensor(np.append(sweep.hist.ravel(), sweep.total), dtype=torch.float64, device=device)
-            dist.all_reduce(counts)  # every rank caps with the floors of all ranks' volumes
-            sweep.hist = counts[:-1].cpu().numpy().reshape(sweep.hist.shape)
-            sweep.total = int(counts[-1])
-        if island_classes:
-            writer.emit(EventKind.REGIONS, step, scope="islands", classes=island_classes, islands=sweep.islands)
-        if sweep.hist is not None:
-            f = S.share_floors(sweep.hist, sweep.total, label_share)
-            floors = torch.tensor(f, dtype=torch.float32, device=device)
-            writer.emit(EventKind.REGIONS, step, scope="cap", voxels=sweep.total,
-                        floors=[round(float(v), 4) for v in f],
-                        label_share=[round(v, 5) for v in label_share],
-                        pseudo_share=_hard_label_shares(sweep.hist, sweep.total))
-
-    sweeping = bool(island_classes) or label_share is not None
-    if sweeping and step > 0:  # a resumed run: masks and floors from the teacher it resumes with
-        refresh()
-
     bar = None
     if progress_bar and is_main:
         from tqdm import tqdm
@@ -962,21 +903,18 @@ def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, write
                 stopped = True
                 stop.reason = stop.reason or "stop requested on another rank"
                 break
-            x, y, u, isl = next(batch_source)
+            x, y, u = next(batch_source)
             if device.type == "cuda" and config.workers == 0:  # workers pin in the DataLoader
                 x, y = x.pin_memory(), y.pin_memory()
                 u = u.pin_memory() if u is not None else None
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             u = u.to(device, non_blocking=True) if u is not None else None
-            isl = isl.to(device, non_blocking=True) if isl is not None else None
-            if config.channels_last:
-                x = x.to(memory_format=torch.channels_last_3d)
-                u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
+            x = x.to(memory_format=torch.channels_last_3d)
+            u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
-                                num_classes, islands=isl, floors=floors,
-                                anchor=anchor.ema if anchor else None)
+                                num_classes, anchor=anchor.ema if anchor else None)
             if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
                 value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
                          else "non-finite on another rank")
@@ -1013,8 +951,6 @@ def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, write
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}",
                                     val_dice="-" if last_val is None else f"{last_val:.3f}")
-            if sweeping and step % val_every == 0 and step < config.iterations:
-                refresh()
             if is_main and val and (step % val_every == 0 or step == config.iterations):
                 last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step, config)
                 if best_dice is None or last_val > best_dice:
@@ -1082,68 +1018,6 @@ def _stopped_before_training(run: RunFolder, resume: bool, writer: EventWriter, 
         _barrier(device)
         dist.destroy_process_group()
     return TrainResult(run.path, step, True, None, last)
-
-
-def labeled_shares(labels: list[np.ndarray], num_classes: int, ignore_index: int) -> list[float]:
-    """Each class's share of the annotated voxels (the ignore value left out) over all labels."""
-    counts = np.zeros(num_classes, dtype=np.float64)
-    for lab in labels:
-        values = lab[lab != ignore_index]
-        counts += np.bincount(values.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
-    return (counts / max(counts.sum(), 1.0)).tolist()
-
-
-def _hard_label_shares(hist: np.ndarray, total: int) -> list[float]:
-    """Each class's share of the swept voxels' hard labels (background: the rest)."""
-    fg = [float(h.sum()) / max(total, 1) for h in hist[1:]]
-    return [round(max(0.0, 1.0 - sum(fg)), 5)] + [round(v, 5) for v in fg]
-
-
-@dataclass
-class Sweep:
-    islands: float                 # share of the swept voxels marked as islands
-    hist: np.ndarray | None        # (K, bins): voxels of hard label k binned by p_k, or None
-    total: int                     # voxels swept
-
-
-@torch.no_grad()
-def sweep_unlabeled(teacher, samples: list, island_classes: list[int], patch: tuple[int, int, int],
-                    num_classes: int, device: torch.device, histogram: bool = False, bins: int = 1000) -> Sweep:
-    """The teacher predicts every unlabeled volume whole (normalised, padded, sliding window), once
-    for both pseudo-label priors.
-
-    Islands (``--pseudo-islands background``): each sample's ``islands`` becomes the voxels of each
-    class in ``island_classes`` outside that class's largest 26-connected component (None where
-    there are none), taught as background until the next sweep: a structure known to be one piece
-    does not grow its look-alikes. Histogram (``--pseudo-cap labels``): per class, the voxels of
-    that hard label binned by its probability, from which sgrs.share_floors caps its share.
-    """
-    from .infer import sliding_window
-
-    was_training = teacher.training
-    teacher.eval()
-    marked = total = 0
-    hist = torch.zeros((num_classes, bins), dtype=torch.float64, device=device) if histogram else None
-
-    def forward(w):
-        return (torch.softmax(teacher(w).float(), 1),)
-
-    try:
-        for sample in samples:
-            vol = torch.from_numpy(sample.image)[None].to(device)
-            (prob,) = sliding_window(vol, forward, patch, 1, num_classes, overlap=0.5)
-            label = prob.argmax(0)
-            total += label.numel()
-            if hist is not None:
-                for k in range(1, num_classes):
-                    hist[k] += torch.histc(prob[k][label == k], bins=bins, min=0.0, max=1.0).double()
-            if island_classes:
-                mask = island_mask(label.cpu().numpy(), island_classes)
-                sample.islands = mask if mask.any() else None
-                marked += int(mask.sum())
-    finally:
-        teacher.train(was_training)
-    return Sweep(marked / max(total, 1), hist.cpu().numpy() if hist is not None else None, total)
 
 
 def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, device, writer, step,
@@ -1311,6 +1185,7 @@ def _restore(run_dir: Path, config: TrainConfig, student, teacher, optimizer, rn
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
     meta = ckpt.meta
     old = meta.get("config", {})
+    check_resumable(old, ckpt.path)
     for key in ("base_filters", "method"):
         if old.get(key) != getattr(config, key):
             raise CheckpointError(f"cannot resume: the run used --{key.replace('_', '-')} {old.get(key)}, "

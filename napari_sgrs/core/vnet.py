@@ -17,54 +17,24 @@ from .errors import ConfigError
 MAX_BASE_FILTERS = 256
 
 
-class StreamBatchNorm3d(nn.BatchNorm3d):
-    """BatchNorm3d that can normalise segments of the batch with their own statistics.
-
-    With ``segments = (n_0, n_1, ...)`` set (training only), each segment of the batch is
-    normalised with its own batch statistics, and only the first segment updates the running
-    statistics. The trainer uses (labeled, unlabeled, mixed): one forward over the concatenated
-    batch, while the labeled stream's normalisation - and the statistics used at inference - are
-    those of supervised training, untouched by unlabeled or Mix-Augmented images (mixing two
-    images lowers their contrast). Same parameters and buffers as BatchNorm3d.
-    """
-
-    segments: tuple[int, ...] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.segments or len(self.segments) < 2:
-            return super().forward(x)
-        parts = torch.split(x, list(self.segments), dim=0)
-        out = [super().forward(parts[0])]
-        for extra in parts[1:]:
-            out.append(nn.functional.batch_norm(extra, None, None, self.weight, self.bias, True, 0.0, self.eps))
-        return torch.cat(out, 0)
-
-
-def set_bn_segments(model: nn.Module, segments: tuple[int, ...] | None) -> None:
-    """Set (or clear, with None) the batch segments of every StreamBatchNorm3d in ``model``."""
-    for m in model.modules():
-        if isinstance(m, StreamBatchNorm3d):
-            m.segments = segments
-
-
 def _conv_stage(n_convs: int, c_in: int, c_out: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_convs):
         layers += [
             nn.Conv3d(c_in if i == 0 else c_out, c_out, kernel_size=3, padding=1),
-            StreamBatchNorm3d(c_out),
+            nn.BatchNorm3d(c_out),
             nn.ReLU(inplace=True),
         ]
     return nn.Sequential(*layers)
 
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 2, stride=2), StreamBatchNorm3d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
 
 
 def _up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.ConvTranspose3d(c_in, c_out, 2, stride=2), StreamBatchNorm3d(c_out), nn.ReLU(inplace=True)
+        nn.ConvTranspose3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)
     )
 
 

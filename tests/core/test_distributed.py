@@ -180,19 +180,3 @@ def test_training_with_worker_processes(tiny_cohort, tmp_path):
     train(tiny_config(workers=0, iterations=3, val_every=100), cases, tmp_path / "inproc")
     a, b = (load_checkpoint(tmp_path / r).tensors for r in ("run", "inproc"))
     assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("student."))
-
-
-def test_two_ranks_cap_with_the_histogram_of_all_volumes(tiny_cohort, tmp_path):
-    """--pseudo-cap under torchrun: each rank sweeps its own unlabeled volumes, and the floors come
-    from the sum of both ranks' histograms, so every rank caps alike."""
-    run = tmp_path / "run"
-    proc = subprocess.run(_torchrun(tiny_cohort, run, "--val-every", "2", "--pseudo-cap", "labels",
-                                    "--pseudo-islands", "background"),
-                          env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    events = _events(run)
-    unlabeled = [name for r in events[0]["ranks"] for name in r["unlabeled"]]
-    caps = [e for e in events if e.get("scope") == "cap"]
-    assert [e["step"] for e in caps] == [2]
-    assert caps[0]["voxels"] == len(unlabeled) * 24 ** 3   # both ranks' volumes, not rank 0's half
-    assert [e["step"] for e in events if e.get("scope") == "islands"] == [2]

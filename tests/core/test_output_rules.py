@@ -379,7 +379,6 @@ def test_a_damaged_config_json_is_one_line_on_predict_and_on_resume(name, data, 
     ({"patch_size": [16, 16]}, "--patch-size must be 3 numbers"),
     ({"use_mix": "yes"}, "--use-mix must be true or false"),
     ({"checkpoint_every": 0}, "--checkpoint-every must be >= 1"),
-    ({"select": 7}, "--select must be a string, got 7"),
 ])
 def test_wrong_typed_saved_settings_are_one_line_on_resume(settings, needle, data, tiny_cohort, capsys):
     run = data / "run"

@@ -211,29 +211,6 @@ def test_hard_label_matches_argmax():
         assert torch.equal(S.hard_label(p), p.argmax(1))
 
 
-def test_stream_batchnorm_keeps_running_stats_of_first_stream_only():
-    from napari_sgrs.core.vnet import StreamBatchNorm3d, set_bn_segments
-
-    torch.manual_seed(0)
-    bn, ref = StreamBatchNorm3d(3, momentum=1.0), torch.nn.BatchNorm3d(3, momentum=1.0)
-    real = torch.randn(4, 3, 2, 2, 2) * 3 + 5
-    mixed = torch.randn(2, 3, 2, 2, 2) * 0.5 - 1
-    set_bn_segments(bn, (4, 2))
-    out = bn(torch.cat([real, mixed]))
-    ref_real = ref(real)
-    # running statistics come from the real images alone
-    assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
-    assert torch.allclose(out[:4], ref_real, atol=1e-5)
-    # the mixed images are normalised with their own statistics: zero mean, unit variance per channel
-    m = out[4:].transpose(0, 1).reshape(3, -1)
-    assert torch.allclose(m.mean(1), torch.zeros(3), atol=1e-5)
-    # without segments it is a plain BatchNorm3d
-    set_bn_segments(bn, None)
-    bn2, ref2 = StreamBatchNorm3d(3), torch.nn.BatchNorm3d(3)
-    x = torch.randn(6, 3, 2, 2, 2)
-    assert torch.allclose(bn2(x), ref2(x), atol=1e-6)
-
-
 def test_pseudo_label_dice_skips_classes_absent_from_the_target():
     prob = torch.full((1, 2, 4, 4, 4), 0.5, requires_grad=True)
     target = torch.zeros(1, 4, 4, 4, dtype=torch.long)  # the teacher saw no target here

@@ -1,0 +1,108 @@
+"""Settings removed in 0.2 (CHANGELOG.md): runs written before still predict, and resume when they
+used the values that behaved as the code does now; a run that used a removed experiment is
+refused on --resume in one line naming the option, and nothing of it changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from napari_sgrs.cli import main
+from napari_sgrs.core.checkpoint import load_checkpoint, save_checkpoint
+from napari_sgrs.core.errors import CheckpointError
+from tiny import TINY_ARGS, tiny_config
+
+#: What config.json and the checkpoints of a 0.1 run held for the removed settings, as defaults.
+OLD_DEFAULTS = {"pseudo_islands": "keep", "pseudo_cap": "off", "channels_last": True, "bn_streams": False,
+                "select": "last"}
+
+
+def _sgrs(capsys, *args) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _as_old_run(run: Path, **settings) -> None:
+    """Give a run the removed keys that a 0.1 run wrote, in config.json and in every checkpoint."""
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"].update(settings)
+    (run / "config.json").write_text(json.dumps(saved))
+    for path in (run / "checkpoints").glob("*.safetensors"):
+        ckpt = load_checkpoint(path)
+        save_checkpoint(path, ckpt.tensors, {**ckpt.meta, "config": {**ckpt.meta["config"], **settings}})
+
+
+@pytest.fixture()
+def old_run(tiny_cohort, tmp_path):
+    """A 4-step run without a validation split (so no best checkpoint), made to look like a 0.1 run."""
+    from napari_sgrs.core.io import find_cases
+    from napari_sgrs.core.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(val_fraction=0.0), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr), run)
+    assert not (run / "checkpoints" / "best.safetensors").exists()
+    return run
+
+
+def test_the_removed_options_are_gone(tiny_cohort, tmp_path, capsys):
+    for extra in (["--pseudo-islands", "keep"], ["--pseudo-cap", "off"], ["--channels-last"], ["--select", "last"]):
+        code, err = _sgrs(capsys, "train", "--images", tiny_cohort.images_tr, "--labels", tiny_cohort.labels_tr,
+                          "--out", tmp_path / "run", *TINY_ARGS, *extra)
+        assert code == 2 and f"unrecognized arguments: {extra[0]}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+    for name in ("pseudo_islands", "pseudo_cap", "channels_last", "bn_streams", "select"):
+        with pytest.raises(TypeError):
+            tiny_config(**{name: OLD_DEFAULTS[name]})
+
+
+def test_an_old_run_with_the_default_values_predicts_and_resumes(old_run, tiny_cohort, tmp_path, capsys):
+    from napari_sgrs.core.train import TrainConfig
+
+    # "select": "best" was the run's choice of checkpoint for predict: now ignored (--checkpoint says it;
+    # the run has no best checkpoint, so honouring the key would fail)
+    _as_old_run(old_run, **{**OLD_DEFAULTS, "select": "best"})
+    assert TrainConfig.from_json(json.loads((old_run / "config.json").read_text())["config"]).validate()
+    code, err = _sgrs(capsys, "predict", "--run", old_run, "--images", tiny_cohort.images_ts, "--out",
+                      tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == len(list(tiny_cohort.images_ts.iterdir()))
+    code, err = _sgrs(capsys, "train", "--images", tiny_cohort.images_tr, "--labels", tiny_cohort.labels_tr,
+                      "--out", old_run, "--resume", *TINY_ARGS, "--iterations", "6")
+    assert code == 0, err
+    assert load_checkpoint(old_run).meta["step"] == 6
+
+
+@pytest.mark.parametrize("settings, option", [
+    ({"pseudo_islands": "background"}, "--pseudo-islands background"),
+    ({"pseudo_cap": "labels"}, "--pseudo-cap labels"),
+    ({"bn_streams": True}, "bn_streams True"),
+])
+def test_an_old_run_that_used_a_removed_experiment_predicts_but_does_not_resume(settings, option, old_run,
+                                                                                 tiny_cohort, tmp_path, capsys):
+    from napari_sgrs.core.io import find_cases
+    from napari_sgrs.core.train import train
+
+    _as_old_run(old_run, **{**OLD_DEFAULTS, **settings})
+    code, err = _sgrs(capsys, "predict", "--run", old_run, "--images", tiny_cohort.images_ts, "--out",
+                      tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    before = _snapshot(old_run)
+    code, err = _sgrs(capsys, "train", "--images", tiny_cohort.images_tr, "--labels", tiny_cohort.labels_tr,
+                      "--out", old_run, "--resume", *TINY_ARGS, "--iterations", "6")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {old_run / 'config.json'}: cannot resume: the run was trained with {option}, "
+                          f"which was removed in 0.2 (see CHANGELOG.md)"), err
+    assert _snapshot(old_run) == before  # refused before anything was written
+    # the Python API goes by the checkpoint's own record of the settings
+    with pytest.raises(CheckpointError, match=f"last.safetensors: cannot resume: the run was trained with {option},"):
+        train(tiny_config(val_fraction=0.0, iterations=6), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr),
+              old_run, resume=True)
