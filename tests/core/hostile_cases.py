@@ -22,18 +22,18 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from napari_sgrs.core.io import read_volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from tiny import TINY_ARGS  # noqa: E402
+from tiny import TINY_ARGS
+
 SHAPE = (24, 24, 24)  # the tiny cohort's volume shape (D, H, W)
-GIB = 2**30
 
 
 @dataclass
@@ -81,7 +81,6 @@ class Scenario:
         files there are allowed.
     needle: on exit 2 the error line must contain this (the bad file or option), case-insensitive.
     check: extra assertions on an exit 0 (the case's legitimate result), given the process.
-    rlimit_as: address-space limit of the process in bytes (default: the harness's).
     """
 
     argv: list[str]
@@ -90,7 +89,6 @@ class Scenario:
     keep: list[Path] = field(default_factory=list)
     needle: str | None = None
     check: Callable[[object], None] | None = None
-    rlimit_as: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ def predict_argv(run: Path, images: Path, out: Path, *extra: str) -> list[str]:
 
 
 def first(folder: Path) -> Path:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))[0]
+    return min(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def rewrite_labels(labels: Path, change: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -173,8 +171,8 @@ def mhd_header(data_file: str, extra_lines: str = "") -> str:
             f"ElementDataFile = {data_file}\n{extra_lines}")
 
 
-# Each escaping header, and its twin whose data lies inside the folder (which must be read: the
-# refusal is for the escape, not for the header). kind -> (suffix, header(data_file, lines)).
+# kind -> (suffix, header(data_file, lines after the header)): the escaping headers and their twins
+# with the data inside the folder, which must be read (the refusal is for the escape alone).
 HEADERS = {"nrrd": (".nrrd", nrrd_header), "nhdr": (".nhdr", nrrd_header), "mhd": (".mhd", mhd_header)}
 
 
@@ -205,24 +203,12 @@ def escaping_header(ctx: Ctx, folder: Path, kind: str, how: str, stem: str = "zz
     return path
 
 
-def inside_twin(ctx: Ctx, folder: Path, kind: str, how: str) -> Path:
-    """The same header layout with its data inside ``folder``: a reader must accept it."""
+def inside_twin(folder: Path, kind: str, array: np.ndarray) -> Path:
+    """The same header with its data beside it: a reader must accept it (see the test)."""
     suffix, header = HEADERS[kind]
-    array = read_volume(first(ctx.cohort.images_tr)).array.astype("<f4")
+    array.astype("<f4").tofile(folder / "twin.raw")
     path = folder / f"twin{suffix}"
-    if how in ("list", "pattern"):
-        for k in range(array.shape[0]):
-            array[k].tofile(folder / f"t{k:03d}.raw")
-        if how == "list":
-            files = "\n".join(f"t{k:03d}.raw" for k in range(array.shape[0])) + "\n"
-            text = header("LIST 2", files) if kind != "mhd" else header("LIST 2D", files)
-        else:
-            last = SHAPE[0] - 1
-            text = header(f"t%03d.raw 0 {last} 1 2") if kind != "mhd" else header(f"t%03d.raw 0 {last} 1")
-    else:
-        array.tofile(folder / "twin.raw")
-        text = header("twin.raw")
-    path.write_text(text)
+    path.write_text(header("twin.raw"))
     return path
 
 

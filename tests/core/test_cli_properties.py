@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from napari_sgrs.cli import main
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from tiny import TINY_ARGS  # noqa: E402
+from tiny import TINY_ARGS
 
 HUGE_INTS = [2**31, 2**63, 10**30]
 FLOATS = st.one_of(

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import hostile_cases as H  # noqa: E402
+import hostile_cases as H
 
 ROOT = Path(__file__).parents[2]
 TIMEOUT_S = 120
@@ -105,20 +105,23 @@ class Result:
         self.max_rss, self.timed_out = max_rss, timed_out
 
 
-def run_sgrs(argv: list[str], cwd: Path, logs: Path, rlimit_as: int | None = None) -> Result:
+def run_sgrs(argv: list[str], cwd: Path, logs: Path) -> Result:
     """``python -m napari_sgrs.cli *argv`` with the code under test, its peak memory measured."""
-    limit = rlimit_as or RLIMIT_AS
-
-    def limits() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
+    limit = RLIMIT_AS
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("SGRS_TEST_SLOW_CHECKPOINT", None)
     logs.mkdir(exist_ok=True)
     with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "napari_sgrs.cli", *argv], cwd=cwd, env=env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=limits)
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        # prlimit right after the start, not preexec_fn (unsafe with the runner's threads): the
+        # child is still importing when it takes effect, long before it could allocate a volume
+        if hasattr(resource, "prlimit"):
+            try:
+                resource.prlimit(proc.pid, resource.RLIMIT_AS, (limit, limit))
+                resource.prlimit(proc.pid, resource.RLIMIT_CORE, (0, 0))
+            except ProcessLookupError:
+                pass  # already gone: wait4 below reports how it ended
         deadline, timed_out = time.monotonic() + TIMEOUT_S, False
         while True:  # wait4, not wait: it gives this child's own peak memory
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -129,8 +132,12 @@ def run_sgrs(argv: list[str], cwd: Path, logs: Path, rlimit_as: int | None = Non
                 proc.send_signal(signal.SIGKILL)
             time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    read = lambda name: (logs / name).read_bytes().decode("utf-8", "replace")  # noqa: E731
-    return Result(proc.returncode, read("stdout"), read("stderr"), usage.ru_maxrss * 1024, timed_out)
+    return Result(proc.returncode, _text(logs / "stdout"), _text(logs / "stderr"), usage.ru_maxrss * 1024,
+                  timed_out)
+
+
+def _text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", "replace")
 
 
 def _normal(text: str) -> str:
@@ -201,7 +208,7 @@ def execute(case: H.HostileCase, folder: Path, cohort, run_source: Path | None) 
     before = {p: snapshot(p) for p in sc.user}
     out_before = {p: snapshot(p) for p in sc.outputs}
     keep_before = {p: snapshot(p) for p in sc.keep}
-    res = run_sgrs(sc.argv, cwd=folder, logs=folder / "logs", rlimit_as=sc.rlimit_as)
+    res = run_sgrs(sc.argv, cwd=folder, logs=folder / "logs")
     return problems_of(case, sc, res, before, out_before, keep_before)
 
 
@@ -243,12 +250,21 @@ def test_the_escaping_layouts_are_well_formed_inside_their_folder(kind, tiny_coh
     """The escape cases fail for the escape alone: the same header with its data beside it reads."""
     from napari_sgrs.core.io import read_volume
 
-    ctx = H.Ctx(tmp=tmp_path, cohort=tiny_cohort, run_source=None)
-    folder = tmp_path / "inside"
-    folder.mkdir()
-    vol = read_volume(H.inside_twin(ctx, folder, kind, "plain"))
     expected = read_volume(H.first(tiny_cohort.images_tr)).array.astype("f4")
-    assert np.array_equal(vol.array, expected)
+    assert np.array_equal(read_volume(H.inside_twin(tmp_path, kind, expected)).array, expected)
+
+
+def test_the_escaping_label_is_a_good_label_once_its_data_is_inside(tiny_cohort, tmp_path):
+    from napari_sgrs.core.io import check_pair, read_volume, validate_label
+
+    ctx = H.Ctx(tmp=tmp_path, cohort=tiny_cohort, run_source=None)
+    labels = ctx.labels()
+    bad = H.escaping_label(ctx, labels)
+    (tmp_path / "secret" / bad.with_suffix(".raw").name).rename(labels / bad.with_suffix(".raw").name)
+    bad.write_text(bad.read_text().replace("../secret/", ""))
+    label = read_volume(bad)
+    check_pair(read_volume(tiny_cohort.images_tr / f"{bad.stem}.nii.gz"), label)
+    assert set(np.unique(validate_label(label, None, 255))) == {0, 1}
 
 
 @pytest.mark.parametrize("kind", ["nrrd", "nhdr", "mhd"])
