@@ -27,12 +27,12 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog
                             QMessageBox, QProgressBar, QPushButton, QScrollArea, QSpinBox, QTableWidget,
                             QVBoxLayout, QWidget)
 
+from napari_sgrs.core.codes import IGNORE_INDEX, Region
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import read_events
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.core.project import (IGNORE_INDEX, REGION_COLORS, REGION_NAMES, Job, Project,
-                                      ReviewQueue, TrainerProcess, TrainSettings, largest_region, mark_unpainted_slices, predict_command,
-                                      train_command)
+from napari_sgrs.core.project import (Job, Project, ReviewQueue, TrainerProcess, TrainSettings, largest_region,
+                                      mark_unpainted_slices, predict_command, train_command)
 
 from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
                       layer_data_from_volume, layer_meta, sgrs_meta)
@@ -210,10 +210,11 @@ class SGRSTrainWidget(QWidget):
         box = QGroupBox("Review pseudo labels")
         lay = QVBoxLayout(box)
         legend = QHBoxLayout()
-        for value, name in REGION_NAMES.items():
-            swatch = QLabel(f"■ {name}")
-            swatch.setStyleSheet(f"color: {REGION_COLORS[value]}; font-weight: bold;")
-            swatch.setObjectName(f"legend_{name}")
+        for region in Region.shown():
+            swatch = QLabel(f"■ {region.key}")
+            swatch.setStyleSheet(f"color: {region.colour}; font-weight: bold;")
+            swatch.setToolTip(region.legend)
+            swatch.setObjectName(f"legend_{region.key}")
             legend.addWidget(swatch)
         lay.addLayout(legend)
         self.queue_list = QListWidget()
