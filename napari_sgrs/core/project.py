@@ -36,6 +36,7 @@ import numpy as np
 
 from .codes import IGNORE_INDEX, Provenance, Region
 from .errors import InputError
+from .events import Event, EventKind, read_events
 
 PROJECT_FILE = "project.json"
 PROJECT_VERSION = 1
@@ -416,7 +417,7 @@ class TrainerProcess:
         stopped, 1 if it failed or vanished without a word (killed)."""
         if self._code is None and self.run.holder() is None:
             last = self._last_event()
-            self._code = 0 if last.get("kind") in ("finished", "stopped") else 1
+            self._code = 0 if last is not None and last.kind in (EventKind.FINISHED, EventKind.STOPPED) else 1
         return self._code
 
     @property
@@ -467,18 +468,16 @@ class TrainerProcess:
         except OSError:
             pass
 
-    def _last_event(self) -> dict:
-        from .events import read_events
-
-        events, _ = read_events(self.run.events)
-        return events[-1] if events else {}
+    def _last_event(self) -> Event | None:
+        events = read_events(self.run.events)
+        return events[-1] if events else None
 
     def error_message(self) -> str:
         last = self._last_event()
-        if last.get("kind") == "error":
-            return str(last.get("message", "unknown error"))
+        if last is not None and last.kind is EventKind.ERROR:
+            return str(last.data.get("message", "unknown error"))
         return (f"the trainer of {self.run_dir.name} (pid {self.pid}) ended without finishing, "
-                f"after step {int(last.get('step', 0))}: it was killed; Resume continues from the last checkpoint")
+                f"after step {last.step if last else 0}: it was killed; Resume continues from the last checkpoint")
 
 
 # --------------------------------------------------------------------------- the project
@@ -773,11 +772,8 @@ class Project:
             return int(json.loads(meta.read_text(encoding="utf-8")).get("step", 0))
         except (OSError, ValueError, AttributeError):
             pass
-        from .events import read_events
-
-        events, _ = read_events(Path(run) / "events.jsonl")
-        steps = [e.get("step", 0) for e in events if e.get("kind") == "checkpoint"]
-        return int(max(steps)) if steps else 0
+        steps = [e.step for e in read_events(Path(run) / "events.jsonl") if e.kind is EventKind.CHECKPOINT]
+        return max(steps, default=0)
 
     # --- prediction for the unlabeled cases
     def prediction_inputs(self) -> Path:
