@@ -176,7 +176,7 @@ def test_training_with_worker_processes(tiny_cohort, tmp_path):
     result = train(tiny_config(workers=2, iterations=3, val_every=100), cases, tmp_path / "run")
     assert result.step == 3
     started = _events(tmp_path / "run")[0]
-    assert started["workers"] == 2 and started["world_size"] == 1
+    assert started.data["workers"] == 2 and started.data["world_size"] == 1
     # the batches really came from the workers' own generators, not the in-process sampler
     train(tiny_config(workers=0, iterations=3, val_every=100), cases, tmp_path / "inproc")
     a, b = (load_checkpoint(tmp_path / r).tensors for r in ("run", "inproc"))
@@ -192,8 +192,8 @@ def test_two_ranks_cap_with_the_histogram_of_all_volumes(tiny_cohort, tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = _events(run)
-    unlabeled = [name for r in events[0]["ranks"] for name in r["unlabeled"]]
-    caps = [e for e in events if e.get("scope") == "cap"]
-    assert [e["step"] for e in caps] == [2]
-    assert caps[0]["voxels"] == len(unlabeled) * 24 ** 3   # both ranks' volumes, not rank 0's half
-    assert [e["step"] for e in events if e.get("scope") == "islands"] == [2]
+    unlabeled = [name for r in events[0].data["ranks"] for name in r["unlabeled"]]
+    caps = [e for e in events if e.data.get("scope") == "cap"]
+    assert [e.step for e in caps] == [2]
+    assert caps[0].data["voxels"] == len(unlabeled) * 24 ** 3   # both ranks' volumes, not rank 0's half
+    assert [e.step for e in events if e.data.get("scope") == "islands"] == [2]
