@@ -47,7 +47,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_sgrs.core.errors import InputError
-from napari_sgrs.core.project import IGNORE_INDEX  # unannotated voxels; never a class
+from napari_sgrs.core.codes import IGNORE_INDEX  # unannotated voxels; never a class
 
 __all__ = [
     "CaseMetrics",
