@@ -218,9 +218,9 @@ class SGRSTrainWidget(QWidget):
             legend.addWidget(swatch)
         lay.addLayout(legend)
         self.queue_list = QListWidget()
-        self.queue_list.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.queue_list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.queue_list.setMinimumHeight(90)
-        self.queue_list.itemDoubleClicked.connect(lambda item: self.show_case(item.data(Qt.UserRole), focus=True))
+        self.queue_list.itemDoubleClicked.connect(lambda item: self.show_case(item.data(Qt.ItemDataRole.UserRole), focus=True))
         lay.addWidget(QLabel("worst first (share of inconsistent + disregarded voxels):"))
         lay.addWidget(self.queue_list)
         row = QHBoxLayout()
@@ -418,7 +418,7 @@ class SGRSTrainWidget(QWidget):
                     self, "Recover edits?",
                     f"{len(pending)} volume(s) have label edits that were not accepted: "
                     f"{', '.join(e.name for e in pending)}. Recover them?")
-                recover = answer == QMessageBox.Yes
+                recover = answer == QMessageBox.StandardButton.Yes
             if recover:
                 self.recover_journal()
         self.refresh_table()
@@ -818,7 +818,7 @@ class SGRSTrainWidget(QWidget):
         self.queue_list.clear()
         for it in self.queue.items:
             item = QListWidgetItem(f"{it.name}   {100 * it.score:.1f}%  (inconsistent {100 * it.inconsistent:.1f}%)")
-            item.setData(Qt.UserRole, it.name)
+            item.setData(Qt.ItemDataRole.UserRole, it.name)
             self.queue_list.addItem(item)
 
     # ------------------------------------------------------------------ review / correction
@@ -830,7 +830,7 @@ class SGRSTrainWidget(QWidget):
             return None
         self.show_case(item.name, focus=True)
         for row in range(self.queue_list.count()):
-            if self.queue_list.item(row).data(Qt.UserRole) == item.name:
+            if self.queue_list.item(row).data(Qt.ItemDataRole.UserRole) == item.name:
                 self.queue_list.setCurrentRow(row)
         return item.name
 
@@ -868,7 +868,7 @@ class SGRSTrainWidget(QWidget):
     def export(self, out_dir: str | Path | None = None, names: list[str] | None = None) -> list[Path]:
         project = self.ensure_project()
         if names is None and self.export_selected_check.isChecked():
-            names = [i.data(Qt.UserRole) for i in self.queue_list.selectedItems()] or None
+            names = [i.data(Qt.ItemDataRole.UserRole) for i in self.queue_list.selectedItems()] or None
         if names is None:
             names = [n for n in project.case_names()
                      if project.label_path(n).exists() or project.prediction_files(n).get("label")]
