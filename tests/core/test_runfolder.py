@@ -202,6 +202,7 @@ def test_a_stale_stop_is_removed_and_a_fresh_one_honoured_before_the_first_step(
 
     run = tmp_path / "run"
     run.mkdir()
+    (run / "train.log").touch()  # a folder the panel made for the run (a lone STOP is a user's file)
     (run / "STOP").touch()
     old = process_start_time() - 60  # touched before this process started: a leftover
     os.utime(run / "STOP", (old, old))
