@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The paper's threshold on the entropy (log10 units) of a binary prediction.
-PAPER_TAU = 0.296
+from .settings import PAPER_TAU  # the paper's threshold on the entropy (log10 units) of a binary prediction
+
 LOG10_2 = math.log10(2.0)
 
 #: Region codes used in region maps everywhere (files, napari layers, statistics).
