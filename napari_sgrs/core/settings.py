@@ -77,8 +77,9 @@ class Setting:
 
     @property
     def label(self) -> str:
-        """How messages name the setting: its option, else its key in a config file."""
-        return self.flag or self.name
+        """How messages name the setting: its option, else (no option, or a switch such as
+        --no-mix, which takes no value) its key in a config file."""
+        return self.flag if self.flag is not None and self.base_type is not bool else self.name
 
     @property
     def base_type(self) -> type:
