@@ -8,22 +8,54 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
+import shutil
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from pathlib import Path
 
+from .core import settings as S  # torch-free: the parser is built without the engine
 from .core.errors import ConfigError, InputError, InputWarning, ResourceError, SGRSError
 
 EXIT_USAGE = 2
+PRESETS = S.PRESETS  # importable from here, as before settings.py
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the CLI's error form: one line, ``error: ...``, exit code 2 (no usage block)."""
+    """argparse with the CLI's error form: one line, ``error: ...``, exit code 2 (no usage block).
+    No abbreviations (``--iter`` is not taken for ``--iterations``); a mistyped option is answered
+    with the closest real one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:  # a subcommand's parser: no other parser takes them
+            self.error(self._unrecognized(extras))
+        return namespace, extras
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+    def _unrecognized(self, extras: list[str]) -> str:
+        options = [a.split("=", 1)[0] for a in extras if re.match(r"--?[A-Za-z]", a)]
+        if not options:
+            return f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"
+        notes = [self._note(option) for option in options]
+        if len(options) == 1:
+            return f"unrecognized option {options[0]}" + (f"; {notes[0]}" if notes[0] else "")
+        return "unrecognized options " + ", ".join(o + (f" ({n})" if n else "") for o, n in zip(options, notes))
+
+    def _note(self, option: str) -> str | None:
+        if option in S.REMOVED_OPTIONS:
+            return "removed in 0.2 (CHANGELOG.md)"
+        near = S.suggest(option, [o for action in self._actions for o in action.option_strings])
+        return f"did you mean {near}?" if near else None
 
 
 def _int_at_least(low: int):
@@ -49,125 +81,122 @@ def _overlap(text: str) -> float:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, help="folder of images (NIfTI, NRRD, MHA/MHD, DICOM series folders)")
-    p.add_argument("--labels", type=Path, help="folder of labels, paired with images by file name; "
-                                                "an image without a label file is unlabeled")
-    p.add_argument("--h5-root", type=Path, help="benchmark h5 layout (LA, Pancreas-CT, BraTS2019) instead "
-                                                 "of --images/--labels")
-    p.add_argument("--labeled-list", type=Path, help="with --h5-root: list of the labeled cases")
-    p.add_argument("--unlabeled-list", type=Path, help="with --h5-root: list of the unlabeled cases")
-    p.add_argument("--out", type=Path, required=True,
-                   help="run folder (checkpoints, events.jsonl, config.json): absent, empty, or an earlier sgrs run; "
-                        "one trainer at a time (a second one is refused, naming the first)")
-    p.add_argument("--method", default="sgrs", choices=["sgrs", "mean-teacher", "supervised"])
-    p.add_argument("--preset", choices=["paper", "preview"], default=None,
-                   help="paper: the published LA recipe (15000 steps, patch 80 112 112, 16 filters); "
-                        "preview: small and fast for a CPU (patch 32^3, 8 filters, 300 steps)")
-    p.add_argument("--iterations", type=int, default=None, help="training steps (paper: 15000)")
-    p.add_argument("--patch-size", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
-                   help="training patch, multiples of 16 (default: the paper's 80 112 112, shrunk to the "
-                        "volumes' size)")
-    p.add_argument("--base-filters", type=int, default=None, help="V-Net base filters F (paper: 16)")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per step (paper: 4)")
-    p.add_argument("--labeled-batch-size", type=int, default=None, help="labeled patches per step (paper: 2)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--tau", default=None,
-                   help="entropy threshold of the disregarded region (log10 units; paper 0.296), or 'auto' to "
-                        "calibrate it on the labeled validation volumes")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (paper: 0.01)")
-    p.add_argument("--lr-schedule", choices=["poly", "constant"], default=None,
-                   help="poly (default): decays to 0 at the last step, so the last checkpoint is settled; "
-                        "constant: the paper's")
-    p.add_argument("--no-mix", action="store_true", help="ablation: no Mix Augmentation")
-    p.add_argument("--no-regions", action="store_true", help="ablation: one loss on every pseudo-label voxel")
-    p.add_argument("--unsup-weight", type=float, default=None, help="weight of the unlabeled loss after ramp-up")
-    p.add_argument("--gate", choices=["teacher-dice", "none"], default=None,
-                   help="sgrs: scale the unlabeled loss by the teacher's Dice on the step's labeled patches "
-                        "(default teacher-dice; none: the paper's)")
-    p.add_argument("--region-weighting", choices=["voxels", "terms"], default=None,
-                   help="sgrs: voxels (default): every scored voxel weighs the same; terms: the paper's mean of "
-                        "the region terms, which gives the small inconsistent region half the weight")
-    p.add_argument("--pseudo-views", choices=["mix", "both"], default=None,
-                   help="sgrs: which student views the pseudo labels teach: mix (default), only the mixed view, "
-                        "never the view they were made from; both: the plain and the mixed view (the paper's)")
-    p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
-                   help="sgrs: labels (default): a second network trained on the labeled patches alone is "
-                        "averaged with the teacher into the pseudo labels, so the teacher cannot confirm its own "
-                        "mistakes unopposed (1.4-1.5x the step time on a CPU); off: the teacher alone (the paper's)")
-    p.add_argument("--rampup-fraction", type=float, default=None,
-                   help="ramp-up length as a share of --iterations (paper: 6000/15000 = 0.4)")
-    p.add_argument("--normalization", choices=["zscore", "ct", "none"], default=None)
-    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
-    p.add_argument("--ignore-index", type=int, default=None,
-                   help="label value meaning 'not annotated' (default 255): left out of the supervised loss")
-    p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: from labels)")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="share of labeled volumes held out for validation (default 0.2; none below 3 labels)")
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=None)
-    p.add_argument("--compile", action="store_true", default=None)
-    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", default=None,
-                   help="on CUDA, use cuDNN's heuristic algorithms instead of timing them for the patch "
-                        "shape (slower; repeatable run to run)")
-    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes drawing patches (default 0: in the training process, "
-                        "bit-identical runs for a seed; 2-8 keep a GPU busy)")
-    p.add_argument("--log-every", type=int, default=None, help="steps between progress events (default 10)")
-    p.add_argument("--reference-compat", action="store_true", default=None,
-                   help="reproduce the published code's defects (double EMA, student decay, CE on C)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    """The options of ``sgrs train``: the inputs and the run by hand, every setting generated from
+    :mod:`.core.settings`, grouped as there."""
+    groups = {"data": p.add_argument_group(S.GROUPS["data"]),
+              "run": p.add_argument_group("run: where it goes and what it starts from")}
+    groups.update({g: p.add_argument_group(title) for g, title in S.GROUPS.items() if g not in groups})
+    data, run = groups["data"], groups["run"]
+    data.add_argument("--images", type=Path, metavar="DIR", help="folder of images (NIfTI, NRRD, MHA/MHD, DICOM series folders)")
+    data.add_argument("--labels", type=Path, metavar="DIR", help="folder of labels, paired with images by file name; an image "
+                                                   "without a label file is unlabeled")
+    data.add_argument("--h5-root", type=Path, metavar="DIR", help="benchmark h5 layout (LA, Pancreas-CT, BraTS2019) instead of "
+                                                    "--images/--labels")
+    data.add_argument("--labeled-list", type=Path, metavar="FILE", help="with --h5-root: list of the labeled cases")
+    data.add_argument("--unlabeled-list", type=Path, metavar="FILE", help="with --h5-root: list of the unlabeled cases")
+    run.add_argument("--out", type=Path, required=True, metavar="DIR",
+                     help="run folder (checkpoints, events.jsonl, config.json): absent, empty, or an earlier sgrs "
+                          "run; one trainer at a time (a second one is refused, naming the first)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint, with its saved settings except "
+                          "those given again")
+    run.add_argument("--preset", choices=list(S.PRESETS),
+                     help="; ".join(f"{name}: {text}" for name, text in S.PRESET_HELP.items()))
+    run.add_argument("--config", type=Path, metavar="FILE",
+                     help="settings from a JSON object (TrainConfig's fields, flat or a run's config.json); "
+                          "options given too win")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    for setting in S.SETTINGS.values():
+        if setting.flag is not None:
+            _add_setting_option(groups[setting.group], setting)
+    p.epilog = _train_epilog()
 
 
-PRESETS = {
-    "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
-                  labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="terms",
-                  pseudo_views="both", pseudo_anchor="off"),
-    # measured on 2 CPU cores (benchmarks/preview_benchmark.py): 32^3 and 8 filters train ~3x faster
-    # per step than 48^3, and validating every 100 steps keeps validation off the critical path
-    "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,
-                    val_every=100),
-}
+def _add_setting_option(group, setting) -> None:
+    """One generated option. Its default is left out of the namespace (SUPPRESS), so the options
+    a user gave are exactly the settings in it."""
+    kwargs = dict(dest=setting.name, default=argparse.SUPPRESS,
+                  help=argparse.SUPPRESS if setting.expert else f"{setting.help} (default: {_default_text(setting)})")
+    if setting.base_type is bool:  # --mix / --no-mix, whichever the default, so either can undo a preset
+        group.add_argument(_bool_flag(setting), action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    item = setting.item_type
+    if setting.parse is not None:
+        kwargs["type"] = _option_type(setting.parse)
+    elif item is not None:
+        kwargs.update(type=item[0], nargs=item[1])
+    else:
+        kwargs["type"] = setting.base_type
+    if setting.choices:
+        kwargs["choices"] = setting.choices
+    metavar = setting.metavar or {int: "N", float: "X"}.get(item[0] if item else setting.base_type)
+    if metavar is not None:
+        kwargs["metavar"] = metavar
+    group.add_argument(setting.flag, **kwargs)
 
 
-def _config_from_args(args: argparse.Namespace):
-    from .core.train import TrainConfig
+def _bool_flag(setting) -> str:
+    return "--" + setting.flag.removeprefix("--").removeprefix("no-")
 
-    cfg = TrainConfig(method=args.method, seed=args.seed, device=args.device)
-    if args.preset:
-        for k, v in PRESETS[args.preset].items():
-            setattr(cfg, k, v)
-    mapping = {"iterations": "iterations", "patch_size": "patch_size", "base_filters": "base_filters",
-               "batch_size": "batch_size", "labeled_batch_size": "labeled_batch_size", "lr": "lr",
-               "lr_schedule": "lr_schedule",
-               "unsup_weight": "unsup_weight", "rampup_fraction": "rampup_fraction", "gate": "gate",
-               "region_weighting": "region_weighting", "pseudo_views": "pseudo_views",
-               "pseudo_anchor": "pseudo_anchor",
-               "normalization": "normalization", "ct_window": "ct_window", "ignore_index": "ignore_index",
-               "num_classes": "num_classes", "val_fraction": "val_fraction", "val_every": "val_every",
-               "checkpoint_every": "checkpoint_every", "amp": "amp", "compile": "compile", "sync_bn": "sync_bn",
-               "cudnn_benchmark": "cudnn_benchmark",
-               "reference_compat": "reference_compat", "workers": "workers", "log_every": "log_every"}
-    for arg, field_name in mapping.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            setattr(cfg, field_name, tuple(value) if isinstance(value, list) else value)
-    if args.method == "mean-teacher" and args.unsup_weight is None:
-        cfg.unsup_weight = 0.1  # the UA-MT / SSL4MIS consistency weight for the MSE
-    cfg.use_mix = not args.no_mix
-    cfg.use_regions = not args.no_regions
-    if args.tau is not None:
-        if str(args.tau).lower() == "auto":
-            cfg.tau_auto = True  # recalibrated at each validation (sgrs.calibrate_tau)
-        else:
-            try:
-                cfg.tau = float(args.tau)
-            except ValueError:
-                raise ConfigError(f"--tau must be a number or 'auto', got {args.tau!r}") from None
-    return cfg
+
+def _default_text(setting) -> str:
+    if setting.default_text is not None:
+        return setting.default_text
+    value = setting.default
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _option_type(parse):
+    """A settings parser as an argparse type: its ValueError's message becomes argparse's."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _train_epilog() -> str:
+    expert: dict[str, list[str]] = {group: [] for group in S.GROUPS}
+    for setting in S.SETTINGS.values():
+        if setting.flag is not None and setting.expert:
+            flag = setting.flag if setting.base_type is not bool else "--[no-]" + _bool_flag(setting)[2:]
+            expert.setdefault(setting.group, []).append(flag)
+    width = min(100, shutil.get_terminal_size().columns - 2)
+    paragraphs = [
+        "Expert options, not listed above: " + "; ".join(f"{group} {', '.join(flags)}"
+                                                          for group, flags in expert.items() if flags) + ".",
+        "Only in a --config FILE: " + ", ".join(s.name for s in S.SETTINGS.values() if s.flag is None)
+        + " (tau_auto: --tau auto).",
+        "Precedence: defaults < --preset < --config FILE < options. --resume keeps the run's saved settings "
+        "except those given again (by --preset, --config or an option). Every setting, its default and its "
+        "meaning: napari_sgrs/core/settings.py.",
+    ]
+    return "\n\n".join(textwrap.fill(text, width, break_on_hyphens=False) for text in paragraphs)
+
+
+def _given_settings(args: argparse.Namespace) -> dict:
+    """The settings the user gave: --preset's, then a --config file's, then the options'."""
+    given = dict(S.PRESETS[args.preset]) if args.preset else {}
+    if args.config is not None:
+        given.update(S.read_config_file(args.config))
+    for setting in S.SETTINGS.values():
+        if hasattr(args, setting.name):  # given: generated options leave no default in the namespace
+            value = getattr(args, setting.name)
+            given.update(setting.assignments(tuple(value) if isinstance(value, list) else value))
+    return given
+
+
+def _config_from_args(args: argparse.Namespace) -> S.TrainConfig:
+    """The run's settings, validated: defaults < --preset < --config FILE < options; on --resume
+    the run's saved settings replace the defaults."""
+    from .core.runfolder import RunFolder
+
+    given = _given_settings(args)
+    run = RunFolder(args.out)
+    if args.resume and run.config.exists():  # else the checkpoint holds what must match
+        return S.resume_config(run.read_config(), given, run.config)
+    return S.TrainConfig(**given).validate()
 
 
 def _cases_from_args(args: argparse.Namespace):
@@ -198,9 +227,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                "--labeled-list": args.labeled_list, "--unlabeled-list": args.unlabeled_list})
     run.check_output(args.resume, holding_lock=os.environ.get("RANK", "0") != "0")  # torchrun: rank 0 locks
     cfg = _config_from_args(args)
-    if args.resume:
-        _inherit_run_settings(cfg, args)
-    cfg.validate()
     from .core.train import train  # the slow import (torch); SIGTERM meanwhile: see main()
 
     cases = _cases_from_args(args)
@@ -211,35 +237,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = "no checkpoint yet" if result.last_checkpoint is None else f"checkpoint {result.last_checkpoint}"
     print(f"{state} at step {result.step}{best}; {saved}")
     return 0
-
-
-def _inherit_run_settings(cfg, args: argparse.Namespace) -> None:
-    """On --resume, settings the user did not repeat come from the run's config.json."""
-    from .core.runfolder import RunFolder
-    from .core.train import TrainConfig, check_resumable
-
-    run = RunFolder(args.out)
-    if not run.config.exists():
-        return  # the checkpoint holds what must match; the command line gives the rest
-    raw = run.read_config()
-    check_resumable(raw, run.config)  # a setting removed in 0.2: refused before anything is written
-    try:
-        saved = TrainConfig.from_json(raw).validate()
-    except (ConfigError, TypeError) as exc:
-        raise InputError(f"{run.config}: the saved run settings are invalid ({exc}); restore the file or start "
-                         f"a new run") from exc
-    given = {a.replace("-", "_") for a in _given_options(getattr(args, "argv", sys.argv[1:]))}
-    for name in ("patch_size", "base_filters", "batch_size", "labeled_batch_size", "lr", "tau", "normalization",
-                 "ct_window", "ignore_index", "num_classes", "val_fraction", "unsup_weight", "rampup_fraction",
-                 "use_mix", "use_regions", "iterations", "seed", "checkpoint_every", "reference_compat", "gate",
-                 "region_weighting", "pseudo_views", "pseudo_anchor"):
-        flag = {"use_mix": "no_mix", "use_regions": "no_regions"}.get(name, name)
-        if flag not in given:
-            setattr(cfg, name, getattr(saved, name))
-
-
-def _given_options(argv: list[str]) -> list[str]:
-    return [a[2:].split("=")[0] for a in argv if a.startswith("--")]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -462,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sgrs", description="SGRS-Net semi-supervised 3D segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train SGRS-Net (or mean-teacher / supervised) into a run folder")
+    p = sub.add_parser("train", help="train SGRS-Net (or mean-teacher / supervised) into a run folder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog's paragraphs
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -537,7 +535,6 @@ def _print_input_warnings(message, category, filename, lineno, file=None, line=N
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # what --resume calls 'given'
     # Until the trainer installs its own handlers (right after it locks the run), SIGTERM is an
     # interrupt like Ctrl-C: one line and exit 130 instead of a silent kill or a traceback.
     on_main = threading.current_thread() is threading.main_thread()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 
 def tiny_config(**overrides):
-    from napari_sgrs.core.train import TrainConfig
+    """The "tiny" preset (napari_sgrs/core/settings.py), with ``overrides``."""
+    from napari_sgrs.core.settings import TrainConfig
 
-    base = dict(iterations=4, patch_size=(16, 16, 16), base_filters=2, batch_size=4, labeled_batch_size=2,
-                seed=0, device="cpu", checkpoint_every=2, val_every=2, log_every=1)
-    base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_preset("tiny", **overrides)
 
 
+#: The command-line counterpart, given as options (not --preset tiny): options are explicit, so a
+#: test that repeats them on --resume overrides the run's saved values, and the engine's own
+#: defaults for everything else (batch, seed, validation) stay what these tests were written for.
 TINY_ARGS = ["--iterations", "4", "--patch-size", "16", "16", "16", "--base-filters", "2", "--device", "cpu",
              "--checkpoint-every", "2", "--quiet"]
 

@@ -259,13 +259,3 @@ def auto_patch(shapes: list[tuple[int, ...]], limit: tuple[int, int, int] = (80,
     size rounded up to a multiple of 16 so small volumes are not padded needlessly."""
     med = np.median(np.array(shapes), axis=0)
     return tuple(int(min(lim, max(16, int(np.ceil(m / 16.0)) * 16))) for m, lim in zip(med, limit))
-
-
-def check_patch(patch: tuple[int, ...]) -> tuple[int, int, int]:
-    if len(patch) != 3:
-        raise ConfigError(f"patch size needs 3 numbers (D H W), got {list(patch)}")
-    bad = [p for p in patch if p <= 0 or p % 16]
-    if bad:
-        raise ConfigError(f"patch size must be positive multiples of 16 in every axis (V-Net downsamples "
-                          f"4 times), got {list(patch)}; try {[max(16, round(p / 16) * 16) for p in patch]}")
-    return tuple(int(p) for p in patch)

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .codes import Region
+from .settings import PAPER_TAU  # the paper's threshold on the entropy (log10 units) of a binary prediction
 
-#: The paper's threshold on the entropy (log10 units) of a binary prediction.
-PAPER_TAU = 0.296
 LOG10_2 = math.log10(2.0)
 
 

@@ -14,16 +14,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import signal
 import threading
 import time
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,257 +28,14 @@ import torch.nn.functional as F
 
 from . import sgrs as S
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from .data import PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_sample, normalise
+from .data import PatchSampler, TwoStreamBatches, auto_patch, make_sample, normalise
 from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged, os_reason
 from .events import EventKind, EventWriter
 from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
 from .postprocess import single_component_classes
 from .runfolder import RunFolder, process_start_time
+from .settings import MAX_CLASSES, TrainConfig, _check_ignore_is_no_class, check_resumable  # TrainConfig: re-exported
 from .vnet import VNet
-
-METHODS = ("sgrs", "mean-teacher", "supervised")
-DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
-DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-teacher
-
-
-MAX_SEED = 2**32 - 1          # numpy's and torch's seeds both take it
-MAX_BASE_FILTERS = 1024       # what a checkpoint may declare (checkpoint._check_meta)
-MAX_WORKERS = 256
-
-
-def _describe_type(hint, value) -> str | None:
-    """None when ``value`` fits the annotation ``hint`` (bool, int, float, str, tuples, X | None),
-    else what was expected, in words. A bool is no number; a float must be finite."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        words = f"{len(args)} numbers"
-        if not isinstance(value, (tuple, list)) or len(value) != len(args):
-            return words
-        return words if any(_describe_type(a, v) for a, v in zip(args, value)) else None
-    if hint is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else "a finite number"
-    if hint is str:
-        return None if isinstance(value, str) else "a string"
-    return None
-
-
-#: The loss of runs whose config.json predates these fields (the paper's, as trained then).
-_LEGACY_LOSS = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both", "pseudo_anchor": "off"}
-
-#: Settings removed in 0.2 (CHANGELOG.md) that changed training, each with its name in messages and
-#: the value under which a run trained as it does now. from_json drops them (and the other removed
-#: keys, channels_last and select), so every earlier run still predicts; one that used another value
-#: does not resume (check_resumable).
-_REMOVED_SETTINGS = {"pseudo_islands": ("--pseudo-islands", "keep"), "pseudo_cap": ("--pseudo-cap", "off"),
-                     "bn_streams": ("bn_streams", False)}
-
-
-def check_resumable(saved: dict[str, Any], where: str | os.PathLike) -> None:
-    """CheckpointError, one line naming ``where`` (the file the settings came from) and the option,
-    when a run's saved settings used a removed setting with a value other than the one that
-    behaves as the code does now."""
-    for key, (name, same) in _REMOVED_SETTINGS.items():
-        value = saved.get(key, same)
-        if value != same:
-            raise CheckpointError(f"{where}: cannot resume: the run was trained with {name} {value}, which was "
-                                  f"removed in 0.2 (see CHANGELOG.md); sgrs predict still reads the run, or start "
-                                  f"a new run")
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; saved as RUN/config.json and in each checkpoint."""
-
-    method: str = "sgrs"
-    iterations: int = 15000
-    patch_size: tuple[int, int, int] | None = None  # (D, H, W); None: auto from the volumes
-    base_filters: int = 16
-    # None: resolved in validate(). Every method sees the same labeled patches per step
-    # (DEFAULT_LABELED_BATCH); sgrs / mean-teacher add DEFAULT_UNLABELED_BATCH unlabeled ones on top.
-    batch_size: int | None = None
-    labeled_batch_size: int | None = None
-    seed: int = 1337
-    device: str = "auto"
-    lr: float = 0.01
-    lr_schedule: str = "poly"          # poly: lr (1 - t/T)^0.9 (nnU-Net), so the last checkpoint is a settled one; constant: the paper's
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    tau: float = S.PAPER_TAU
-    tau_auto: bool = False             # recalibrate tau at each validation (sgrs.calibrate_tau)
-    tau_error_rate: float = 0.45
-    mix_alpha: float = 0.75
-    unsup_weight: float = 1.0          # weight of L_u after ramp-up (mean-teacher: of the MSE)
-    rampup_fraction: float = 0.4       # ramp-up length as a share of iterations (paper: 6000/15000)
-    ema_decay: float = 0.99
-    use_mix: bool = True
-    use_regions: bool = True
-    normalization: str = "zscore"
-    ct_window: tuple[float, float] = (-160.0, 240.0)
-    ignore_index: int = 255
-    num_classes: int | None = None     # None: max label value + 1
-    val_fraction: float = 0.2
-    val_every: int | None = None       # None: iterations // 10
-    checkpoint_every: int = 100
-    log_every: int = 10
-    reference_compat: bool = False     # reproduce the published code's defects (see SGRS.md)
-    amp: str = "auto"                  # auto | off | bf16 | fp16
-    compile: bool = False
-    # on CUDA, let cuDNN time its algorithms for the fixed patch shape once and keep the fastest
-    # (nnU-Net does the same); off: cuDNN's heuristic choice, repeatable run to run on one GPU
-    cudnn_benchmark: bool = True
-    sync_bn: bool = False
-    workers: int = 0
-    foreground_fraction: float = 0.33
-    dropout: float = 0.5
-    gate: str = "teacher-dice"         # teacher-dice: scale L_u by the teacher's Dice on the step's labeled patches | none (paper)
-    region_weighting: str = "voxels"   # voxels: each scored voxel weighs the same | terms: the paper's mean of region terms
-    # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
-    # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
-    pseudo_views: str = "mix"
-    # labels (default): a second V-Net with its own initialisation (the anchor, LabelAnchor) trains
-    # on the labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's
-    # and the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher
-    # cannot confirm its own mistakes unopposed (benchmarks/out/headroom/RULE_ANCHOR.md). off: the
-    # teacher alone (the paper)
-    pseudo_anchor: str = "labels"
-
-    def validate(self) -> "TrainConfig":
-        """Check every setting (the one place that does; the CLI, the panel and config.json on
-        --resume all come through here). ConfigError, one line naming the option and the value.
-        Idempotent: train() calls it again once an automatic patch size is known."""
-        self._check_types()
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        for name in ("iterations", "checkpoint_every", "log_every", "val_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        if self.patch_size is not None:
-            self.patch_size = check_patch(tuple(self.patch_size))
-        for name in ("batch_size", "labeled_batch_size"):  # as given, before one is derived from the other
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        self._resolve_batch()
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.unsup_weight < 0:
-            raise ConfigError(f"--unsup-weight must be >= 0, got {self.unsup_weight}")
-        if not 0 <= self.rampup_fraction <= 1:
-            raise ConfigError(f"--rampup-fraction must be in [0, 1], got {self.rampup_fraction}")
-        if not self.ct_window[0] < self.ct_window[1]:
-            raise ConfigError(f"--ct-window needs LOW < HIGH, got {self.ct_window[0]} {self.ct_window[1]}")
-        if type(self.ignore_index) is not int or not 0 <= self.ignore_index <= 255:
-            raise ConfigError(f"--ignore-index must be a whole number in 0..255 (label files are uint8 and 255, the "
-                              f"default, marks unannotated voxels), got {self.ignore_index!r}")
-        if self.num_classes is not None:
-            if type(self.num_classes) is not int or not 2 <= self.num_classes <= MAX_CLASSES:
-                raise ConfigError(f"--num-classes must be a whole number in 2..{MAX_CLASSES} (background included; "
-                                  f"prediction volumes are uint8), got {self.num_classes!r}")
-            _check_ignore_is_no_class(self.ignore_index, self.num_classes, [])
-        if self.normalization not in ("zscore", "ct", "none"):
-            raise ConfigError(f"--normalization must be zscore, ct or none, got {self.normalization!r}")
-        if self.method != "supervised" and self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be >= 2 for {self.method} (labeled and unlabeled patches), got "
-                              f"{self.batch_size}")
-        if self.method != "supervised" and not 1 <= self.labeled_batch_size < self.batch_size:
-            raise ConfigError(f"--labeled-batch-size must be between 1 and batch size - 1 "
-                              f"({self.batch_size - 1}) so the batch holds unlabeled patches too, "
-                              f"got {self.labeled_batch_size}")
-        if not 0 < self.tau:
-            raise ConfigError(f"--tau must be > 0, got {self.tau}")
-        if not 1 <= self.base_filters <= MAX_BASE_FILTERS:
-            raise ConfigError(f"--base-filters must be between 1 and {MAX_BASE_FILTERS}, got {self.base_filters}")
-        if not 0 <= self.workers <= MAX_WORKERS:
-            raise ConfigError(f"--workers must be between 0 (load batches in the training process) and "
-                              f"{MAX_WORKERS}, got {self.workers}")
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
-            raise ConfigError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
-        if self.lr_schedule not in ("poly", "constant"):
-            raise ConfigError(f"--lr-schedule must be poly or constant, got {self.lr_schedule!r}")
-        if self.gate not in ("none", "teacher-dice"):
-            raise ConfigError(f"--gate must be none or teacher-dice, got {self.gate!r}")
-        if self.region_weighting not in ("voxels", "terms"):
-            raise ConfigError(f"--region-weighting must be voxels or terms, got {self.region_weighting!r}")
-        if self.pseudo_anchor not in ("off", "labels"):
-            raise ConfigError(f"--pseudo-anchor must be labels or off, got {self.pseudo_anchor!r}")
-        if self.pseudo_views not in ("both", "mix"):
-            raise ConfigError(f"--pseudo-views must be mix or both, got {self.pseudo_views!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.patch_size is not None:
-            self._check_batch_norm(self.patch_size)
-        return self
-
-    def _check_types(self) -> None:
-        """Each field holds its declared type (config.json on --resume may hold anything)."""
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = _describe_type(hints[f.name], value)
-            if expected is not None:
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be {expected}, got {value!r}")
-
-    def _check_batch_norm(self, patch: tuple[int, int, int]) -> None:
-        """Batch normalisation needs 2+ values per channel at the V-Net's deepest level (the patch
-        / 16 in each axis, times the patches). The network that sees the labeled patches alone
-        (supervised; sgrs's anchor) fails with one 16^3 patch per step."""
-        deepest = math.prod(p // 16 for p in patch)
-        alone = self.method == "supervised" or (self.method == "sgrs" and self.pseudo_anchor == "labels")
-        if alone and self.labeled_batch_size * deepest < 2:
-            flag = "--batch-size" if self.method == "supervised" else "--labeled-batch-size"
-            other = "" if self.method == "supervised" else " or --pseudo-anchor off"
-            raise ConfigError(f"{flag} {self.labeled_batch_size} with patch {list(patch)} leaves batch normalisation "
-                              f"one value per channel at the network's deepest level; use {flag} 2 or more, a patch "
-                              f"of 32 in one axis{other}")
-
-    def _resolve_batch(self) -> None:
-        """Fill in the batch sizes left unset (None).
-
-        supervised: ``batch_size`` labeled patches (default 4; ``--labeled-batch-size`` alone
-        also sets it). sgrs / mean-teacher: ``labeled_batch_size`` labeled (default 4, the same
-        labeled stream as supervised training) plus ``batch_size - labeled_batch_size``
-        unlabeled (default 2 more); ``--batch-size B`` alone splits B in half, as the paper's
-        2 + 2. A semi-supervised run therefore never trains on fewer labeled patches per step
-        than the supervised baseline it is compared with (benchmarks/RESULTS.md).
-        """
-        if self.method == "supervised":
-            n = self.batch_size if self.batch_size is not None else self.labeled_batch_size
-            n = DEFAULT_LABELED_BATCH if n is None else int(n)
-            self.batch_size = self.labeled_batch_size = n
-            return
-        if self.labeled_batch_size is None:
-            self.labeled_batch_size = (DEFAULT_LABELED_BATCH if self.batch_size is None
-                                       else max(1, int(self.batch_size) // 2))
-        if self.batch_size is None:
-            self.batch_size = int(self.labeled_batch_size) + DEFAULT_UNLABELED_BATCH
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        # a run saved before a loss setting existed was trained with its old behaviour: a resumed
-        # run keeps the loss it started with instead of switching to today's default
-        d = {**{k: v for k, v in _LEGACY_LOSS.items() if k not in d}, **d}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if cfg.patch_size is not None:
-            cfg.patch_size = tuple(cfg.patch_size)
-        cfg.ct_window = tuple(cfg.ct_window)
-        return cfg
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -329,9 +83,6 @@ class LoadedCase:
     spacing: tuple[float, float, float]
 
 
-#: Prediction volumes are uint8 and checkpoints hold 2..255 classes (checkpoint.py), so no run
-#: trains more: the classes are 0..254 and 255 stays free for the ignore index.
-MAX_CLASSES = 255
 #: Without --num-classes, a label map with more distinct values than this is taken for an image
 #: (--labels pointing at intensities) rather than trained as that many classes.
 MAX_INFERRED_CLASSES = 64
@@ -421,20 +172,6 @@ def _check_plausible_classes(values: dict[str, np.ndarray]) -> None:
         raise InputError(f"{name}: label value {top} would make {top + 1} classes, but prediction volumes are "
                          f"uint8 and hold at most {MAX_CLASSES} classes (0..{MAX_CLASSES - 1}) - renumber the "
                          f"classes 0..N-1")
-
-
-def _check_ignore_is_no_class(ignore: int, k: int, found) -> None:
-    """The ignore index must not be one of the classes 0..k-1: its voxels would never be taught."""
-    if ignore >= k:
-        return
-    if ignore == 0:
-        what = "0 is background"
-    elif len(found) and int(np.max(found)) < ignore:
-        what = f"{ignore} is the only foreground class in the labels"
-    else:
-        what = f"{ignore} is one of the {k} classes (0..{k - 1})"
-    raise ConfigError(f"--ignore-index {ignore}: {what}, so its voxels would never be trained - set "
-                      f"--ignore-index to the value that marks unannotated voxels (default 255)")
 
 
 def _classes_note(values: dict[str, np.ndarray], found: np.ndarray, k: int, ignore: int) -> str | None:

@@ -201,11 +201,11 @@ def test_headless_demo_runs_the_whole_job(tmp_path, capsys):
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text())["cases"]
 
 
-def _train_config(argv: list[str]):
+def _train_config(argv: list[str], out: Path | str = "R"):
     from napari_sgrs.cli import _config_from_args, build_parser
 
-    args = build_parser().parse_args(["train", "--images", "I", "--out", "R", *argv])
-    return _config_from_args(args).validate()
+    args = build_parser().parse_args(["train", "--images", "I", "--out", str(out), *argv])
+    return _config_from_args(args)
 
 
 def test_loss_defaults_flags_and_the_paper_preset():
@@ -250,28 +250,19 @@ def test_cudnn_benchmark_is_on_for_cuda_runs_unless_switched_off():
 
 def test_resume_keeps_the_loss_a_run_started_with(tmp_path):
     """A run saved before the loss switches existed resumes with the paper's loss it was trained
-    with, and one saved with explicit settings keeps them, whatever today's defaults are."""
-    from dataclasses import asdict
-
-    from napari_sgrs.cli import _inherit_run_settings, build_parser
+    with, and one saved with explicit settings keeps them, whatever today's defaults are.
+    (Every other setting: test_settings.py::test_resume_restores_every_saved_setting_not_given_again.)"""
     from napari_sgrs.core.train import TrainConfig
 
-    old = asdict(TrainConfig(iterations=50).validate())
+    old = TrainConfig(iterations=50).validate().to_json()
     for key in ("gate", "region_weighting", "pseudo_views"):
         del old[key]
     (tmp_path / "config.json").write_text(json.dumps({"config": old}))
-    args = build_parser().parse_args(["train", "--images", "I", "--out", str(tmp_path), "--resume"])
-    args.argv = ["--resume"]
-    cfg = TrainConfig()
-    _inherit_run_settings(cfg, args)
+    cfg = _train_config(["--resume"], out=tmp_path)
     assert (cfg.gate, cfg.region_weighting, cfg.pseudo_views, cfg.iterations) == ("none", "terms", "both", 50)
 
-    saved = asdict(TrainConfig(pseudo_views="both", gate="teacher-dice").validate())
+    saved = TrainConfig(pseudo_views="both", gate="teacher-dice").validate().to_json()
     (tmp_path / "config.json").write_text(json.dumps({"config": saved}))
-    cfg = TrainConfig()
-    _inherit_run_settings(cfg, args)
+    cfg = _train_config(["--resume"], out=tmp_path)
     assert (cfg.pseudo_views, cfg.gate, cfg.region_weighting) == ("both", "teacher-dice", "voxels")
-    args.argv = ["--resume", "--pseudo-views", "mix"]  # a flag given again wins
-    cfg = TrainConfig(pseudo_views="mix")
-    _inherit_run_settings(cfg, args)
-    assert cfg.pseudo_views == "mix"
+    assert _train_config(["--resume", "--pseudo-views", "mix"], out=tmp_path).pseudo_views == "mix"  # given again: wins

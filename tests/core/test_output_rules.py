@@ -377,7 +377,7 @@ def test_a_damaged_config_json_is_one_line_on_predict_and_on_resume(name, data, 
     ({"iterations": "ten"}, "--iterations must be an integer, got 'ten'"),
     ({"lr": "fast"}, "--lr must be a finite number, got 'fast'"),
     ({"patch_size": [16, 16]}, "--patch-size must be 3 numbers"),
-    ({"use_mix": "yes"}, "--use-mix must be true or false"),
+    ({"use_mix": "yes"}, "use_mix must be true or false"),
     ({"checkpoint_every": 0}, "--checkpoint-every must be >= 1"),
 ])
 def test_wrong_typed_saved_settings_are_one_line_on_resume(settings, needle, data, tiny_cohort, capsys):
