@@ -36,7 +36,7 @@ test: setup
 	bash scripts/with_display.sh $(PY) -m pytest -q
 
 test-core: setup
-	$(PY) -m pytest -q tests/core
+	$(PY) -m pytest -q tests/core tests/project
 
 clean:
 	rm -rf demo runs .pytest_cache

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from napari_sgrs.core.codes import Region
-from napari_sgrs.core.project import case_name, geometry_from_dict, geometry_to_dict
+from napari_sgrs.project.folder import case_name, geometry_from_dict, geometry_to_dict
 
 META_KEY = "sgrs"
 LABEL_SUFFIX = " label"

@@ -1,13 +1,13 @@
 """The "SGRS: train" panel: train in the background, review pseudo labels by synergy region, correct.
 
 Thin by design: the project folder, provenance, review ranking, commands and the background
-process live in :mod:`napari_sgrs.core.project`. Training and prediction run as ``sgrs``
+process live in :mod:`napari_sgrs.project`. Training and prediction run as ``sgrs``
 subprocesses; a QTimer polls their ``events.jsonl`` and exit codes, and prediction outputs
 are read in a worker thread, so nothing slow runs on the UI thread.
 
 A viewer killed at any moment loses at most one autosave interval of label edits (the journal,
 see :meth:`SGRSTrainWidget.autosave`), and its training run goes on: reopening the project
-follows it, or offers Resume when it is gone (``TrainerProcess`` in ``core/project.py``). A
+follows it, or offers Resume when it is gone (``TrainerProcess`` in ``project/jobs.py``). A
 project is open in one viewer at a time (its folder lock); a second one is refused, naming the
 first.
 """
@@ -31,8 +31,9 @@ from napari_sgrs.core.codes import IGNORE_INDEX, Region
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import Event, EventFollower, EventKind
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.core.project import (Job, Project, ReviewQueue, TrainerProcess, TrainSettings, largest_region,
-                                      mark_unpainted_slices, predict_command, train_command)
+from napari_sgrs.project.folder import Project, TrainSettings, mark_unpainted_slices
+from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, train_command
+from napari_sgrs.project.review import ReviewQueue, largest_region
 
 from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
                       layer_data_from_volume, layer_meta, sgrs_meta)

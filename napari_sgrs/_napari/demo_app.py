@@ -30,7 +30,7 @@ def prefer_qt6() -> None:
 def build_viewer(project_dir: Path | None, shape: int, n_cases: int, n_labeled: int, show: bool = True):
     import napari
 
-    from napari_sgrs.core.project import Project
+    from napari_sgrs.project.folder import Project
 
     from ._sample_data import make_demo_data
     from ._widget import SGRSTrainWidget

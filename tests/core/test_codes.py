@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from napari_sgrs.core.codes import IGNORE_INDEX, Provenance, Region
-from napari_sgrs.core.project import provenance_counts, review_item
+from napari_sgrs.project.folder import provenance_counts
+from napari_sgrs.project.review import review_item
 
 ROOT = Path(__file__).parents[2]
 
@@ -38,7 +39,7 @@ def _documents() -> dict[str, str]:
     """What a user or a reader of the file formats reads: README, docs/, the CLI's help, and the
     project module's account of the project folder (wherever that module lives)."""
     paths = [ROOT / "README.md", ROOT / "napari_sgrs" / "cli.py", *sorted((ROOT / "docs").glob("*.md")),
-             *sorted((ROOT / "napari_sgrs").glob("**/project.py"))]
+             *sorted((ROOT / "napari_sgrs" / "project").glob("*.py"))]
     return {p.name: p.read_text(encoding="utf-8") for p in paths}
 
 

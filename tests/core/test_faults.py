@@ -286,7 +286,7 @@ def test_export_on_full_disk_leaves_the_old_file_and_no_temp(tmp_path, monkeypat
 
 
 def _project(tmp_path):
-    from napari_sgrs.core.project import Project
+    from napari_sgrs.project.folder import Project
 
     project = Project.create(tmp_path / "proj")
     source = tmp_path / "src.nii.gz"

@@ -21,7 +21,8 @@ from napari_sgrs._napari._widget import AUTOSAVE_MS, SGRSTrainWidget
 from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.errors import LockedError, SGRSError
 from napari_sgrs.core.events import EventKind, read_events
-from napari_sgrs.core.project import Project, TrainerProcess
+from napari_sgrs.project.folder import Project
+from napari_sgrs.project.jobs import TrainerProcess
 from napari_sgrs.core.runfolder import RunFolder
 
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ from qtpy.QtCore import QTimer
 from napari_sgrs._napari._widget import SGRSTrainWidget
 from napari_sgrs.core.events import Event, EventKind
 from napari_sgrs.core.io import read_volume
-from napari_sgrs.core.project import Project
+from napari_sgrs.project.folder import Project
 
 WAIT_MS = 180_000
 

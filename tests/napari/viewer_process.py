@@ -57,7 +57,7 @@ def main() -> int:
 
     from napari_sgrs._napari._widget import SGRSTrainWidget
     from napari_sgrs.core.io import Geometry
-    from napari_sgrs.core.project import Project
+    from napari_sgrs.project.folder import Project
 
     viewer = napari.Viewer(show=False)
     widget = SGRSTrainWidget(viewer)

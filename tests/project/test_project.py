@@ -11,21 +11,25 @@ import pytest
 from napari_sgrs.core.errors import InputError, LockedError
 from napari_sgrs.core.io import Geometry, read_volume, write_volume
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.core.project import (IGNORE_INDEX, Project, ReviewQueue, TrainerProcess, TrainSettings,
-                                      case_name, largest_region, mark_unpainted_slices,
-                                      provenance_counts, provenance_for_accept, rank_for_review,
-                                      train_command)
+from napari_sgrs.project.folder import (IGNORE_INDEX, Project, TrainSettings, case_name, mark_unpainted_slices,
+                                        provenance_counts, provenance_for_accept)
+from napari_sgrs.project.jobs import TrainerProcess, train_command
+from napari_sgrs.project.review import ReviewQueue, largest_region, rank_for_review
 
 GEOM = Geometry(spacing=(2.0, 0.5, 0.75), origin=(10.0, -5.0, 3.0), direction=tuple(np.eye(3).ravel()))
 
 
-def test_core_project_imports_no_qt():
+def test_the_project_imports_neither_torch_nor_qt():
+    """The panel's project package runs the engine as subprocesses: loading it loads no torch
+    (nor Qt/napari, so it is testable headless). In a fresh interpreter, as the panel starts."""
     import subprocess
+    from pathlib import Path
 
-    code = ("import sys, napari_sgrs.core.project as p; "
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('qtpy','PyQt5','PyQt6','PySide2','PySide6','napari','magicgui','superqt')]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys, napari_sgrs.project.folder, napari_sgrs.project.review, napari_sgrs.project.jobs\n"
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', "
+            "'PySide6', 'napari', 'magicgui', 'superqt'})\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).parents[2])
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -155,7 +159,7 @@ def test_journal_from_an_older_version_is_offered_back(tmp_path):
 
 _SAVE_JOURNAL = """
 import sys, numpy as np
-from napari_sgrs.core.project import Project
+from napari_sgrs.project.folder import Project
 project = Project.open(sys.argv[1])
 edit = np.zeros((8, 8, 8), np.uint8); edit[:, 0, 0] = 2
 project.save_journal("c1", edit)
@@ -241,7 +245,7 @@ def test_update_label_keeps_provenance_of_unchanged_voxels(tmp_path):
 # --------------------------------------------------------------------------- one writer per folder
 _HOLD_PROJECT = """
 import sys, time
-from napari_sgrs.core.project import Project
+from napari_sgrs.project.folder import Project
 project = Project.open(sys.argv[1])
 print("holding", flush=True)
 time.sleep(600)

@@ -1,7 +1,7 @@
-"""A napari-sgrs project folder: images, labels, corrections, runs, provenance, review queue.
+"""A napari-sgrs project folder: images, labels, corrections, runs, provenance, the autosave journal.
 
-Everything here is plain Python + numpy (no Qt, no napari), so the napari panel stays a thin
-layer and all of this is testable headless. Layout of a project folder::
+Everything here is plain Python + numpy (no Qt, no napari, no torch), so the napari panel stays a
+thin layer and all of this is testable headless. Layout of a project folder::
 
     PROJECT/project.json          image sources, labels folder, corrections, runs (atomic rewrite)
     PROJECT/images/<case>.nii.gz  the training images (written once, with their geometry)
@@ -23,20 +23,17 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
-from .codes import IGNORE_INDEX, Provenance, Region
-from .errors import InputError
-from .events import Event, EventKind, read_events
+from ..core.codes import IGNORE_INDEX, Provenance
+from ..core.errors import InputError
+from ..core.events import EventKind, read_events
 
 PROJECT_FILE = "project.json"
 PROJECT_VERSION = 1
@@ -58,7 +55,7 @@ def case_name(text: str) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     # The one atomic writer (temp + fsync + rename, ResourceError on a full/read-only disk).
-    from .outputs import atomic_write_bytes
+    from ..core.outputs import atomic_write_bytes
 
     atomic_write_bytes(Path(path), data)
 
@@ -69,7 +66,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 def _write_volume(path: Path, array: np.ndarray, geometry: Any) -> Path:
     """``io.write_volume`` (atomic) into a folder created on demand (the engine wants it to exist)."""
-    from .io import write_volume
+    from ..core.io import write_volume
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return Path(write_volume(Path(path), array, geometry))
@@ -102,7 +99,7 @@ def geometry_to_dict(geometry: Any) -> dict[str, Any]:
 def geometry_from_dict(d: dict[str, Any] | None, ndim: int = 3) -> Any:
     """Inverse of :func:`geometry_to_dict`; missing fields default to unit spacing, zero origin,
     identity direction (e.g. a layer made in napari with only scale and translate)."""
-    from .io import Geometry
+    from ..core.io import Geometry
 
     d = dict(d or {})
     return Geometry.from_json({"spacing": d.get("spacing") or [1.0] * ndim,
@@ -161,87 +158,6 @@ def provenance_counts(provenance: np.ndarray) -> dict[str, int]:
     return {p.key: int(counts[p]) for p in Provenance}
 
 
-# --------------------------------------------------------------------------- review queue
-@dataclass
-class ReviewItem:
-    """One unlabeled case in the review queue. Shares are fractions of all voxels."""
-    name: str
-    score: float               # inconsistent + disregarded share: higher = review first
-    inconsistent: float
-    disregarded: float
-
-
-@dataclass
-class RegionFocus:
-    """Where to look in a case: the largest connected region of ``region`` (voxel indices, D, H, W)."""
-    region: int
-    center: tuple[float, float, float]
-    size: int
-    bbox: tuple[tuple[int, int], ...]
-
-
-def review_item(name: str, regions: np.ndarray) -> ReviewItem:
-    regions = np.asarray(regions)
-    n = max(int(regions.size), 1)
-    inc = float(np.count_nonzero(regions == Region.INCONSISTENT)) / n
-    dis = float(np.count_nonzero(regions == Region.DISREGARDED)) / n
-    return ReviewItem(name=name, score=inc + dis, inconsistent=inc, disregarded=dis)
-
-
-def rank_for_review(regions_by_case: dict[str, np.ndarray]) -> list[ReviewItem]:
-    """Unlabeled cases, worst first: by share of inconsistent + disregarded voxels (ties: by name)."""
-    items = [review_item(name, regions) for name, regions in regions_by_case.items()]
-    return sorted(items, key=lambda it: (-it.score, -it.inconsistent, it.name))
-
-
-def largest_region(regions: np.ndarray, region: int = Region.INCONSISTENT) -> RegionFocus | None:
-    """The largest 26-connected component of voxels equal to ``region``; None if there is none.
-
-    Falls back from inconsistent to disregarded voxels when a case has no inconsistent voxel.
-    """
-    from scipy import ndimage
-
-    from .postprocess import largest_component
-
-    regions = np.asarray(regions)
-    for value in (region, Region.DISREGARDED) if region == Region.INCONSISTENT else (region,):
-        mask = regions == value
-        if not mask.any():
-            continue
-        component = largest_component(mask)
-        center = tuple(float(c) for c in ndimage.center_of_mass(component))
-        # The centre of mass of a curved region can fall outside it: snap to its nearest voxel.
-        idx = np.argwhere(component)
-        nearest = idx[np.argmin(((idx - np.asarray(center)) ** 2).sum(axis=1))]
-        box = ndimage.find_objects(component.astype(np.int8))[0]
-        return RegionFocus(region=value, center=tuple(float(v) for v in nearest), size=int(component.sum()),
-                           bbox=tuple((s.start, s.stop) for s in box))
-    return None
-
-
-class ReviewQueue:
-    """Ranked unlabeled cases; :meth:`next` walks from the worst case down and wraps around."""
-
-    def __init__(self, regions_by_case: dict[str, np.ndarray] | None = None):
-        self.items: list[ReviewItem] = []
-        self._cursor = -1
-        self.update(regions_by_case or {})
-
-    def update(self, regions_by_case: dict[str, np.ndarray]) -> None:
-        self.items = rank_for_review(regions_by_case)
-        self._cursor = -1
-
-    def remove(self, name: str) -> None:
-        self.items = [it for it in self.items if it.name != name]
-        self._cursor = min(self._cursor, len(self.items) - 1)
-
-    def next(self) -> ReviewItem | None:
-        if not self.items:
-            return None
-        self._cursor = (self._cursor + 1) % len(self.items)
-        return self.items[self._cursor]
-
-
 # --------------------------------------------------------------------------- training settings / commands
 @dataclass
 class TrainSettings:
@@ -277,207 +193,6 @@ class TrainSettings:
             known["patch_size"] = tuple(int(v) for v in known["patch_size"])
         return cls(**known)
 
-
-def sgrs_command() -> list[str]:
-    """The engine's entry point, run with this interpreter (works without the ``sgrs`` script on PATH)."""
-    return [sys.executable, "-m", "napari_sgrs.cli"]
-
-
-def train_command(images_dir: Path, labels_dir: Path, run_dir: Path, settings: TrainSettings,
-                  resume: bool = False) -> list[str]:
-    cmd = sgrs_command() + ["train", "--images", str(images_dir), "--labels", str(labels_dir),
-                            "--out", str(run_dir)] + settings.cli_args()
-    return cmd + (["--resume"] if resume else [])
-
-
-def predict_command(run_dir: Path, images_dir: Path, out_dir: Path, regions: bool = True) -> list[str]:
-    cmd = sgrs_command() + ["predict", "--run", str(run_dir), "--images", str(images_dir), "--out", str(out_dir)]
-    return cmd + (["--regions"] if regions else [])
-
-
-class Job:
-    """A background ``sgrs`` process (train or predict); output goes to a log file, never a pipe.
-
-    A pipe nobody drains would block the child once full; a file also survives the viewer.
-    Poll :meth:`poll` from a timer; nothing here blocks.
-    """
-
-    def __init__(self, cmd: Sequence[str], log_path: Path, stop_file: Path | None = None,
-                 env: dict[str, str] | None = None, cwd: Path | None = None, detach: bool = False):
-        self.cmd = list(cmd)
-        self.log_path = Path(log_path)
-        self.stop_file = Path(stop_file) if stop_file is not None else None
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.stop_file is not None and self.stop_file.exists():
-            self.stop_file.unlink()  # a STOP left from an earlier Stop would end this run at once
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
-        self._log = open(self.log_path, "ab")
-        # detach: a session of its own, so no signal meant for the viewer (Ctrl-C in its terminal,
-        # the terminal closing) reaches the child; see TrainerProcess for why a trainer outlives it.
-        self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=full_env, cwd=cwd,
-                                        start_new_session=detach)
-        self.started = time.monotonic()
-        self.stop_requested_at: float | None = None
-        self._terminated_at: float | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def poll(self) -> int | None:
-        """Exit code, or None while running. Closes the log once the process ended."""
-        code = self.process.poll()
-        if code is not None and not self._log.closed:
-            self._log.close()
-        return code
-
-    @property
-    def running(self) -> bool:
-        return self.poll() is None
-
-    def request_stop(self) -> None:
-        """Ask for a clean stop: touch the STOP file (checkpoint, ``stopped`` event, exit 0)."""
-        if self.stop_requested_at is None:
-            self.stop_requested_at = time.monotonic()
-        if self.stop_file is not None:
-            self.stop_file.parent.mkdir(parents=True, exist_ok=True)
-            self.stop_file.touch()
-        else:
-            self.terminate()
-
-    def enforce_stop(self, grace_s: float = 30.0) -> None:
-        """Call from the timer after :meth:`request_stop`: SIGTERM after ``grace_s`` (the trainer
-        still checkpoints on SIGTERM), SIGKILL ``grace_s`` later."""
-        if self.stop_requested_at is None or not self.running:
-            return
-        now = time.monotonic()
-        if self._terminated_at is None and now - self.stop_requested_at > grace_s:
-            self.terminate()
-        elif self._terminated_at is not None and now - self._terminated_at > grace_s:
-            self.process.kill()
-
-    def terminate(self) -> None:
-        if self.running:
-            self._terminated_at = time.monotonic()
-            self.process.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        if self.running:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.poll()
-
-    def error_message(self) -> str:
-        """The engine's one-line ``error: ...`` message, or the log's last line."""
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return f"{self.cmd[3] if len(self.cmd) > 3 else 'sgrs'} failed (no log)"
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        for line in reversed(lines):
-            if line.startswith("error:"):
-                return line[len("error:"):].strip()
-        return lines[-1] if lines else f"process exited with code {self.process.returncode}"
-
-
-class TrainerProcess:
-    """A trainer the panel did not start in this session, found through the lock it holds on its
-    run folder: the panel follows and stops it as it would its own :class:`Job`.
-
-    Why a trainer outlives the viewer that started it, rather than being stopped with it: a run
-    can take hours of GPU time and needs nothing from the viewer (its checkpoints, events and
-    log are files in the run folder), and a viewer that is killed cannot stop anything cleanly
-    anyway. So the panel starts it detached (:class:`Job` ``detach``); reopening the project
-    finds it by its run-folder lock, follows its ``events.jsonl``, and Stop touches its STOP
-    file. When no process holds the run any more, the panel offers Resume from the last
-    checkpoint instead.
-    """
-
-    def __init__(self, run_dir: Path, holder: dict):
-        from .runfolder import RunFolder
-
-        self.run = RunFolder(run_dir)
-        self.run_dir = self.run.path
-        self.holder = dict(holder)
-        self.stop_file = self.run.stop_file
-        self.stop_requested_at: float | None = None
-        self._terminated_at: float | None = None
-        self._code: int | None = None
-
-    @property
-    def pid(self) -> int | None:
-        pid = self.holder.get("pid")
-        return pid if type(pid) is int else None
-
-    def poll(self) -> int | None:
-        """None while a process holds the run; then 0 if its last event says it finished or
-        stopped, 1 if it failed or vanished without a word (killed)."""
-        if self._code is None and self.run.holder() is None:
-            last = self._last_event()
-            self._code = 0 if last is not None and last.kind in (EventKind.FINISHED, EventKind.STOPPED) else 1
-        return self._code
-
-    @property
-    def running(self) -> bool:
-        return self.poll() is None
-
-    def request_stop(self) -> None:
-        """The trainer checkpoints, writes a ``stopped`` event and exits when it sees STOP."""
-        if self.stop_requested_at is None:
-            self.stop_requested_at = time.monotonic()
-        self.stop_file.touch()
-
-    def enforce_stop(self, grace_s: float = 30.0) -> None:
-        """As :meth:`Job.enforce_stop`, for a trainer on this host only (a pid elsewhere means
-        nothing here): SIGTERM after ``grace_s`` (it still checkpoints), SIGKILL ``grace_s`` later."""
-        if self.stop_requested_at is None or not self.running:
-            return
-        now = time.monotonic()
-        if self._terminated_at is None and now - self.stop_requested_at > grace_s:
-            self._terminated_at = now
-            self._signal(signal.SIGTERM)
-        elif self._terminated_at is not None and now - self._terminated_at > grace_s:
-            self._signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        if self.running:
-            self._terminated_at = time.monotonic()
-            self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        if self.running:
-            self._signal(signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while self.running and time.monotonic() < deadline:
-                time.sleep(0.05)
-
-    def _signal(self, sig: int) -> None:
-        import socket
-
-        holder = self.run.holder()
-        # Only the process that holds the run now, and only on this host: a pid from an old
-        # lock file may belong to anything by now.
-        if holder is None or holder.get("pid") != self.pid or self.pid is None \
-                or holder.get("host") != socket.gethostname():
-            return
-        try:
-            os.kill(self.pid, sig)
-        except OSError:
-            pass
-
-    def _last_event(self) -> Event | None:
-        events = read_events(self.run.events)
-        return events[-1] if events else None
-
-    def error_message(self) -> str:
-        last = self._last_event()
-        if last is not None and last.kind is EventKind.ERROR:
-            return str(last.data.get("message", "unknown error"))
-        return (f"the trainer of {self.run_dir.name} (pid {self.pid}) ended without finishing, "
-                f"after step {last.step if last else 0}: it was killed; Resume continues from the last checkpoint")
 
 
 # --------------------------------------------------------------------------- the project
@@ -520,14 +235,14 @@ class Project:
     # --- create / open
     @classmethod
     def _acquire(cls, root: Path):
-        from .lockfile import FolderLock
+        from ..core.lockfile import FolderLock
 
         return FolderLock(root, what=cls.LOCK_WHAT, stop_hint=cls.LOCK_HINT).acquire()
 
     def _remove_stale_temp_files(self) -> None:
         """Under the lock no other writer is here: the temp files of project.json and of the
         journal are what a writer killed mid-write left."""
-        from .outputs import remove_stale_temp_files
+        from ..core.outputs import remove_stale_temp_files
 
         remove_stale_temp_files(self.root, [PROJECT_FILE])
         cases = set(self.case_names()) | {p.stem for p in self.journal_dir.glob(f"*{JOURNAL_SUFFIX}")}
@@ -662,7 +377,7 @@ class Project:
         return Path(path)
 
     def read_image(self, name: str):
-        from .io import read_volume
+        from ..core.io import read_volume
 
         return read_volume(self.image_path(name))
 
@@ -695,7 +410,7 @@ class Project:
         if not self.label_path(name).exists():
             self.set_label(name, label, geometry)
             return True
-        from .io import read_volume
+        from ..core.io import read_volume
 
         old = np.asarray(read_volume(self.label_path(name)).array)
         if old.shape == label.shape and np.array_equal(old, label):
@@ -720,7 +435,7 @@ class Project:
         path = self.provenance_path(name)
         if not path.exists():
             return None
-        from .io import read_volume
+        from ..core.io import read_volume
 
         return np.asarray(read_volume(path).array)
 
@@ -884,7 +599,7 @@ class Project:
         A labeled case gives its label (unannotated voxels filled from the latest prediction,
         provenance model-only); an unlabeled case gives its pseudo label (all model-only).
         """
-        from .io import read_volume
+        from ..core.io import read_volume
 
         pred_path = self.prediction_files(name).get("label")
         pred = read_volume(pred_path) if pred_path else None
@@ -914,7 +629,7 @@ class Project:
         checkpoint = self.last_checkpoint()
         checkpoint_info = None
         if checkpoint is not None:
-            from .outputs import file_sha256
+            from ..core.outputs import file_sha256
 
             checkpoint_info = {"path": str(checkpoint), "sha256": file_sha256(checkpoint),
                                "step": self.last_step()}
