@@ -31,7 +31,8 @@ from napari_sgrs.core.codes import IGNORE_INDEX, Region
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import Event, EventFollower, EventKind
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.project.folder import Project, TrainSettings, mark_unpainted_slices
+from napari_sgrs.core.settings import METHODS, TrainConfig
+from napari_sgrs.project.folder import Project, mark_unpainted_slices, panel_config
 from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region
 
@@ -42,7 +43,6 @@ POLL_MS = 250          # how often the panel reads events.jsonl and checks the p
 AUTOSAVE_MS = 3000     # label edits since the last Accept are journaled this often
 STOP_GRACE_S = 30.0    # after Stop: wait this long for the checkpoint, then SIGTERM, then SIGKILL
 NO_LABEL = "(unlabeled)"
-METHODS = ("sgrs", "mean-teacher", "supervised")
 
 PARTIAL_HELP = (f"Partly labeled volumes: voxels with value {IGNORE_INDEX} are unannotated and "
                 "ignored by training (not taken as background). Label a few slices and tick the "
@@ -163,22 +163,20 @@ class SGRSTrainWidget(QWidget):
         self.method_combo.addItems(METHODS)
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 1_000_000)
-        self.iterations_spin.setValue(2000)
         patch = QHBoxLayout()
         self.patch_spins = []
         for _ in range(3):
             spin = QSpinBox()
             spin.setRange(16, 512)
             spin.setSingleStep(16)
-            spin.setValue(96)
             self.patch_spins.append(spin)
             patch.addWidget(spin)
         self.filters_spin = QSpinBox()
         self.filters_spin.setRange(2, 64)
-        self.filters_spin.setValue(16)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"] + (["cuda"] if self.gpu else []))
         self.gpu_label = QLabel(f"GPU: {self.gpu}" if self.gpu else "no GPU detected: training runs on the CPU")
+        self.apply_settings(panel_config())  # the boxes start at the plugin preset (core/settings.py)
         form.addRow("method", self.method_combo)
         form.addRow("iterations", self.iterations_spin)
         form.addRow("patch D H W", patch)
@@ -497,12 +495,13 @@ class SGRSTrainWidget(QWidget):
         return names
 
     # ------------------------------------------------------------------ training
-    def settings(self) -> TrainSettings:
-        return TrainSettings(method=self.method_combo.currentText(), iterations=self.iterations_spin.value(),
-                             patch_size=tuple(s.value() for s in self.patch_spins),
-                             base_filters=self.filters_spin.value(), device=self.device_combo.currentText())
+    def settings(self) -> TrainConfig:
+        """The settings in the panel's boxes (the rest: the ``plugin`` preset's, see ``panel_config``)."""
+        return panel_config(dict(method=self.method_combo.currentText(), iterations=self.iterations_spin.value(),
+                                 patch_size=tuple(s.value() for s in self.patch_spins),
+                                 base_filters=self.filters_spin.value(), device=self.device_combo.currentText()))
 
-    def apply_settings(self, s: TrainSettings) -> None:
+    def apply_settings(self, s: TrainConfig) -> None:
         self.method_combo.setCurrentText(s.method)
         self.iterations_spin.setValue(int(s.iterations))
         for spin, v in zip(self.patch_spins, s.patch_size):
@@ -574,12 +573,13 @@ class SGRSTrainWidget(QWidget):
             raise SGRSError(f"{self.project.current_run} has no checkpoint yet: press Start")
         return self.project.current_run
 
-    def _launch(self, run: Path, resume: bool, settings: TrainSettings) -> Path:
+    def _launch(self, run: Path, resume: bool, settings: TrainConfig) -> Path:
         project = self.project
         # The trainer's own checks, up front: above all, no second trainer in a run that another
         # process holds (say `sgrs train --resume` from a terminal); the holder is named.
         RunFolder(run).check_output(resume=resume)
-        cmd = train_command(project.images_dir, project.labels_dir, run, settings, resume=resume)
+        settings_file = project.write_settings_file(run, settings)
+        cmd = train_command(project.images_dir, project.labels_dir, run, settings_file, resume=resume)
         self._events = EventFollower(RunFolder(run).events, from_end=resume)
         if not resume:
             self.plot.clear_data()

@@ -8,6 +8,7 @@ thin layer and all of this is testable headless. Layout of a project folder::
     PROJECT/labels/<case>.nii.gz  training labels, uint8; 255 marks unannotated voxels
     PROJECT/provenance/<case>.nii.gz  per voxel: 0 model-only, 1 accepted pseudo label, 2 human-drawn
     PROJECT/runs/run-NNN/         ``sgrs train --out`` run folders
+    PROJECT/runs/run-NNN.settings.json  the panel's settings of that run, read by ``sgrs train --config``
     PROJECT/predictions/run-NNN-step-S/   ``sgrs predict --regions`` outputs for unlabeled cases
     PROJECT/journal/<case>.npz    autosaved label edits not yet accepted (array + case + time)
     PROJECT/exports/              default export folder
@@ -27,13 +28,14 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from ..core.codes import IGNORE_INDEX, Provenance
 from ..core.errors import InputError
 from ..core.events import EventKind, read_events
+from ..core.settings import TrainConfig
 
 PROJECT_FILE = "project.json"
 PROJECT_VERSION = 1
@@ -158,41 +160,30 @@ def provenance_counts(provenance: np.ndarray) -> dict[str, int]:
     return {p.key: int(counts[p]) for p in Provenance}
 
 
-# --------------------------------------------------------------------------- training settings / commands
-@dataclass
-class TrainSettings:
-    """What the panel lets the user choose; maps one-to-one onto ``sgrs train`` options."""
-    method: str = "sgrs"
-    iterations: int = 2000
-    patch_size: tuple[int, int, int] = (96, 96, 96)
-    base_filters: int = 16
-    batch_size: int | None = None          # None: the engine's default (TrainConfig._resolve_batch)
-    labeled_batch_size: int | None = None
-    device: str = "auto"
-    seed: int = 1337
-    ignore_index: int = IGNORE_INDEX
-    checkpoint_every: int | None = None
+# --------------------------------------------------------------------------- training settings
+#: The settings the panel chooses, by their TrainConfig names (``napari_sgrs/core/settings.py``):
+#: what project.json keeps and the run's settings file gives ``sgrs train --config``. Every other
+#: setting is TrainConfig's default, or on a resume the run's own (a resumed run keeps what it
+#: saved except what the file gives again).
+PANEL_SETTINGS = ("method", "iterations", "patch_size", "base_filters", "batch_size", "labeled_batch_size",
+                  "device", "seed", "ignore_index", "checkpoint_every")
 
-    def cli_args(self) -> list[str]:
-        args = ["--method", self.method, "--iterations", str(int(self.iterations)),
-                "--patch-size", *[str(int(v)) for v in self.patch_size],
-                "--base-filters", str(int(self.base_filters)), "--device", self.device,
-                "--seed", str(int(self.seed)), "--ignore-index", str(int(self.ignore_index))]
-        if self.batch_size is not None:
-            args += ["--batch-size", str(int(self.batch_size))]
-        if self.labeled_batch_size is not None:
-            args += ["--labeled-batch-size", str(int(self.labeled_batch_size))]
-        if self.checkpoint_every:
-            args += ["--checkpoint-every", str(int(self.checkpoint_every))]
-        return args
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "patch_size" in known:
-            known["patch_size"] = tuple(int(v) for v in known["patch_size"])
-        return cls(**known)
+def panel_config(values: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The panel's settings: the ``plugin`` preset, then ``values`` (project.json's, or the panel's
+    boxes) for the fields in :data:`PANEL_SETTINGS`. Other keys are left out, and so is None (the
+    engine's default), as project.json of earlier versions writes it."""
+    given = {k: v for k, v in (values or {}).items() if k in PANEL_SETTINGS and v is not None}
+    if "patch_size" in given:
+        given["patch_size"] = tuple(int(v) for v in given["patch_size"])
+    return TrainConfig.from_preset("plugin", **given)
 
+
+def panel_values(config: TrainConfig) -> dict[str, Any]:
+    """The :data:`PANEL_SETTINGS` of ``config`` that are set, as JSON: what project.json keeps and the
+    settings file holds (None, the engine's default, is left out)."""
+    values = {k: getattr(config, k) for k in PANEL_SETTINGS}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- the project
@@ -270,7 +261,7 @@ class Project:
                                  f"choose an empty folder (nothing there was changed)")
             project = cls(root, {"version": PROJECT_VERSION, "created": time.time(), "images": [],
                                  "labels_dir": "labels", "corrections": [], "runs": [],
-                                 "prediction": None, "settings": asdict(TrainSettings())}, lock)
+                                 "prediction": None, "settings": panel_values(panel_config())}, lock)
             project.save()
         except BaseException:
             lock.release()
@@ -449,7 +440,7 @@ class Project:
         name = self.current_run_name
         return None if name is None else self.runs_dir / name
 
-    def new_run(self, settings: TrainSettings) -> Path:
+    def new_run(self, settings: TrainConfig) -> Path:
         """A new, empty run folder ``runs/run-NNN`` (a name no folder has yet, so a run made by
         anyone else, e.g. ``sgrs train --out`` by hand, is never trained into)."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -462,13 +453,25 @@ class Project:
                 break
             except FileExistsError:
                 number += 1
-        self.data["runs"].append({"name": name, "created": time.time(), "settings": asdict(settings)})
-        self.data["settings"] = asdict(settings)
+        self.data["runs"].append({"name": name, "created": time.time(), "settings": panel_values(settings)})
+        self.data["settings"] = panel_values(settings)
         self.save()
         return run
 
-    def settings(self) -> TrainSettings:
-        return TrainSettings.from_dict(self.data.get("settings") or {})
+    def settings(self) -> TrainConfig:
+        """The panel's settings of the latest run (see :func:`panel_config`)."""
+        return panel_config(self.data.get("settings"))
+
+    def settings_file(self, run: Path) -> Path:
+        """``runs/<run>.settings.json``: the settings ``sgrs train --config`` reads for ``run``. Beside
+        the run folder, never in it: ``sgrs train --out`` takes a new run only in an empty folder."""
+        return self.runs_dir / f"{Path(run).name}.settings.json"
+
+    def write_settings_file(self, run: Path, settings: TrainConfig) -> Path:
+        """Write the panel's ``settings`` for ``run`` (replacing an earlier launch's); returns the file."""
+        path = self.settings_file(run)
+        _atomic_write_json(path, panel_values(settings))
+        return path
 
     def last_checkpoint(self, run: Path | None = None) -> Path | None:
         run = run or self.current_run

@@ -16,7 +16,6 @@ from typing import Sequence
 
 from ..core.events import Event, EventKind, read_events
 from ..core.runfolder import RunFolder
-from .folder import TrainSettings
 
 
 def sgrs_command() -> list[str]:
@@ -24,10 +23,12 @@ def sgrs_command() -> list[str]:
     return [sys.executable, "-m", "napari_sgrs.cli"]
 
 
-def train_command(images_dir: Path, labels_dir: Path, run_dir: Path, settings: TrainSettings,
+def train_command(images_dir: Path, labels_dir: Path, run_dir: Path, settings_file: Path,
                   resume: bool = False) -> list[str]:
-    cmd = sgrs_command() + ["train", "--images", str(images_dir), "--labels", str(labels_dir),
-                            "--out", str(run_dir)] + settings.cli_args()
+    """``sgrs train`` with the settings of ``settings_file`` (``--config``, see
+    ``Project.write_settings_file``): the command names only the folders, never a setting."""
+    cmd = sgrs_command() + ["train", "--config", str(settings_file), "--images", str(images_dir),
+                            "--labels", str(labels_dir), "--out", str(run_dir)]
     return cmd + (["--resume"] if resume else [])
 
 

@@ -1,4 +1,4 @@
-"""Headless tests of the project folder: ranking, focus, provenance, journal, export, commands."""
+"""Headless tests of the panel's project: ranking, focus, provenance, journal, export, settings, jobs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from napari_sgrs.core.errors import InputError, LockedError
 from napari_sgrs.core.io import Geometry, read_volume, write_volume
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.project.folder import (IGNORE_INDEX, Project, TrainSettings, case_name, mark_unpainted_slices,
-                                        provenance_counts, provenance_for_accept)
+from napari_sgrs.core.settings import SETTINGS, TrainConfig, read_config_file
+from napari_sgrs.project.folder import (IGNORE_INDEX, PANEL_SETTINGS, Project, case_name, mark_unpainted_slices,
+                                        panel_config, provenance_counts, provenance_for_accept)
 from napari_sgrs.project.jobs import TrainerProcess, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region, rank_for_review
 
@@ -221,13 +222,68 @@ def test_export_with_sidecar(tmp_path):
         project.export(["nope"], tmp_path / "out")
 
 
-def test_train_command():
-    s = TrainSettings(iterations=4, patch_size=(32, 32, 32), base_filters=2, device="cpu")
-    cmd = train_command("I", "L", "R", s, resume=True)
-    assert cmd[:4] == [sys.executable, "-m", "napari_sgrs.cli", "train"]
-    assert cmd[cmd.index("--patch-size") + 1: cmd.index("--patch-size") + 4] == ["32", "32", "32"]
-    assert cmd[-1] == "--resume"
-    assert TrainSettings.from_dict({"patch_size": [16, 16, 16], "junk": 1}).patch_size == (16, 16, 16)
+def _sgrs(cmd):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_the_panel_starts_sgrs_train_with_a_settings_file_not_options(tiny_cohort, tmp_path):
+    """The panel's settings reach a real ``sgrs train`` through ``--config FILE``: the command names
+    folders only, the file lies beside the run (whose folder stays empty, so sgrs takes it as a new
+    run), and the run trains with the panel's values and TrainConfig's defaults for the rest. A
+    retrain (resume with more steps) rewrites the file and the run goes on to the new total."""
+    from napari_sgrs.core.events import EventKind, read_events
+
+    project = Project.create(tmp_path / "proj")
+    settings = panel_config(dict(iterations=2, patch_size=(16, 16, 16), base_filters=2, device="cpu",
+                                 checkpoint_every=1, seed=5))
+    run = RunFolder(project.new_run(settings))
+    path = project.write_settings_file(run.path, settings)
+    assert path.parent == project.runs_dir and list(run.path.iterdir()) == []
+    run.check_output(resume=False)
+    cmd = train_command(tiny_cohort.images_tr, tiny_cohort.labels_tr, run.path, path)
+    assert cmd[cmd.index("--config") + 1] == str(path)
+    assert not {s.flag for s in SETTINGS.values()} & set(cmd), "a setting spelt out as an option"
+    _sgrs(cmd)
+    saved = run.read_config()
+    assert {k: saved[k] for k in PANEL_SETTINGS if k not in ("batch_size", "labeled_batch_size")} == \
+        dict(method="sgrs", iterations=2, patch_size=[16, 16, 16], base_filters=2, device="cpu", seed=5,
+             ignore_index=IGNORE_INDEX, checkpoint_every=1)
+    assert (saved["lr"], saved["gate"], saved["pseudo_anchor"]) == (TrainConfig.lr, TrainConfig.gate,
+                                                                     TrainConfig.pseudo_anchor)
+
+    settings.iterations = project.last_step(run.path) + 2     # as the panel's Retrain does
+    path = project.write_settings_file(run.path, settings)
+    _sgrs(train_command(tiny_cohort.images_tr, tiny_cohort.labels_tr, run.path, path, resume=True))
+    assert run.read_config()["iterations"] == 4
+    assert read_events(run.events)[-1].kind is EventKind.FINISHED and project.last_step(run.path) == 4
+
+
+def test_a_project_of_an_earlier_version_opens_with_its_settings(tmp_path):
+    """project.json as earlier versions wrote it (the panel's TrainSettings: None for the engine's
+    default, and keys this version may not know) opens with the same settings, and its settings
+    file gives sgrs exactly the values set."""
+    project = _project_with_cases(tmp_path)
+    project.data["settings"] = {"method": "mean-teacher", "iterations": 500, "patch_size": [32, 32, 32],
+                                "base_filters": 8, "batch_size": None, "labeled_batch_size": None,
+                                "device": "cpu", "seed": 7, "ignore_index": 255, "checkpoint_every": None,
+                                "junk": 1}
+    project.save()
+    project.close()
+    with Project.open(project.root) as again:
+        settings = again.settings()
+        assert (settings.method, settings.iterations, settings.patch_size, settings.base_filters, settings.device,
+                settings.seed) == ("mean-teacher", 500, (32, 32, 32), 8, "cpu", 7)
+        assert settings.batch_size is None and settings.checkpoint_every == TrainConfig.checkpoint_every
+        path = again.write_settings_file(again.runs_dir / "run-001", settings)
+        assert read_config_file(path) == dict(method="mean-teacher", iterations=500, patch_size=(32, 32, 32),
+                                              base_filters=8, device="cpu", seed=7, ignore_index=255,
+                                              checkpoint_every=TrainConfig.checkpoint_every)
 
 
 def test_update_label_keeps_provenance_of_unchanged_voxels(tmp_path):
@@ -307,7 +363,7 @@ def test_new_run_never_trains_into_an_existing_folder(tmp_path):
     project = _project_with_cases(tmp_path)
     (project.runs_dir / "run-001").mkdir(parents=True)     # e.g. `sgrs train --out runs/run-001` by hand
     (project.runs_dir / "run-001" / "mine.txt").write_text("not sgrs's")
-    run = project.new_run(TrainSettings())
+    run = project.new_run(panel_config())
     assert run.name == "run-002" and list(run.iterdir()) == []
     assert project.current_run == run
 
@@ -330,7 +386,7 @@ events.write(json.dumps({"kind": "stopped", "step": 3, "time": time.time()}) + "
 
 def test_a_run_held_by_another_process_is_followed_and_stopped(tmp_path):
     project = _project_with_cases(tmp_path)
-    run = RunFolder(project.new_run(TrainSettings()))
+    run = RunFolder(project.new_run(panel_config()))
     child = _child(_FAKE_TRAINER, run.path)
     try:
         trainer = TrainerProcess(run.path, run.holder())
@@ -345,7 +401,7 @@ def test_a_run_held_by_another_process_is_followed_and_stopped(tmp_path):
 
 def test_a_trainer_killed_without_a_word_is_reported_as_failed(tmp_path):
     project = _project_with_cases(tmp_path)
-    run = RunFolder(project.new_run(TrainSettings()))
+    run = RunFolder(project.new_run(panel_config()))
     child = _child(_FAKE_TRAINER, run.path)
     try:
         trainer = TrainerProcess(run.path, run.holder())
