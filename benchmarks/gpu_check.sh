@@ -69,25 +69,26 @@ T_TRAIN=$(date +%s)
 STEPS="$STEPS" WINDOW="$WINDOW" T_START="$T_START" T_TRAIN="$T_TRAIN" SMOKE="$SMOKE" \
 "$PY" - "$WORK/run/events.jsonl" <<'EOF'
 import json, os, sys, time
-events = [json.loads(line) for line in open(sys.argv[1])]
-prog = [e for e in events if e["kind"] == "progress"]
-started = next(e for e in events if e["kind"] == "started")
-assert events[-1]["kind"] == "finished", f"run did not finish: last event {events[-1]}"
+from napari_sgrs.core.events import EventKind, read_events
+events = read_events(sys.argv[1])
+prog = [e for e in events if e.kind is EventKind.PROGRESS]
+started = next(e for e in events if e.kind is EventKind.STARTED)
+assert events[-1].kind is EventKind.FINISHED, f"run did not finish: last event {events[-1]}"
 n = min(int(os.environ["WINDOW"]), len(prog) // 3)
-first = sum(e["loss_sup"] for e in prog[:n]) / n
-last = sum(e["loss_sup"] for e in prog[-n:]) / n
+first = sum(e.data["loss_sup"] for e in prog[:n]) / n
+last = sum(e.data["loss_sup"] for e in prog[-n:]) / n
 # steps/s after the first 10% (cuDNN autotuning, worker start-up, allocator warm-up)
 k = max(1, len(prog) // 10)
-rate = (prog[-1]["step"] - prog[k]["step"]) / max(prog[-1]["time"] - prog[k]["time"], 1e-9)
+rate = (prog[-1].step - prog[k].step) / max(prog[-1].time - prog[k].time, 1e-9)
 result = {
-    "device": started["device"], "steps": prog[-1]["step"], "patch_size": started["patch_size"],
+    "device": started.data["device"], "steps": prog[-1].step, "patch_size": started.data["patch_size"],
     "loss_sup_first": round(first, 4), "loss_sup_last": round(last, 4), "loss_falls": last < first,
-    "loss_total_first": round(sum(e["loss"] for e in prog[:n]) / n, 4),
-    "loss_total_last": round(sum(e["loss"] for e in prog[-n:]) / n, 4),
+    "loss_total_first": round(sum(e.data["loss"] for e in prog[:n]) / n, 4),
+    "loss_total_last": round(sum(e.data["loss"] for e in prog[-n:]) / n, 4),
     "steps_per_s": round(rate, 2),
-    "first_step_s": round(prog[0]["time"] - started["time"], 1),  # start-up (and compilation with --compile)
+    "first_step_s": round(prog[0].time - started.time, 1),  # start-up (and compilation with --compile)
     # CUDA: torch.cuda.max_memory_allocated; CPU smoke: the process's peak RSS
-    "peak_memory_mb": round(prog[-1]["memory_mb"], 1),
+    "peak_memory_mb": round(prog[-1].data["memory_mb"], 1),
     "projected_15000_steps_min": round(15000 / rate / 60, 1),
     "train_wall_s": round(time.time() - int(os.environ["T_TRAIN"]), 1),
     "script_wall_s": round(time.time() - int(os.environ["T_START"]), 1),

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("train_args", nargs="*", help="extra `sgrs train` arguments (after --)")
     args = p.parse_args(argv)
 
+    from napari_sgrs.core.codes import Region
     from napari_sgrs.core.demo import make_demo_cohort
     from napari_sgrs.core.io import read_volume
 
@@ -72,8 +73,7 @@ def main(argv=None) -> int:
         pred = read_volume(pseudo / f"{name}.nii.gz").array
         regions = read_volume(pseudo / "regions" / f"{name}.nii.gz").array
         dices[name] = dice(pred, truth)
-        region_share[name] = {k: float((regions == c).mean()) for c, k in
-                              ((1, "disregarded"), (2, "consistent"), (3, "inconsistent"))}
+        region_share[name] = {r.key: float((regions == r).mean()) for r in Region.shown()}
     config = json.loads((run / "config.json").read_text())["config"]
     result = {
         "machine": f"{_cpu_name()}, {os.cpu_count()} cores", "load_before": [round(x, 2) for x in load_before],

@@ -417,6 +417,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          f"folder (nothing was changed)")
     if root.is_dir():
         check_json_output(root / "evaluation.json", {})
+        for out in (root / "pred_test", root / "pseudo"):  # checked before anything is made
+            _check_only_sgrs_files(out, "another demo folder")
     cohort = make_demo_cohort(root / "data", kind="blob", n_cases=8, n_labeled=4, n_test=4,
                               shape=(48, 48, 48), seed=args.seed, overwrite=True)
     if run.path.exists():
@@ -437,6 +439,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(report.format_table())
     print(f"\npseudo labels and synergy regions of the unlabeled volumes: {root / 'pseudo'}")
     return 0
+
+
+def _check_only_sgrs_files(folder: Path, choose: str) -> None:
+    """Refuse a prediction folder holding a file that sgrs predict did not write (or that was
+    edited since), before a long job that would end by refusing to replace it."""
+    from .core.outputs import MANIFEST_NAME, WrittenFiles
+
+    if not folder.is_dir():
+        return
+    written = WrittenFiles(folder, "sgrs predict")
+    for path in sorted(folder.rglob("*")):
+        if path.name != MANIFEST_NAME and (path.is_file() or path.is_symlink()) and not written.owns(path):
+            raise InputError(f"{path} is not a file sgrs wrote (or was changed since); move it away or choose "
+                             f"{choose} (nothing was changed)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The system packages napari needs on a machine without a display: Xvfb (a virtual screen),
-# Mesa (OpenGL for napari's canvas) and the xcb libraries Qt loads. One list, used by
-# `make test`, `make demo` and .ci/run alike.
+# Mesa (OpenGL for napari's canvas), the xcb libraries Qt loads and GLib (QtCore links it; the
+# PyQt6 wheels bundle Qt but not these). One list, used by `make test`, `make demo` and .ci/run alike.
 #
 #   scripts/system_deps.sh missing   print the missing packages (nothing when all are there)
 #   scripts/system_deps.sh install   install what is missing when this user can (root, or
@@ -13,7 +13,7 @@ set -uo pipefail
 PACKAGES=(xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1
   libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0
   libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 libxcb-xfixes0 libxcb-shape0
-  libxcb-cursor0 libdbus-1-3 libfontconfig1)
+  libxcb-cursor0 libdbus-1-3 libfontconfig1 libglib2.0-0)
 
 missing() {
   if command -v dpkg-query >/dev/null 2>&1; then

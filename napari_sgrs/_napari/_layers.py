@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_sgrs.core.project import (REGION_COLORS, REGION_NONE, case_name, geometry_from_dict,
-                                      geometry_to_dict)
+from napari_sgrs.core.codes import Region
+from napari_sgrs.core.project import case_name, geometry_from_dict, geometry_to_dict
 
 META_KEY = "sgrs"
 LABEL_SUFFIX = " label"
@@ -62,11 +62,9 @@ def regions_colormap():
     (most of a volume) are drawn faintly so the image and the regions to review stay visible."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    from napari_sgrs.core.project import REGION_CONSISTENT
-
-    colors = {REGION_NONE: "transparent", None: "transparent"}
-    colors.update(REGION_COLORS)
-    colors[REGION_CONSISTENT] = REGION_COLORS[REGION_CONSISTENT] + "40"  # 25 % alpha
+    colors = {int(region): region.colour for region in Region}
+    colors[None] = "transparent"  # values outside the codes
+    colors[int(Region.CONSISTENT)] = Region.CONSISTENT.colour + "40"  # 25 % alpha
     return DirectLabelColormap(color_dict=colors)
 
 

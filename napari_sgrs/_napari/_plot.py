@@ -5,6 +5,8 @@ from __future__ import annotations
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 
+from napari_sgrs.core.codes import Region
+
 
 class TrainingPlot(FigureCanvasQTAgg):
     """Loss (left axis) and, on the right axis (0..1), validation Dice and the shares of
@@ -27,8 +29,10 @@ class TrainingPlot(FigureCanvasQTAgg):
         (self._loss_line,) = self.ax.plot([], [], color="#0072B2", lw=1.2, label="loss")
         (self._dice_line,) = self.ax_dice.plot([], [], color="#E69F00", marker="o", ms=3, lw=1.2,
                                                label="val Dice")
-        (self._dis_line,) = self.ax_dice.plot([], [], color="#999999", lw=1, ls="--", label="disregarded")
-        (self._inc_line,) = self.ax_dice.plot([], [], color="#D55E00", lw=1, ls="--", label="inconsistent")
+        (self._dis_line,) = self.ax_dice.plot([], [], color=Region.DISREGARDED.colour, lw=1, ls="--",
+                                              label=Region.DISREGARDED.key)
+        (self._inc_line,) = self.ax_dice.plot([], [], color=Region.INCONSISTENT.colour, lw=1, ls="--",
+                                              label=Region.INCONSISTENT.key)
         self.ax_dice.legend(fontsize=6, loc="upper right", frameon=False)
         self.ax.set_xlabel("step", fontsize=8)
         self.ax.set_ylabel("loss", fontsize=8, color="#0072B2")

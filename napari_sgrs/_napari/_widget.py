@@ -27,12 +27,12 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog
                             QMessageBox, QProgressBar, QPushButton, QScrollArea, QSpinBox, QTableWidget,
                             QVBoxLayout, QWidget)
 
+from napari_sgrs.core.codes import IGNORE_INDEX, Region
 from napari_sgrs.core.errors import SGRSError
-from napari_sgrs.core.events import read_events
+from napari_sgrs.core.events import Event, EventFollower, EventKind
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.core.project import (IGNORE_INDEX, REGION_COLORS, REGION_NAMES, Job, Project,
-                                      ReviewQueue, TrainerProcess, TrainSettings, largest_region, mark_unpainted_slices, predict_command,
-                                      train_command)
+from napari_sgrs.core.project import (Job, Project, ReviewQueue, TrainerProcess, TrainSettings, largest_region,
+                                      mark_unpainted_slices, predict_command, train_command)
 
 from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
                       layer_data_from_volume, layer_meta, sgrs_meta)
@@ -72,7 +72,7 @@ class SGRSTrainWidget(QWidget):
         self.predict_job: Job | None = None
         self._predict_step = 0
         self._pending_predict_step: int | None = None
-        self._events_offset = 0
+        self._events: EventFollower | None = None  # the current run's events.jsonl
         self._error_shown = False
         self._total = 0
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgrs-load")
@@ -84,7 +84,7 @@ class SGRSTrainWidget(QWidget):
         self._dirty: set[str] = set()        # cases with edits not yet accepted
         self._journaled: dict[str, np.ndarray] = {}  # case -> the data its last autosave wrote
         self._watched: set[int] = set()
-        self.last_event: dict[str, Any] = {}
+        self.last_event: Event | None = None
         self._label_choice: dict[str, str] = {}
         self._ui_steps: list = []  # layer updates waiting for their event-loop turn  # image layer -> Labels layer the user picked
         self.gpu = detect_gpu()
@@ -210,16 +210,17 @@ class SGRSTrainWidget(QWidget):
         box = QGroupBox("Review pseudo labels")
         lay = QVBoxLayout(box)
         legend = QHBoxLayout()
-        for value, name in REGION_NAMES.items():
-            swatch = QLabel(f"■ {name}")
-            swatch.setStyleSheet(f"color: {REGION_COLORS[value]}; font-weight: bold;")
-            swatch.setObjectName(f"legend_{name}")
+        for region in Region.shown():
+            swatch = QLabel(f"■ {region.key}")
+            swatch.setStyleSheet(f"color: {region.colour}; font-weight: bold;")
+            swatch.setToolTip(region.legend)
+            swatch.setObjectName(f"legend_{region.key}")
             legend.addWidget(swatch)
         lay.addLayout(legend)
         self.queue_list = QListWidget()
-        self.queue_list.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.queue_list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.queue_list.setMinimumHeight(90)
-        self.queue_list.itemDoubleClicked.connect(lambda item: self.show_case(item.data(Qt.UserRole), focus=True))
+        self.queue_list.itemDoubleClicked.connect(lambda item: self.show_case(item.data(Qt.ItemDataRole.UserRole), focus=True))
         lay.addWidget(QLabel("worst first (share of inconsistent + disregarded voxels):"))
         lay.addWidget(self.queue_list)
         row = QHBoxLayout()
@@ -393,7 +394,7 @@ class SGRSTrainWidget(QWidget):
             self.project.close()  # opening the panel's own project again: its lock is ours to pass on
         project = Project.open(folder)
         self.set_project(project)
-        self.last_event = {}
+        self.last_event = None
         for entry in project.images:
             if self.layer_for(entry.name, "image") is None:
                 self._add(layer_data_from_volume(read_volume(project.image_path(entry.name)), "image",
@@ -403,7 +404,7 @@ class SGRSTrainWidget(QWidget):
                 self._add(layer_data_from_volume(read_volume(label_path), "label", entry.name + LABEL_SUFFIX))
         self.apply_settings(project.settings())
         if project.current_run is not None:
-            self._events_offset = 0
+            self._events = EventFollower(RunFolder(project.current_run).events)
             self.plot.clear_data()
             self._read_new_events(initial=True)
         if project.prediction_dir is not None:
@@ -417,7 +418,7 @@ class SGRSTrainWidget(QWidget):
                     self, "Recover edits?",
                     f"{len(pending)} volume(s) have label edits that were not accepted: "
                     f"{', '.join(e.name for e in pending)}. Recover them?")
-                recover = answer == QMessageBox.Yes
+                recover = answer == QMessageBox.StandardButton.Yes
             if recover:
                 self.recover_journal()
         self.refresh_table()
@@ -436,7 +437,8 @@ class SGRSTrainWidget(QWidget):
                                       f"{holder.get('started', 'earlier')}): following it; Stop stops it")
             self.poll_timer.start()
             return
-        if self.last_event.get("kind") in ("finished", None) or self.project.last_checkpoint(run) is None:
+        if self.last_event is None or self.last_event.kind is EventKind.FINISHED \
+                or self.project.last_checkpoint(run) is None:
             return
         step = self.project.last_step(run)
         message = (f"{run.name} is not running and did not finish; Resume continues it from its last "
@@ -577,8 +579,7 @@ class SGRSTrainWidget(QWidget):
         # process holds (say `sgrs train --resume` from a terminal); the holder is named.
         RunFolder(run).check_output(resume=resume)
         cmd = train_command(project.images_dir, project.labels_dir, run, settings, resume=resume)
-        events = Path(run) / "events.jsonl"
-        self._events_offset = events.stat().st_size if (resume and events.exists()) else 0
+        self._events = EventFollower(RunFolder(run).events, from_end=resume)
         if not resume:
             self.plot.clear_data()
         self._error_shown = False
@@ -629,44 +630,48 @@ class SGRSTrainWidget(QWidget):
         run = self.project.current_run if self.project else None
         if run is None:
             return
-        events, self._events_offset = read_events(Path(run) / "events.jsonl", self._events_offset)
-        for event in events:
+        path = RunFolder(run).events
+        if self._events is None or self._events.path != path:
+            self._events = EventFollower(path)  # another run than the one followed: read it whole
+        for event in self._events.poll():
             self.handle_event(event, replay=initial)
 
-    def handle_event(self, event: dict, replay: bool = False) -> None:
-        """Update the panel from one trainer event (see ``core/events.py``)."""
-        kind, step = event.get("kind"), int(event.get("step", 0))
+    def handle_event(self, event: Event, replay: bool = False) -> None:
+        """Update the panel from one trainer event (see ``core/events.py``); ``replay``: an event
+        of the past, read on reopening a project, that starts nothing and shows no error."""
+        step, data = event.step, event.data
         self.last_event = event
-        if kind == "started":
-            self._total = int(event.get("total", self._total) or self._total)
-            self.status_label.setText(f"training on {event.get('device', '?')} ...")
-        elif kind == "progress":
-            total = int(event.get("total") or self._total or 1)
-            self._total = total
-            self.progress.setValue(int(100 * min(step, total) / max(total, 1)))
-            if "loss" in event:
-                self.plot.add_loss(step, float(event["loss"]))
-            eta = event.get("eta_s")
-            mem = event.get("memory_mb")
-            self.status_label.setText(
-                f"step {step}/{total} · loss {float(event.get('loss', float('nan'))):.4f} · "
-                f"ETA {_fmt_seconds(eta)} · {event.get('device', '?')}"
-                + (f" · {float(mem):.0f} MB" if mem is not None else ""))
-        elif kind == "validation" and event.get("dice") is not None:
-            self.plot.add_dice(step, float(event["dice"]))
-        elif kind == "regions" and event.get("scope") == "batch":
-            self.plot.add_regions(step, float(event.get("disregarded", 0.0)), float(event.get("inconsistent", 0.0)))
-        elif kind == "checkpoint" and not replay:
-            self.request_predict(step)
-        elif kind == "stopped":
-            self.status_label.setText(f"stopped at step {step}; checkpoint saved (Resume continues)")
-        elif kind == "finished":
-            self.progress.setValue(100)
-            self.status_label.setText(f"finished at step {step}")
-        elif kind == "error" and not replay:
-            self._error_shown = True
-            show_error(f"training failed: {event.get('message', 'unknown error')}")
-            self.status_label.setText(f"error: {event.get('message', '')}")
+        match event.kind:
+            case EventKind.STARTED:
+                self._total = int(data.get("total") or self._total)
+                self.status_label.setText(f"training on {data.get('device', '?')} ...")
+            case EventKind.PROGRESS:
+                total = int(data.get("total") or self._total or 1)
+                self._total = total
+                self.progress.setValue(int(100 * min(step, total) / max(total, 1)))
+                if "loss" in data:
+                    self.plot.add_loss(step, float(data["loss"]))
+                mem = data.get("memory_mb")
+                self.status_label.setText(
+                    f"step {step}/{total} · loss {float(data.get('loss', float('nan'))):.4f} · "
+                    f"ETA {_fmt_seconds(data.get('eta_s'))} · {data.get('device', '?')}"
+                    + (f" · {float(mem):.0f} MB" if mem is not None else ""))
+            case EventKind.VALIDATION if data.get("dice") is not None:
+                self.plot.add_dice(step, float(data["dice"]))
+            case EventKind.REGIONS if data.get("scope") == "batch":
+                self.plot.add_regions(step, float(data.get(Region.DISREGARDED.key, 0.0)),
+                                      float(data.get(Region.INCONSISTENT.key, 0.0)))
+            case EventKind.CHECKPOINT if not replay:
+                self.request_predict(step)
+            case EventKind.STOPPED:
+                self.status_label.setText(f"stopped at step {step}; checkpoint saved (Resume continues)")
+            case EventKind.FINISHED:
+                self.progress.setValue(100)
+                self.status_label.setText(f"finished at step {step}")
+            case EventKind.ERROR if not replay:
+                self._error_shown = True
+                show_error(f"training failed: {data.get('message', 'unknown error')}")
+                self.status_label.setText(f"error: {data.get('message', '')}")
 
     def _check_train_job(self) -> None:
         job = self.train_job
@@ -813,7 +818,7 @@ class SGRSTrainWidget(QWidget):
         self.queue_list.clear()
         for it in self.queue.items:
             item = QListWidgetItem(f"{it.name}   {100 * it.score:.1f}%  (inconsistent {100 * it.inconsistent:.1f}%)")
-            item.setData(Qt.UserRole, it.name)
+            item.setData(Qt.ItemDataRole.UserRole, it.name)
             self.queue_list.addItem(item)
 
     # ------------------------------------------------------------------ review / correction
@@ -825,7 +830,7 @@ class SGRSTrainWidget(QWidget):
             return None
         self.show_case(item.name, focus=True)
         for row in range(self.queue_list.count()):
-            if self.queue_list.item(row).data(Qt.UserRole) == item.name:
+            if self.queue_list.item(row).data(Qt.ItemDataRole.UserRole) == item.name:
                 self.queue_list.setCurrentRow(row)
         return item.name
 
@@ -863,7 +868,7 @@ class SGRSTrainWidget(QWidget):
     def export(self, out_dir: str | Path | None = None, names: list[str] | None = None) -> list[Path]:
         project = self.ensure_project()
         if names is None and self.export_selected_check.isChecked():
-            names = [i.data(Qt.UserRole) for i in self.queue_list.selectedItems()] or None
+            names = [i.data(Qt.ItemDataRole.UserRole) for i in self.queue_list.selectedItems()] or None
         if names is None:
             names = [n for n in project.case_names()
                      if project.label_path(n).exists() or project.prediction_files(n).get("label")]

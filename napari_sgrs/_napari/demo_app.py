@@ -12,10 +12,19 @@ of the panel alone). Exit code 0 on success, 1 if the loop did not finish in ``-
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def prefer_qt6() -> None:
+    """Run on PyQt6 where it is installed beside PyQt5 (an environment made before the napari extra
+    moved to PyQt6): qtpy would pick PyQt5, which napari deprecates. An explicit QT_API wins."""
+    if "QT_API" not in os.environ and importlib.util.find_spec("PyQt6") is not None:
+        os.environ["QT_API"] = "pyqt6"
 
 
 def build_viewer(project_dir: Path | None, shape: int, n_cases: int, n_labeled: int, show: bool = True):
@@ -66,7 +75,7 @@ def run_headless(args) -> int:
     for _ in range(20):
         app.processEvents()
         time.sleep(0.02)
-    try:  # toasts (e.g. napari's PyQt5 deprecation notice) would cover the canvas
+    try:  # toasts (napari's notices) would cover the canvas
         from napari._qt.dialogs.qt_notification import NapariQtNotification
 
         for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
@@ -101,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
+    prefer_qt6()
     if args.headless_screenshot:
         return run_headless(args)
     import napari

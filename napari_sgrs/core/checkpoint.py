@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,11 @@ def _load_pickle_weights_only(path: Path, digest: str) -> Checkpoint:
     import pickle
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch notes any pickle protocol but its own (2); the file is taken as plain tensors or
+            # refused below in one line, and the note would print ahead of that line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
         raise CheckpointError(
             f"{path}: refused: this pickle checkpoint holds objects that would run code when loaded "

@@ -3,6 +3,12 @@
 The trainer appends one JSON object per line to ``RUN/events.jsonl`` and flushes it, so a
 separate process (the napari panel) can follow a run by reading new lines. Every event has
 ``kind``, ``step`` and ``time`` (unix seconds); the other fields depend on the kind.
+
+Reading gives back the :class:`Event` that was written, equal field for field:
+:func:`read_events` reads a whole file, :class:`EventFollower` the lines appended since its
+last call. A file from another version of sgrs still reads: fields this version does not know
+stay in :attr:`Event.data`, and a kind it does not know reads as :attr:`EventKind.UNKNOWN`.
+A line that is not an event (torn by a writer killed mid-line) is skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ class EventKind(str, Enum):
     STOPPED = "stopped"        # reason; a checkpoint was written first
     FINISHED = "finished"      # path of the final checkpoint
     ERROR = "error"            # message (one line)
+    #: Read back only, never written: a kind this version does not know (say, from a newer
+    #: trainer). Its name stays in ``data["kind"]``, so writing the event again keeps it.
+    UNKNOWN = "unknown"
+
+
+#: The fields every event has; the rest of a line is the kind's own data.
+_COMMON = ("kind", "step", "time")
 
 
 @dataclass
@@ -36,17 +49,36 @@ class Event:
     time: float = field(default_factory=time.time)
 
     def to_json(self) -> str:
-        payload = {"kind": self.kind.value, "step": self.step, "time": round(self.time, 3)}
-        payload.update(self.data)
+        payload: dict[str, Any] = {"kind": self.kind.value, "step": self.step, "time": round(self.time, 3)}
+        if self.kind is EventKind.UNKNOWN and "kind" in self.data:
+            payload["kind"] = self.data["kind"]
+        payload.update((k, v) for k, v in self.data.items() if k not in _COMMON)
         return json.dumps(payload, default=_jsonable)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Event":
-        d = dict(d)
-        kind = EventKind(d.pop("kind"))
-        step = int(d.pop("step", 0))
-        t = float(d.pop("time", 0.0))
-        return cls(kind=kind, step=step, data=d, time=t)
+        """The event of one parsed line. Raises ValueError for what is no event (not an object,
+        a step or time that is not a number); an unknown kind reads as :attr:`EventKind.UNKNOWN`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an event is a JSON object, not {type(d).__name__}")
+        data = {k: v for k, v in d.items() if k not in _COMMON}
+        name = d.get("kind")
+        try:
+            kind = EventKind(name)
+        except ValueError:
+            kind = EventKind.UNKNOWN
+            if "kind" in d:
+                data["kind"] = name
+        try:
+            step, t = int(d.get("step", 0)), float(d.get("time", 0.0))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"bad step or time in an event: {exc}") from None
+        return cls(kind=kind, step=step, data=data, time=t)
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> "Event":
+        """The event of one line of ``events.jsonl``; ValueError if it is none (a torn line)."""
+        return cls.from_dict(json.loads(line))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -65,12 +97,22 @@ class EventWriter:
     def __init__(self, path: Path | None, listeners: list | None = None):
         self.path = Path(path) if path is not None else None
         self.listeners = list(listeners or [])
-        self._fh = open(self.path, "a", encoding="utf-8") if self.path is not None else None
+        self._fh = None
+        if self.path is not None:
+            torn = _ends_without_newline(self.path)
+            self._fh = open(self.path, "a", encoding="utf-8")
+            if torn:
+                # A writer killed mid-line left a fragment: end it, so that this run's first event
+                # is a line of its own instead of the unreadable tail of that fragment.
+                self._fh.write("\n")
 
     def emit(self, kind: EventKind, step: int, **data: Any) -> Event:
-        event = Event(kind=kind, step=step, data=data)
+        """Write one event and hand it to the listeners. The event handed on is the one a reader
+        of the file gets back (JSON types, time to the millisecond), so both see the same."""
+        line = Event(kind=kind, step=step, data=data).to_json()
+        event = Event.from_json(line)
         if self._fh is not None:
-            self._fh.write(event.to_json() + "\n")
+            self._fh.write(line + "\n")
             self._fh.flush()
         for listener in self.listeners:
             listener(event)
@@ -82,28 +124,67 @@ class EventWriter:
             self._fh = None
 
 
-def read_events(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Read the complete lines appended since byte ``offset``; returns (events, new offset).
+def _ends_without_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
-    A partly written last line is left for the next call, so a reader polling a live run never
-    sees half an event.
-    """
-    path = Path(path)
-    if not path.exists():
-        return [], offset
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        chunk = fh.read()
-    end = chunk.rfind(b"\n")
-    if end < 0:
-        return [], offset
+
+def _parse_lines(chunk: bytes) -> list[Event]:
     events = []
-    for line in chunk[: end + 1].splitlines():
-        line = line.strip()
-        if not line:
+    for line in chunk.splitlines():
+        if not line.strip():
             continue
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn line from a killed writer: skip it, keep following
-    return events, offset + end + 1
+            events.append(Event.from_json(line))
+        except ValueError:  # json's decode errors are ValueErrors too
+            continue  # a torn line from a killed writer: skip it, keep reading
+    return events
+
+
+def read_events(path: str | os.PathLike) -> list[Event]:
+    """Every event in an ``events.jsonl`` ([] when there is no such file).
+
+    Only complete lines count: a last line without its newline is being written, or was torn by
+    a writer killed mid-line, and is not an event yet."""
+    return EventFollower(path).poll()
+
+
+class EventFollower:
+    """Follows a growing ``events.jsonl``: each :meth:`poll` returns the events appended since
+    the last one. A partly written last line is left for the next poll, so a reader polling a
+    live run never sees half an event.
+
+    ``from_end``: start at the file's current end (follow a resumed run's new events only).
+    """
+
+    def __init__(self, path: str | os.PathLike, from_end: bool = False):
+        self.path = Path(path)
+        self.offset = 0
+        if from_end:
+            try:
+                self.offset = self.path.stat().st_size
+            except FileNotFoundError:
+                pass
+
+    def poll(self) -> list[Event]:
+        try:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self.offset:
+                    self.offset = 0  # a new file in its place: read it from the start
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        return _parse_lines(chunk[: end + 1])

@@ -24,10 +24,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .codes import Region
 from .data import nan_mask, normalise, pad_to
 from .errors import CheckpointError, ConfigError, InputError, InputWarning
 from .postprocess import keep_largest_component, resolve_largest_component
-from .sgrs import PAPER_TAU, REGION_NONE, synergy_regions
+from .sgrs import PAPER_TAU, synergy_regions
 
 INFERENCE_MIX_LAMBDA = 0.75
 
@@ -94,7 +95,7 @@ class Prediction:
 
     label: np.ndarray                 # uint8 argmax
     probability: np.ndarray           # float32, 1 - p(background): the foreground probability
-    regions: np.ndarray | None = None  # uint8 REGION_* codes, with regions=True
+    regions: np.ndarray | None = None  # uint8 Region codes, with regions=True
     probabilities: np.ndarray | None = None  # (K, D, H, W) float32, only with keep_probabilities
 
 
@@ -226,7 +227,7 @@ class Predictor:
             reg = synergy_regions(prob[None], prob_mix[crop][None], self.tau)
             out.regions = reg.as_map()[0].cpu().numpy()
             if missing is not None:
-                out.regions[missing] = REGION_NONE
+                out.regions[missing] = Region.NONE
         if keep_probabilities:
             out.probabilities = prob.cpu().numpy()
         return out

@@ -133,6 +133,17 @@ class Geometry:
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "origin", _float_tuple(self.origin, 3, "origin"))
         object.__setattr__(self, "direction", _float_tuple(self.direction, 9, "direction"))
+        # Each array axis needs a unit world direction (a sheared but unit-column direction, as
+        # from a gantry-tilted CT, is fine); anything else puts the voxels somewhere the spacing
+        # does not say, and writers would place the prediction on another grid.
+        matrix = np.asarray(self.direction).reshape(3, 3)
+        norms = np.linalg.norm(matrix, axis=0)
+        if not np.allclose(norms, 1.0, atol=1e-3) or abs(np.linalg.det(matrix)) < 1e-3:
+            raise InputError(
+                f"invalid geometry: the direction matrix {tuple(round(v, 4) for v in self.direction)}"
+                " is not made of unit axis directions (or is degenerate) - the header's direction /"
+                " TransformMatrix is corrupt; fix it to a rotation"
+            )
         if self.affine_ras is not None:
             flat = _float_tuple(self.affine_ras, 16, "affine_ras")
             object.__setattr__(

@@ -47,7 +47,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_sgrs.core.errors import InputError
-from napari_sgrs.core.project import IGNORE_INDEX  # unannotated voxels; never a class
+from napari_sgrs.core.codes import IGNORE_INDEX  # unannotated voxels; never a class
 
 __all__ = [
     "CaseMetrics",
@@ -298,6 +298,9 @@ def evaluate_folders(
     from napari_sgrs.core.io import _list_volumes, read_volume
 
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    if pred_dir.is_dir() and label_dir.is_dir() and pred_dir.resolve() == label_dir.resolve():
+        raise InputError(f"--pred and --labels are the same folder ({pred_dir}): every case would score a "
+                         f"perfect 1.0 against itself; point --pred at the predictions")
     # the case listing of training and prediction: a folder or broken link named like a volume is
     # refused there rather than skipped, so no case drops out of the evaluation unseen
     preds = _list_volumes(pred_dir, with_series=False)

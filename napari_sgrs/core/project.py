@@ -34,25 +34,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .codes import IGNORE_INDEX, Provenance, Region
 from .errors import InputError
+from .events import Event, EventKind, read_events
 
 PROJECT_FILE = "project.json"
 PROJECT_VERSION = 1
-IGNORE_INDEX = 255  # label value of unannotated voxels; the trainer's --ignore-index default
-
-# Synergy regions as written by ``sgrs predict --regions``.
-REGION_NONE, REGION_DISREGARDED, REGION_CONSISTENT, REGION_INCONSISTENT = 0, 1, 2, 3
-REGION_NAMES = {REGION_DISREGARDED: "disregarded", REGION_CONSISTENT: "consistent",
-                REGION_INCONSISTENT: "inconsistent"}
-# Okabe-Ito colours (colour-blind safe). Disregarded is grey so it reads as "no opinion".
-REGION_COLORS = {REGION_DISREGARDED: "#999999", REGION_CONSISTENT: "#009E73",
-                 REGION_INCONSISTENT: "#D55E00"}
-
-# Voxel provenance of a training label / exported segmentation.
-PROVENANCE_MODEL, PROVENANCE_ACCEPTED, PROVENANCE_HUMAN = 0, 1, 2
-PROVENANCE_NAMES = {PROVENANCE_MODEL: "model_only", PROVENANCE_ACCEPTED: "accepted_pseudo_label",
-                    PROVENANCE_HUMAN: "human_drawn"}
-
 LABEL_SUFFIX = ".nii.gz"
 JOURNAL_SUFFIX = ".npz"      # one autosave file per case: the label array and its metadata
 
@@ -155,22 +142,23 @@ def provenance_for_accept(label: np.ndarray, model_prediction: np.ndarray | None
     """
     label = np.asarray(label)
     if model_prediction is None:
-        prov = np.full(label.shape, PROVENANCE_HUMAN, np.uint8)
+        prov = np.full(label.shape, Provenance.HUMAN_DRAWN, np.uint8)
     else:
         model_prediction = np.asarray(model_prediction)
         if model_prediction.shape != label.shape:
             raise InputError(f"label shape {label.shape} differs from the prediction's {model_prediction.shape}")
-        prov = np.where(label == model_prediction, PROVENANCE_ACCEPTED, PROVENANCE_HUMAN).astype(np.uint8)
+        prov = np.where(label == model_prediction, Provenance.ACCEPTED_PSEUDO_LABEL,
+                        Provenance.HUMAN_DRAWN).astype(np.uint8)
     if previous is not None and np.shape(previous) == label.shape:
-        prov[np.asarray(previous) == PROVENANCE_HUMAN] = PROVENANCE_HUMAN
-    prov[label == ignore_index] = PROVENANCE_MODEL
+        prov[np.asarray(previous) == Provenance.HUMAN_DRAWN] = Provenance.HUMAN_DRAWN
+    prov[label == ignore_index] = Provenance.MODEL_ONLY
     return prov
 
 
 def provenance_counts(provenance: np.ndarray) -> dict[str, int]:
     """Voxel counts per provenance class, keyed by name (model_only, accepted_pseudo_label, human_drawn)."""
-    counts = np.bincount(np.asarray(provenance, dtype=np.uint8).ravel(), minlength=3)
-    return {name: int(counts[value]) for value, name in PROVENANCE_NAMES.items()}
+    counts = np.bincount(np.asarray(provenance, dtype=np.uint8).ravel(), minlength=len(Provenance))
+    return {p.key: int(counts[p]) for p in Provenance}
 
 
 # --------------------------------------------------------------------------- review queue
@@ -195,8 +183,8 @@ class RegionFocus:
 def review_item(name: str, regions: np.ndarray) -> ReviewItem:
     regions = np.asarray(regions)
     n = max(int(regions.size), 1)
-    inc = float(np.count_nonzero(regions == REGION_INCONSISTENT)) / n
-    dis = float(np.count_nonzero(regions == REGION_DISREGARDED)) / n
+    inc = float(np.count_nonzero(regions == Region.INCONSISTENT)) / n
+    dis = float(np.count_nonzero(regions == Region.DISREGARDED)) / n
     return ReviewItem(name=name, score=inc + dis, inconsistent=inc, disregarded=dis)
 
 
@@ -206,7 +194,7 @@ def rank_for_review(regions_by_case: dict[str, np.ndarray]) -> list[ReviewItem]:
     return sorted(items, key=lambda it: (-it.score, -it.inconsistent, it.name))
 
 
-def largest_region(regions: np.ndarray, region: int = REGION_INCONSISTENT) -> RegionFocus | None:
+def largest_region(regions: np.ndarray, region: int = Region.INCONSISTENT) -> RegionFocus | None:
     """The largest 26-connected component of voxels equal to ``region``; None if there is none.
 
     Falls back from inconsistent to disregarded voxels when a case has no inconsistent voxel.
@@ -216,7 +204,7 @@ def largest_region(regions: np.ndarray, region: int = REGION_INCONSISTENT) -> Re
     from .postprocess import largest_component
 
     regions = np.asarray(regions)
-    for value in (region, REGION_DISREGARDED) if region == REGION_INCONSISTENT else (region,):
+    for value in (region, Region.DISREGARDED) if region == Region.INCONSISTENT else (region,):
         mask = regions == value
         if not mask.any():
             continue
@@ -429,7 +417,7 @@ class TrainerProcess:
         stopped, 1 if it failed or vanished without a word (killed)."""
         if self._code is None and self.run.holder() is None:
             last = self._last_event()
-            self._code = 0 if last.get("kind") in ("finished", "stopped") else 1
+            self._code = 0 if last is not None and last.kind in (EventKind.FINISHED, EventKind.STOPPED) else 1
         return self._code
 
     @property
@@ -480,18 +468,16 @@ class TrainerProcess:
         except OSError:
             pass
 
-    def _last_event(self) -> dict:
-        from .events import read_events
-
-        events, _ = read_events(self.run.events)
-        return events[-1] if events else {}
+    def _last_event(self) -> Event | None:
+        events = read_events(self.run.events)
+        return events[-1] if events else None
 
     def error_message(self) -> str:
         last = self._last_event()
-        if last.get("kind") == "error":
-            return str(last.get("message", "unknown error"))
+        if last is not None and last.kind is EventKind.ERROR:
+            return str(last.data.get("message", "unknown error"))
         return (f"the trainer of {self.run_dir.name} (pid {self.pid}) ended without finishing, "
-                f"after step {int(last.get('step', 0))}: it was killed; Resume continues from the last checkpoint")
+                f"after step {last.step if last else 0}: it was killed; Resume continues from the last checkpoint")
 
 
 # --------------------------------------------------------------------------- the project
@@ -786,11 +772,8 @@ class Project:
             return int(json.loads(meta.read_text(encoding="utf-8")).get("step", 0))
         except (OSError, ValueError, AttributeError):
             pass
-        from .events import read_events
-
-        events, _ = read_events(Path(run) / "events.jsonl")
-        steps = [e.get("step", 0) for e in events if e.get("kind") == "checkpoint"]
-        return int(max(steps)) if steps else 0
+        steps = [e.step for e in read_events(Path(run) / "events.jsonl") if e.kind is EventKind.CHECKPOINT]
+        return max(steps, default=0)
 
     # --- prediction for the unlabeled cases
     def prediction_inputs(self) -> Path:
@@ -913,12 +896,12 @@ class Project:
                 prov = provenance_for_accept(seg, None)
             unannotated = seg == IGNORE_INDEX
             seg[unannotated] = np.asarray(pred.array)[unannotated] if pred is not None else 0
-            prov = np.where(unannotated, PROVENANCE_MODEL, prov).astype(np.uint8)
+            prov = np.where(unannotated, Provenance.MODEL_ONLY, prov).astype(np.uint8)
             return seg, prov, vol.geometry
         if pred is None:
             raise InputError(f"case '{name}' has neither a label nor a prediction; train first or label it")
         seg = np.asarray(pred.array).astype(np.uint8)
-        return seg, np.zeros(seg.shape, np.uint8), pred.geometry
+        return seg, np.full(seg.shape, Provenance.MODEL_ONLY, np.uint8), pred.geometry
 
     def export(self, names: Iterable[str] | None = None, out_dir: Path | None = None) -> list[Path]:
         """Write each case's segmentation as NIfTI (and in its source format where writable) with
@@ -949,7 +932,7 @@ class Project:
                 files.append(_write_volume(out_dir / f"{name}{fmt}", seg, geometry))
             sidecar = {"case": name, "source_image": entries[name].source, "files": [Path(f).name for f in files],
                        "geometry": geometry_to_dict(geometry), "provenance": provenance_counts(prov),
-                       "provenance_codes": {str(k): v for k, v in PROVENANCE_NAMES.items()},
+                       "provenance_codes": {str(int(p)): p.key for p in Provenance},
                        "checkpoint": checkpoint_info, "training_settings": settings,
                        "corrections": [c for c in self.data["corrections"] if c["case"] == name]}
             sidecar_path = out_dir / f"{name}.json"

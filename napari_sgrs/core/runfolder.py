@@ -141,9 +141,12 @@ class RunFolder:
             raise ConfigError(f"{p} already holds a run; pass --resume to continue it or choose a new --out")
         if not p.exists() or self.is_run():
             return
+        # A STOP is the panel's (pressed while the trainer started) only beside the panel's log;
+        # a STOP alone is a file of the user's, and this folder is not ours to write in.
+        scratch = set(self.SCRATCH) if (p / self.LOG).is_file() else set(self.SCRATCH) - {self.STOP}
         try:
             others = sorted(e.name for e in p.iterdir()
-                            if e.name not in self.SCRATCH and not is_temp_of(e.name, (self.CONFIG,)))
+                            if e.name not in scratch and not is_temp_of(e.name, (self.CONFIG,)))
         except OSError as exc:
             raise ConfigError(f"--out {p}: cannot list the folder ({exc.strerror}); choose another --out") from exc
         if others:

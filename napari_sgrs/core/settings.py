@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .codes import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError, InputError
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
@@ -174,7 +175,7 @@ class TrainConfig:
                                   "(the --ct-window in HU mapped to [-1, 1]), none", choices=("zscore", "ct", "none"))
     ct_window: tuple[float, float] = _setting((-160.0, 240.0), "data", "with --normalization ct: the window in HU",
                                               metavar=("LOW", "HIGH"))
-    ignore_index: int = _setting(255, "data", "label value meaning 'not annotated': left out of the "
+    ignore_index: int = _setting(IGNORE_INDEX, "data", "label value meaning 'not annotated': left out of the "
                                  "supervised loss")
     num_classes: int | None = _setting(None, "data", "classes incl. background", expert=True,
                                        default_text="from the labels")
@@ -528,4 +529,4 @@ def _check_ignore_is_no_class(ignore: int, k: int, found) -> None:
     else:
         what = f"{ignore} is one of the {k} classes (0..{k - 1})"
     raise ConfigError(f"--ignore-index {ignore}: {what}, so its voxels would never be trained - set "
-                      f"--ignore-index to the value that marks unannotated voxels (default 255)")
+                      f"--ignore-index to the value that marks unannotated voxels (default {IGNORE_INDEX})")

@@ -14,14 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .codes import Region
 from .settings import PAPER_TAU  # the paper's threshold on the entropy (log10 units) of a binary prediction
 
 LOG10_2 = math.log10(2.0)
-
-#: Region codes used in region maps everywhere (files, napari layers, statistics).
-REGION_NONE, REGION_DISREGARDED, REGION_CONSISTENT, REGION_INCONSISTENT = 0, 1, 2, 3
-REGION_NAMES = {REGION_NONE: "none", REGION_DISREGARDED: "disregarded",
-                REGION_CONSISTENT: "consistent", REGION_INCONSISTENT: "inconsistent"}
 
 
 def add_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2,
@@ -86,12 +82,12 @@ class SynergyRegions:
     agree: torch.Tensor  # argmax agreement before disregarded voxels are removed (C of the paper)
 
     def as_map(self) -> torch.Tensor:
-        """uint8 map with REGION_* codes."""
-        out = torch.full(self.disregarded.shape, REGION_NONE, dtype=torch.uint8,
+        """uint8 map of :class:`~.codes.Region` codes."""
+        out = torch.full(self.disregarded.shape, Region.NONE, dtype=torch.uint8,
                          device=self.disregarded.device)
-        out[self.consistent] = REGION_CONSISTENT
-        out[self.inconsistent] = REGION_INCONSISTENT
-        out[self.disregarded] = REGION_DISREGARDED
+        out[self.consistent] = Region.CONSISTENT
+        out[self.inconsistent] = Region.INCONSISTENT
+        out[self.disregarded] = Region.DISREGARDED
         return out
 
     def fractions(self) -> dict[str, float]:

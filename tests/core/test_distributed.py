@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from napari_sgrs.core.checkpoint import load_checkpoint
-from napari_sgrs.core.events import read_events
+from napari_sgrs.core.events import Event, EventKind, read_events
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from tiny import TINY_ARGS  # noqa: E402
@@ -38,8 +38,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _events(run: Path) -> list[dict]:
-    return read_events(run / "events.jsonl")[0]
+def _events(run: Path) -> list[Event]:
+    return read_events(run / "events.jsonl")
 
 
 def test_two_ranks_train_split_the_volumes_and_rank0_writes(tiny_cohort, tmp_path):
@@ -50,11 +50,12 @@ def test_two_ranks_train_split_the_volumes_and_rank0_writes(tiny_cohort, tmp_pat
     # channels-last 1x1x1 kernels would make DDP copy their gradient every step, with a warning
     assert "Grad strides do not match" not in proc.stderr
     events = _events(run)
-    kinds = [e["kind"] for e in events]
+    kinds = [e.kind for e in events]
     # one writer: a single started/finished pair, not one per rank
-    assert kinds.count("started") == 1 and kinds.count("finished") == 1 and kinds[-1] == "finished"
-    assert kinds.count("validation") == 2  # steps 2 and 4, rank 0 only, no deadlock meanwhile
-    started = events[0]
+    assert kinds.count(EventKind.STARTED) == 1 and kinds.count(EventKind.FINISHED) == 1
+    assert kinds[-1] is EventKind.FINISHED
+    assert kinds.count(EventKind.VALIDATION) == 2  # steps 2 and 4, rank 0 only, no deadlock meanwhile
+    started = events[0].data
     assert started["world_size"] == 2
     ranks = started["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["pid"] != ranks[1]["pid"]
@@ -86,8 +87,8 @@ def test_sigterm_to_one_rank_stops_every_rank(tiny_cohort, tmp_path):
         while time.time() < deadline and proc.poll() is None:
             if (run / "events.jsonl").exists():
                 events = _events(run)
-                if any(e["kind"] == "progress" for e in events):
-                    ranks = events[0]["ranks"]
+                if any(e.kind is EventKind.PROGRESS for e in events):
+                    ranks = events[0].data["ranks"]
                     break
             time.sleep(0.2)
         assert ranks is not None, proc.stderr.read()[-3000:] if proc.poll() is not None else "no progress"
@@ -98,9 +99,9 @@ def test_sigterm_to_one_rank_stops_every_rank(tiny_cohort, tmp_path):
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
     events = _events(run)
-    stopped = [e for e in events if e["kind"] == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["reason"] == "stop requested on another rank"
-    assert load_checkpoint(run).meta["step"] == stopped[0]["step"] < 100000
+    stopped = [e for e in events if e.kind is EventKind.STOPPED]
+    assert len(stopped) == 1 and stopped[0].data["reason"] == "stop requested on another rank"
+    assert load_checkpoint(run).meta["step"] == stopped[0].step < 100000
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks only")
@@ -175,7 +176,7 @@ def test_training_with_worker_processes(tiny_cohort, tmp_path):
     result = train(tiny_config(workers=2, iterations=3, val_every=100), cases, tmp_path / "run")
     assert result.step == 3
     started = _events(tmp_path / "run")[0]
-    assert started["workers"] == 2 and started["world_size"] == 1
+    assert started.data["workers"] == 2 and started.data["world_size"] == 1
     # the batches really came from the workers' own generators, not the in-process sampler
     train(tiny_config(workers=0, iterations=3, val_every=100), cases, tmp_path / "inproc")
     a, b = (load_checkpoint(tmp_path / r).tensors for r in ("run", "inproc"))

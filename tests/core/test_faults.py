@@ -29,7 +29,7 @@ import torch
 from napari_sgrs.cli import main
 from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.errors import ResourceError, TrainingDiverged
-from napari_sgrs.core.events import read_events
+from napari_sgrs.core.events import Event, EventFollower, EventKind, read_events
 from napari_sgrs.core.io import Geometry, find_cases, read_volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -76,7 +76,7 @@ KILLS = [
     ("after", 0.2),                  # the interpreter is still starting
     ("after", 1.0),                  # importing torch
     ("writing", "last", 1),          # the very first checkpoint write: no checkpoint yet
-    ("event", "checkpoint", 2),      # just after a complete checkpoint
+    ("event", EventKind.CHECKPOINT, 2),  # just after a complete checkpoint
     ("writing", "config.json", 1),   # resuming: while config.json is rewritten
     ("after", 2.5),                  # wherever the process is by then
     ("writing", "last", 2),
@@ -86,8 +86,11 @@ KILLS = [
 ]
 
 
-def _new_events(run: Path, offset: int) -> list[dict]:
-    return read_events(run / "events.jsonl", offset)[0] if (run / "events.jsonl").exists() else []
+def _new_events(run: Path, offset: int) -> list[Event]:
+    """The events after byte ``offset``: where the file ended when this trainer was started."""
+    follower = EventFollower(run / "events.jsonl")
+    follower.offset = offset
+    return follower.poll()
 
 
 def _write_paused(tmp: Path) -> bool:
@@ -114,10 +117,10 @@ def _wait_and_kill(proc: subprocess.Popen, run: Path, offset: int, when: tuple) 
         if kind == "after" and time.monotonic() - t0 >= when[1]:
             break
         if kind == "started":
-            started = [e for e in events if e["kind"] == "started"]
-            if started and time.time() - started[0]["time"] >= when[1]:
+            started = [e for e in events if e.kind is EventKind.STARTED]
+            if started and time.time() - started[0].time >= when[1]:
                 break
-        if kind == "event" and len([e for e in events if e["kind"] == when[1]]) >= when[2]:
+        if kind == "event" and len([e for e in events if e.kind is when[1]]) >= when[2]:
             break
         if kind == "writing":
             name = when[1] if when[1] == "config.json" else f"{when[1]}.safetensors"
@@ -141,7 +144,7 @@ def _check_after_kill(run: Path, writing: Path | None) -> int | None:
     """The folder is readable; returns the step of the complete last checkpoint (None: none yet)."""
     if (run / "events.jsonl").exists():
         lines = [ln for ln in (run / "events.jsonl").read_bytes().split(b"\n") if ln.strip()]
-        events = read_events(run / "events.jsonl")[0]
+        events = read_events(run / "events.jsonl")
         assert len(events) >= len(lines) - 1  # at most one torn line, and read_events skips it
     else:
         events = []
@@ -151,7 +154,7 @@ def _check_after_kill(run: Path, writing: Path | None) -> int | None:
     for p in (ck_dir.iterdir() if ck_dir.is_dir() else []):
         # only whole checkpoints under their real names; anything else is a hidden .tmp
         assert p.name in ("last.safetensors", "best.safetensors") or TEMP_NAME.match(p.name), p.name
-    last_events = [e["step"] for e in events if e["kind"] == "checkpoint" and not e.get("best")]
+    last_events = [e.step for e in events if e.kind is EventKind.CHECKPOINT and not e.data.get("best")]
     if not (ck_dir / "last.safetensors").exists():
         assert not last_events, "a checkpoint event for a checkpoint that is not there"
         return None
@@ -186,15 +189,15 @@ def test_kill_9_at_ten_moments_never_loses_the_run(tiny_cohort, tmp_path):
             writing = _wait_and_kill(proc, run, offset, when)
             kills_mid_write += writing is not None
         new = _new_events(run, offset)
-        started = [e["step"] for e in new if e["kind"] == "started"]
+        started = [e.step for e in new if e.kind is EventKind.STARTED]
         if started:
             # resumed from the last complete checkpoint, not from scratch and not from a torn file
             assert started[0] == (step if resume else 0), (when, started, step)
         if when is not None:
             step = _check_after_kill(run, writing)
     assert kills_mid_write >= 5
-    events = read_events(run / "events.jsonl")[0]
-    assert events[-1]["kind"] == "finished" and events[-1]["step"] == ITERATIONS
+    last = read_events(run / "events.jsonl")[-1]
+    assert last.kind is EventKind.FINISHED and last.step == ITERATIONS
     assert load_checkpoint(run).meta["step"] == ITERATIONS
     # the resumed trainer swept away the temp files its killed predecessors left
     assert not _temp_files(run, run / "checkpoints")
@@ -227,7 +230,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(trained_run, tiny_co
     assert "\n" not in msg and "disk is full" in msg and "unchanged" in msg and "safetensors" in msg
     assert {p.name: _sha(p) for p in (run / "checkpoints").iterdir()} == before
     assert not _temp_files(run, run / "checkpoints")
-    assert read_events(run / "events.jsonl")[0][-1]["kind"] == "error"
+    assert read_events(run / "events.jsonl")[-1].kind is EventKind.ERROR
     assert {p: _sha(p) for p in tiny_cohort.images_tr.iterdir()} == sources
 
 
@@ -449,8 +452,8 @@ def test_cuda_out_of_memory_is_reported_and_the_checkpoint_kept(trained_run, tin
         T.train(tiny_config(iterations=4), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr), run, resume=True)
     msg = str(info.value)
     assert "\n" not in msg and "out of memory at step 2" in msg and "--batch-size" in msg and "--patch-size" in msg
-    last = read_events(run / "events.jsonl")[0][-1]
-    assert last["kind"] == "error" and last["step"] == 2 and last["message"] == msg
+    last = read_events(run / "events.jsonl")[-1]
+    assert last.kind is EventKind.ERROR and last.step == 2 and last.data["message"] == msg
     assert {p.name: _sha(p) for p in (run / "checkpoints").iterdir()} == before
 
 
@@ -469,7 +472,7 @@ def test_divergence_keeps_the_last_good_checkpoint_byte_for_byte(trained_run, ti
     assert step == 3  # step 2 updates with lr 1e30, step 3's loss is NaN: before the step-4 checkpoint
     # the message names the run and the checkpoint that is really there
     assert msg.startswith(f"{run}:") and f"{run / 'checkpoints' / 'last.safetensors'} (step 2), is kept" in msg
-    error = read_events(run / "events.jsonl")[0][-1]
-    assert error["kind"] == "error" and error["step"] == step and error["message"] == msg
+    error = read_events(run / "events.jsonl")[-1]
+    assert error.kind is EventKind.ERROR and error.step == step and error.data["message"] == msg
     assert {p.name: _sha(p) for p in (run / "checkpoints").iterdir()} == before
     assert load_checkpoint(run).meta["step"] == 2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sgrs.core.codes import Region
 from napari_sgrs.core.infer import Predictor, gaussian_importance, sliding_window, window_starts
-from napari_sgrs.core.sgrs import REGION_CONSISTENT, REGION_DISREGARDED, REGION_INCONSISTENT, REGION_NONE
 from napari_sgrs.core.vnet import VNet
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -73,13 +73,13 @@ def test_region_map_uses_the_region_codes():
     pred = _predictor().predict(np.random.default_rng(1).normal(size=(20, 20, 20)).astype(np.float32),
                                 regions=True)
     codes = set(np.unique(pred.regions).tolist())
-    assert codes <= {REGION_DISREGARDED, REGION_CONSISTENT, REGION_INCONSISTENT}
-    assert REGION_NONE not in codes  # the three regions partition the volume
+    assert codes <= {Region.DISREGARDED, Region.CONSISTENT, Region.INCONSISTENT}
+    assert Region.NONE not in codes  # the three regions partition the volume
     # disregarded where the prediction is uncertain (normalised entropy > tau)
     p = np.clip(1.0 - pred.probability, 1e-12, 1)
     q = np.clip(pred.probability, 1e-12, 1)
     entropy = -(p * np.log10(p) + q * np.log10(q))
-    assert (pred.regions[entropy > 0.296 + 1e-4] == REGION_DISREGARDED).all()
+    assert (pred.regions[entropy > 0.296 + 1e-4] == Region.DISREGARDED).all()
 
 
 def test_regions_need_a_partner_patch():

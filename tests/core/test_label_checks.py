@@ -18,6 +18,7 @@ import pytest
 
 from napari_sgrs.cli import main
 from napari_sgrs.core.errors import SGRSError
+from napari_sgrs.core.events import EventKind, read_events
 from napari_sgrs.core.io import find_cases, read_volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -303,8 +304,8 @@ def test_a_stray_value_is_named_in_the_note_of_a_real_run(tiny_cohort, tmp_path,
     assert len(notes) == 1, notes
     assert "values 0, 1, 2 found" in notes[0] and "training 3 classes" in notes[0]
     assert f"value 2 only in {stray}" in notes[0]
-    started = json.loads((run / "events.jsonl").read_text().splitlines()[0])
-    assert started["kind"] == "started" and "training 3 classes" in started["note"]
+    started = read_events(run / "events.jsonl")[0]
+    assert started.kind is EventKind.STARTED and "training 3 classes" in started.data["note"]
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -23,7 +23,7 @@ def test_core_project_imports_no_qt():
     import subprocess
 
     code = ("import sys, napari_sgrs.core.project as p; "
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('qtpy','PyQt5','napari','magicgui','superqt')]; "
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('qtpy','PyQt5','PyQt6','PySide2','PySide6','napari','magicgui','superqt')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -14,6 +14,7 @@ import torch
 from napari_sgrs.cli import main
 from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.errors import CheckpointError, ConfigError
+from napari_sgrs.core.events import EventKind, read_events
 from napari_sgrs.core.io import find_cases
 from napari_sgrs.core.memory import estimate_training_memory
 from napari_sgrs.core.train import LabelAnchor, TrainConfig, sgrs_step, train
@@ -92,9 +93,8 @@ def test_training_with_the_anchor(tiny_cohort, tmp_path, monkeypatch):
     torch.manual_seed(0)
     student_start = T.build_model(tiny_config(), 2).state_dict()
     assert all(not torch.equal(v, anchor.start[k]) for k, v in student_start.items() if v.dim() == 5)
-    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
-    progress = [e for e in events if e["kind"] == "progress"]
-    assert progress and all(e["loss_anchor"] > 0 for e in progress)
+    progress = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e.kind is EventKind.PROGRESS]
+    assert progress and all(e.data["loss_anchor"] > 0 for e in progress)
 
 
 def test_the_anchor_leaves_the_students_initialisation_alone(tiny_cohort, tmp_path):
@@ -118,7 +118,7 @@ def test_resume_continues_the_anchor(tiny_cohort, tmp_path):
     half = tmp_path / "half"
 
     def stop_at_2(event):
-        if event.kind.value == "progress" and event.step == 2:
+        if event.kind is EventKind.PROGRESS and event.step == 2:
             (half / "STOP").touch()
 
     assert train(tiny_config(**cfg), cases, half, listeners=[stop_at_2]).step == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from napari_sgrs.core.errors import ConfigError, LockedError
+from napari_sgrs.core.events import Event, EventKind, read_events
 from napari_sgrs.core.lockfile import LOCK_NAME, FolderLock, read_holder
 
 REPO = str(Path(__file__).parents[2])
@@ -97,10 +98,8 @@ def _wait_until(condition, proc: subprocess.Popen, timeout: float = 90.0) -> Non
         time.sleep(0.02)
 
 
-def _events(run: Path) -> list[dict]:
-    from napari_sgrs.core.events import read_events
-
-    return read_events(run / "events.jsonl")[0]
+def _events(run: Path) -> list[Event]:
+    return read_events(run / "events.jsonl")
 
 
 def test_a_second_trainer_on_a_running_run_exits_2_naming_the_first_which_finishes_intact(tiny_cohort, tmp_path):
@@ -118,8 +117,8 @@ def test_a_second_trainer_on_a_running_run_exits_2_naming_the_first_which_finish
         assert f"stop it (touch {run / 'STOP'})" in second.stderr
     out, err = first.communicate(timeout=180)
     assert first.returncode == 0, err[-2000:]
-    kinds = [e["kind"] for e in _events(run)]
-    assert kinds.count("started") == 1 and kinds[-1] == "finished" and "error" not in kinds
+    kinds = [e.kind for e in _events(run)]
+    assert kinds.count(EventKind.STARTED) == 1 and kinds[-1] is EventKind.FINISHED and EventKind.ERROR not in kinds
     from napari_sgrs.core.checkpoint import load_checkpoint
 
     assert load_checkpoint(run).meta["step"] == 4
@@ -137,7 +136,7 @@ def test_the_lock_of_a_killed_trainer_is_taken_over(tiny_cohort, tmp_path):
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == proc.pid  # left behind by the kill
     again = subprocess.run(_train_cmd(tiny_cohort, run), env=ENV, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [e["kind"] for e in _events(run)][-1] == "finished"
+    assert _events(run)[-1].kind is EventKind.FINISHED
     # the killed trainer's half-written config.json temp file went with its lock
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
@@ -158,12 +157,12 @@ def test_a_stop_during_start_up_ends_with_a_stopped_event_and_exit_0(how, tiny_c
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err and "stopped at step 0; no checkpoint yet" in out
     last = _events(run)[-1]
-    assert last["kind"] == "stopped" and last["step"] == 0 and last["path"] is None
-    assert last["reason"] == ("STOP file" if how == "STOP" else how)
+    assert last.kind is EventKind.STOPPED and last.step == 0 and last.data["path"] is None
+    assert last.data["reason"] == ("STOP file" if how == "STOP" else how)
     assert not (run / "checkpoints" / "last.safetensors").exists()
     assert not (run / "STOP").exists()  # an honoured STOP is spent: it will not stop the next run
     resumed = subprocess.run(_train_cmd(tiny_cohort, run), env=ENV, capture_output=True, text=True, timeout=180)
-    assert resumed.returncode == 0 and [e["kind"] for e in _events(run)][-1] == "finished", resumed.stderr
+    assert resumed.returncode == 0 and _events(run)[-1].kind is EventKind.FINISHED, resumed.stderr
 
 
 def _catches(pid: int, sig: int) -> bool:
@@ -186,7 +185,7 @@ def test_sigterm_before_the_run_is_locked_is_one_line_and_writes_nothing(tiny_co
         assert err == "error: interrupted\n"
         assert not run.exists() or not list(run.iterdir())
     else:  # the import was quicker than the signal
-        assert proc.returncode == 0 and _events(run)[-1]["kind"] == "stopped", err
+        assert proc.returncode == 0 and _events(run)[-1].kind is EventKind.STOPPED, err
 
 
 # --------------------------------------------------------------------------- in-process start-up rules
@@ -203,6 +202,7 @@ def test_a_stale_stop_is_removed_and_a_fresh_one_honoured_before_the_first_step(
 
     run = tmp_path / "run"
     run.mkdir()
+    (run / "train.log").touch()  # a folder the panel made for the run (a lone STOP is a user's file)
     (run / "STOP").touch()
     old = process_start_time() - 60  # touched before this process started: a leftover
     os.utime(run / "STOP", (old, old))
@@ -226,7 +226,7 @@ def test_a_stale_stop_is_removed_and_a_fresh_one_honoured_before_the_first_step(
         assert result.last_checkpoint == run / "checkpoints" / "last.safetensors"
         assert (run / "checkpoints" / "last.safetensors").read_bytes() == before  # nothing trained or rewritten
         last = _events(run)[-1]
-        assert last["kind"] == "stopped" and last["step"] == 2 and last["reason"] == "STOP file"
+        assert last.kind is EventKind.STOPPED and last.step == 2 and last.data["reason"] == "STOP file"
         assert not (run / "STOP").exists()
 
 

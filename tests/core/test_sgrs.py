@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from napari_sgrs.core import sgrs as S
+from napari_sgrs.core.codes import Region
 from napari_sgrs.core.errors import ConfigError
 from napari_sgrs.core.vnet import VNet, count_trainable
 
@@ -51,9 +52,9 @@ def test_tau_0296_is_the_foreground_band_0425_0575():
 
 def test_regions_binary_hand_built():
     # voxel: (p(U), p(U_mix)) ->  expected region
-    cases = [((0.9, 0.8), S.REGION_CONSISTENT), ((0.1, 0.2), S.REGION_CONSISTENT),
-             ((0.9, 0.2), S.REGION_INCONSISTENT), ((0.5, 0.9), S.REGION_DISREGARDED),
-             ((0.9, 0.45), S.REGION_DISREGARDED), ((0.3, 0.7), S.REGION_INCONSISTENT)]
+    cases = [((0.9, 0.8), Region.CONSISTENT), ((0.1, 0.2), Region.CONSISTENT),
+             ((0.9, 0.2), Region.INCONSISTENT), ((0.5, 0.9), Region.DISREGARDED),
+             ((0.9, 0.45), Region.DISREGARDED), ((0.3, 0.7), Region.INCONSISTENT)]
     p = _probs([c[0][0] for c in cases]).float()
     pm = _probs([c[0][1] for c in cases]).float()
     reg = S.synergy_regions(p, pm)
@@ -74,8 +75,8 @@ def test_regions_three_classes_use_normalised_entropy():
     assert raw.item() > S.PAPER_TAU  # 0.356: the raw entropy alone would disregard it
     to5d = lambda t: t.T.reshape(1, k, 1, 1, -1)
     reg = S.synergy_regions(to5d(p_u), to5d(p_m))
-    assert reg.as_map().view(-1).tolist() == [S.REGION_CONSISTENT, S.REGION_INCONSISTENT,
-                                              S.REGION_DISREGARDED, S.REGION_CONSISTENT]
+    assert reg.as_map().view(-1).tolist() == [Region.CONSISTENT, Region.INCONSISTENT,
+                                              Region.DISREGARDED, Region.CONSISTENT]
     norm = S.normalised_entropy(to5d(p_u)).view(-1)
     assert math.isclose(norm[2].item(), math.log10(2), rel_tol=1e-5)  # uniform K -> log10(2)
 

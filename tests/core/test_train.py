@@ -10,7 +10,7 @@ import torch
 
 from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.errors import CheckpointError, ConfigError, InputError, TrainingDiverged
-from napari_sgrs.core.events import read_events
+from napari_sgrs.core.events import EventKind, read_events
 from napari_sgrs.core.io import find_cases
 from napari_sgrs.core.train import train
 
@@ -30,9 +30,9 @@ def _weights(run):
 def test_each_method_trains_and_writes_a_run_folder(tiny_cohort, tmp_path, method):
     result = train(tiny_config(method=method), _cases(tiny_cohort), tmp_path / "run")
     assert result.step == 4 and not result.stopped
-    kinds = [e["kind"] for e in read_events(tmp_path / "run" / "events.jsonl")[0]]
-    assert kinds[0] == "started" and kinds[-1] == "finished"
-    assert "validation" in kinds and "checkpoint" in kinds  # 3 labeled -> 1 validation volume
+    kinds = [e.kind for e in read_events(tmp_path / "run" / "events.jsonl")]
+    assert kinds[0] is EventKind.STARTED and kinds[-1] is EventKind.FINISHED
+    assert EventKind.VALIDATION in kinds and EventKind.CHECKPOINT in kinds  # 3 labeled -> 1 validation volume
     meta = load_checkpoint(tmp_path / "run").meta
     assert meta["step"] == 4 and meta["num_classes"] == 2
     assert len(meta["val_cases"]) == 1 and meta["val_cases"][0] not in meta["train_cases"]
@@ -40,9 +40,9 @@ def test_each_method_trains_and_writes_a_run_folder(tiny_cohort, tmp_path, metho
 
 def test_sgrs_logs_region_shares(tiny_cohort, tmp_path):
     train(tiny_config(), _cases(tiny_cohort), tmp_path / "run")
-    events = read_events(tmp_path / "run" / "events.jsonl")[0]
-    batch = [e for e in events if e["kind"] == "regions" and e["scope"] == "batch"]
-    val = [e for e in events if e["kind"] == "regions" and e["scope"] == "validation"]
+    regions = [e.data for e in read_events(tmp_path / "run" / "events.jsonl") if e.kind is EventKind.REGIONS]
+    batch = [d for d in regions if d["scope"] == "batch"]
+    val = [d for d in regions if d["scope"] == "validation"]
     assert batch and val
     shares = batch[-1]["disregarded"] + batch[-1]["consistent"] + batch[-1]["inconsistent"]
     assert shares == pytest.approx(1.0)
@@ -63,7 +63,7 @@ def test_resume_continues_with_same_step_optimizer_and_teacher(tiny_cohort, tmp_
     half = tmp_path / "half"
 
     def stop_at_2(event):
-        if event.kind.value == "progress" and event.step == 2:
+        if event.kind is EventKind.PROGRESS and event.step == 2:
             (half / "STOP").touch()
 
     first = train(tiny_config(iterations=4), _cases(tiny_cohort), half, listeners=[stop_at_2])
@@ -91,13 +91,13 @@ def test_stop_file_checkpoints_and_stops(tiny_cohort, tmp_path):
     seen = []
 
     def listener(event):
-        seen.append(event.kind.value)
-        if event.kind.value == "progress" and event.step == 2:
+        seen.append(event.kind)
+        if event.kind is EventKind.PROGRESS and event.step == 2:
             (run / "STOP").touch()
 
     result = train(tiny_config(iterations=50), _cases(tiny_cohort), run, listeners=[listener])
     assert result.stopped and result.step == 2
-    assert seen[-1] == "stopped"
+    assert seen[-1] is EventKind.STOPPED
     assert load_checkpoint(run).meta["step"] == 2
 
 
@@ -108,8 +108,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_cohort, tmp_path):
     with pytest.raises(TrainingDiverged, match="step"):
         train(tiny_config(iterations=6, lr=1e30), _cases(tiny_cohort), run, resume=True)
     assert load_checkpoint(run).sha256 == good or load_checkpoint(run).meta["step"] >= 2
-    events = read_events(run / "events.jsonl")[0]
-    assert events[-1]["kind"] == "error" and "became" in events[-1]["message"]
+    last = read_events(run / "events.jsonl")[-1]
+    assert last.kind is EventKind.ERROR and "became" in last.data["message"]
     for t in load_checkpoint(run).tensors.values():
         if t.dtype.is_floating_point:
             assert torch.isfinite(t).all()

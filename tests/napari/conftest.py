@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The napari tests run on PyQt6, the binding the napari extra installs (napari drops PyQt5 in
+# fall 2026). pytest-qt loads it at start-up (qt_api in setup.cfg) and qtpy follows the binding
+# already loaded; the viewer processes the tests start load none, and their qtpy would pick PyQt5
+# wherever both are installed, so they inherit this choice. Set before anything imports qtpy.
+os.environ["QT_API"] = "pyqt6"
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")

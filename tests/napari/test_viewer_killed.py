@@ -20,7 +20,7 @@ import pytest
 from napari_sgrs._napari._widget import AUTOSAVE_MS, SGRSTrainWidget
 from napari_sgrs.core.checkpoint import load_checkpoint
 from napari_sgrs.core.errors import LockedError, SGRSError
-from napari_sgrs.core.events import read_events
+from napari_sgrs.core.events import EventKind, read_events
 from napari_sgrs.core.project import Project, TrainerProcess
 from napari_sgrs.core.runfolder import RunFolder
 
@@ -135,8 +135,7 @@ def _started_pid(log: Path) -> int | None:
 
 
 def _checkpoints(run: Path, after: int = -1) -> list[int]:
-    events, _ = read_events(run / "events.jsonl")
-    return [int(e["step"]) for e in events if e.get("kind") == "checkpoint" and int(e["step"]) > after]
+    return [e.step for e in read_events(run / "events.jsonl") if e.kind is EventKind.CHECKPOINT and e.step > after]
 
 
 def _kill_trainer(run: Path, pids: set[int]) -> None:
@@ -169,8 +168,8 @@ def test_viewer_killed_while_training_finds_the_run_again(make_napari_viewer, qt
         assert isinstance(widget.train_job, TrainerProcess) and widget.train_job.pid == trainer
         assert widget.stop_button.isEnabled() and not widget.start_button.isEnabled()
         assert not widget.resume_button.isEnabled() and "following it" in widget.status_label.text()
-        seen = int(widget.last_event.get("step", 0))
-        qtbot.waitUntil(lambda: int(widget.last_event.get("step", 0)) > seen, timeout=120_000)
+        seen = widget.last_event.step
+        qtbot.waitUntil(lambda: widget.last_event.step > seen, timeout=120_000)
         # Never a second trainer in a run: Resume is refused while one trains there (the button is
         # off; the launch itself checks the run's lock too, for a trainer the panel does not know).
         with pytest.raises(SGRSError, match="already running"):
@@ -181,9 +180,9 @@ def test_viewer_killed_while_training_finds_the_run_again(make_napari_viewer, qt
             widget.open_project(project_dir)
         widget.stop_training()
         qtbot.waitUntil(lambda: widget.train_job is None, timeout=120_000)
-        events, _ = read_events(run / "events.jsonl")
-        assert events[-1]["kind"] == "stopped" and not errors
-        stopped_at = int(events[-1]["step"])
+        last = read_events(run / "events.jsonl")[-1]
+        assert last.kind is EventKind.STOPPED and not errors
+        stopped_at = last.step
         assert load_checkpoint(run).meta["step"] == stopped_at
         assert widget.resume_button.isEnabled()
 
@@ -208,7 +207,7 @@ def test_viewer_killed_while_training_finds_the_run_again(make_napari_viewer, qt
         pids.add(widget.train_job.pid)
         qtbot.waitUntil(lambda: bool(_checkpoints(run, after=last)), timeout=START_S * 1000)
         widget.shutdown()
-        assert read_events(run / "events.jsonl")[0][-1]["kind"] == "stopped"
+        assert read_events(run / "events.jsonl")[-1].kind is EventKind.STOPPED
     finally:
         _kill(child)
         _kill_trainer(run, pids)

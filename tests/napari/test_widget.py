@@ -13,6 +13,7 @@ import pytest
 from qtpy.QtCore import QTimer
 
 from napari_sgrs._napari._widget import SGRSTrainWidget
+from napari_sgrs.core.events import Event, EventKind
 from napari_sgrs.core.io import read_volume
 from napari_sgrs.core.project import Project
 
@@ -144,6 +145,23 @@ def test_trainer_error_is_notified(panel, qtbot, monkeypatch):
     qtbot.waitUntil(lambda: bool(shown), timeout=WAIT_MS)
     assert shown[0].startswith("training failed:") and "\n" not in shown[0]
     assert "16" in shown[0]
+
+
+def test_the_panel_follows_typed_events_and_takes_unknown_ones_in_its_stride(panel, monkeypatch):
+    viewer, widget = panel
+    shown = []
+    monkeypatch.setattr("napari_sgrs._napari._widget.show_error", shown.append)
+    widget.handle_event(Event(EventKind.PROGRESS, 3, {"loss": 0.5, "total": 6, "grad_norm": 1.0}))
+    assert widget.progress.value() == 50 and widget.plot.loss == [0.5]
+    assert widget.status_label.text().startswith("step 3/6 · loss 0.5000")
+    widget.handle_event(Event(EventKind.REGIONS, 3, {"scope": "batch", "disregarded": 0.25, "inconsistent": 0.125}))
+    assert (widget.plot.disregarded, widget.plot.inconsistent) == ([0.25], [0.125])
+    widget.handle_event(Event(EventKind.UNKNOWN, 4, {"kind": "epoch"}))  # from a newer trainer
+    assert widget.last_event.step == 4 and widget.status_label.text().startswith("step 3/6")
+    widget.handle_event(Event(EventKind.ERROR, 5, {"message": "disk full"}), replay=True)  # an old run's
+    assert shown == []
+    widget.handle_event(Event(EventKind.ERROR, 5, {"message": "disk full"}))
+    assert shown == ["training failed: disk full"]
 
 
 def test_unsafe_checkpoint_is_refused(panel, qtbot, monkeypatch, tmp_path):

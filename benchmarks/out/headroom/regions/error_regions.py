@@ -10,9 +10,9 @@ import numpy as np
 
 from napari_sgrs.core.infer import Predictor
 from napari_sgrs.core.io import find_cases, read_volume
-from napari_sgrs.core.sgrs import REGION_CONSISTENT, REGION_DISREGARDED, REGION_INCONSISTENT
+from napari_sgrs.core.codes import Region
 
-NAMES = {REGION_DISREGARDED: "disregarded", REGION_CONSISTENT: "consistent", REGION_INCONSISTENT: "inconsistent"}
+NAMES = {r: r.key for r in (Region.DISREGARDED, Region.CONSISTENT, Region.INCONSISTENT)}
 
 
 def shares(counts: np.ndarray) -> dict:
@@ -30,7 +30,7 @@ for run in map(Path, sys.argv[1:]):
         fp += np.bincount(reg[p & ~r], minlength=4)[:4]
         fn += np.bincount(reg[r & ~p], minlength=4)[:4]
         every += np.bincount(reg.ravel(), minlength=4)[:4]
-        fp_prob.append(out.probability[p & ~r & (reg == REGION_CONSISTENT)])
+        fp_prob.append(out.probability[p & ~r & (reg == Region.CONSISTENT)])
     fp_prob = np.concatenate(fp_prob)
     print(f"{run.parent.parent.name}/{run.name}: all voxels {shares(every)}; false positives {shares(fp)}; "
           f"false negatives {shares(fn)}; consistent-region false positives: median foreground probability "
