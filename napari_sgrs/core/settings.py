@@ -45,7 +45,7 @@ _MAX_CONFIG_FILE_BYTES = 1 << 20
 GROUPS = {
     "data": "data: the volumes and how they are read",
     "budget": "budget: steps, patch and network size",
-    "optimiser": "optimiser",
+    "optimiser": "optimiser: SGD, learning rate and the random seed",
     "method": "method: the semi-supervised loss",
     "validation": "validation and checkpoints",
     "performance": "performance: where and how fast",
@@ -157,7 +157,8 @@ class TrainConfig:
     weight_decay: float = _setting(1e-4, "optimiser", "SGD weight decay", flag=None)
     tau: float = _setting(PAPER_TAU, "method", "entropy threshold of the disregarded region (log10 units), or "
                           "'auto' to calibrate it on the labeled validation volumes at each validation",
-                          metavar="TAU|auto", parse=_parse_tau, assign=_assign_tau)
+                          metavar="TAU|auto", default_text=f"{PAPER_TAU}, the paper's", parse=_parse_tau,
+                          assign=_assign_tau)
     tau_auto: bool = _setting(False, "method", "recalibrate tau at each validation (--tau auto)", flag=None)
     tau_error_rate: float = _setting(0.45, "method", "--tau auto: the error rate above which voxels are "
                                      "disregarded", flag=None)
