@@ -87,13 +87,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
               "run": p.add_argument_group("run: where it goes and what it starts from")}
     groups.update({g: p.add_argument_group(title) for g, title in S.GROUPS.items() if g not in groups})
     data, run = groups["data"], groups["run"]
-    data.add_argument("--images", type=Path, metavar="DIR", help="folder of images (NIfTI, NRRD, MHA/MHD, DICOM series folders)")
-    data.add_argument("--labels", type=Path, metavar="DIR", help="folder of labels, paired with images by file name; an image "
-                                                   "without a label file is unlabeled")
-    data.add_argument("--h5-root", type=Path, metavar="DIR", help="benchmark h5 layout (LA, Pancreas-CT, BraTS2019) instead of "
-                                                    "--images/--labels")
+    data.add_argument("--images", type=Path, metavar="DIR",
+                      help="folder of images (NIfTI, NRRD, MHA/MHD, DICOM series folders)")
+    data.add_argument("--labels", type=Path, metavar="DIR",
+                      help="folder of labels, paired with images by file name; an image without a label file is "
+                           "unlabeled")
+    data.add_argument("--h5-root", type=Path, metavar="DIR",
+                      help="benchmark h5 layout (LA, Pancreas-CT, BraTS2019) instead of --images/--labels")
     data.add_argument("--labeled-list", type=Path, metavar="FILE", help="with --h5-root: list of the labeled cases")
-    data.add_argument("--unlabeled-list", type=Path, metavar="FILE", help="with --h5-root: list of the unlabeled cases")
+    data.add_argument("--unlabeled-list", type=Path, metavar="FILE",
+                      help="with --h5-root: list of the unlabeled cases")
     run.add_argument("--out", type=Path, required=True, metavar="DIR",
                      help="run folder (checkpoints, events.jsonl, config.json): absent, empty, or an earlier sgrs "
                           "run; one trainer at a time (a second one is refused, naming the first)")
@@ -161,7 +164,7 @@ def _train_epilog() -> str:
     for setting in S.SETTINGS.values():
         if setting.flag is not None and setting.expert:
             flag = setting.flag if setting.base_type is not bool else "--[no-]" + _bool_flag(setting)[2:]
-            expert.setdefault(setting.group, []).append(flag)
+            expert[setting.group].append(flag)
     width = min(100, shutil.get_terminal_size().columns - 2)
     paragraphs = [
         "Expert options, not listed above: " + "; ".join(f"{group} {', '.join(flags)}"

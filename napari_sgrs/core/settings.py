@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .codes import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError, InputError
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
@@ -44,7 +45,7 @@ _MAX_CONFIG_FILE_BYTES = 1 << 20
 GROUPS = {
     "data": "data: the volumes and how they are read",
     "budget": "budget: steps, patch and network size",
-    "optimiser": "optimiser",
+    "optimiser": "optimiser: SGD, learning rate and the random seed",
     "method": "method: the semi-supervised loss",
     "validation": "validation and checkpoints",
     "performance": "performance: where and how fast",
@@ -156,7 +157,8 @@ class TrainConfig:
     weight_decay: float = _setting(1e-4, "optimiser", "SGD weight decay", flag=None)
     tau: float = _setting(PAPER_TAU, "method", "entropy threshold of the disregarded region (log10 units), or "
                           "'auto' to calibrate it on the labeled validation volumes at each validation",
-                          metavar="TAU|auto", parse=_parse_tau, assign=_assign_tau)
+                          metavar="TAU|auto", default_text=f"{PAPER_TAU}, the paper's", parse=_parse_tau,
+                          assign=_assign_tau)
     tau_auto: bool = _setting(False, "method", "recalibrate tau at each validation (--tau auto)", flag=None)
     tau_error_rate: float = _setting(0.45, "method", "--tau auto: the error rate above which voxels are "
                                      "disregarded", flag=None)
@@ -174,7 +176,7 @@ class TrainConfig:
                                   "(the --ct-window in HU mapped to [-1, 1]), none", choices=("zscore", "ct", "none"))
     ct_window: tuple[float, float] = _setting((-160.0, 240.0), "data", "with --normalization ct: the window in HU",
                                               metavar=("LOW", "HIGH"))
-    ignore_index: int = _setting(255, "data", "label value meaning 'not annotated': left out of the "
+    ignore_index: int = _setting(IGNORE_INDEX, "data", "label value meaning 'not annotated': left out of the "
                                  "supervised loss")
     num_classes: int | None = _setting(None, "data", "classes incl. background", expert=True,
                                        default_text="from the labels")
@@ -528,4 +530,4 @@ def _check_ignore_is_no_class(ignore: int, k: int, found) -> None:
     else:
         what = f"{ignore} is one of the {k} classes (0..{k - 1})"
     raise ConfigError(f"--ignore-index {ignore}: {what}, so its voxels would never be trained - set "
-                      f"--ignore-index to the value that marks unannotated voxels (default 255)")
+                      f"--ignore-index to the value that marks unannotated voxels (default {IGNORE_INDEX})")

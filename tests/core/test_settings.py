@@ -138,7 +138,8 @@ def test_the_presets_values():
     assert (plugin.method, plugin.iterations, plugin.patch_size, plugin.base_filters, plugin.device, plugin.seed,
             plugin.ignore_index) == ("sgrs", 2000, (96, 96, 96), 16, "auto", 1337, 255)
     tiny = TrainConfig.from_preset("tiny", seed=3)
-    assert (tiny.iterations, tiny.patch_size, tiny.base_filters, tiny.device, tiny.seed) == (4, (16, 16, 16), 2, "cpu", 3)
+    assert (tiny.iterations, tiny.patch_size, tiny.base_filters, tiny.device, tiny.seed) == \
+        (4, (16, 16, 16), 2, "cpu", 3)
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")
 
@@ -296,7 +297,7 @@ def test_resume_restores_every_saved_setting_not_given_again(name, tmp_path):
     assert resume_config(json.loads((run / "config.json").read_text())["config"], {}, run / "config.json") == saved
 
 
-@pytest.mark.parametrize("name", [n for n in FIELDS if SETTINGS[n].flag is not None and SETTINGS[n].base_type is not bool])
+@pytest.mark.parametrize("name", [n for n, s in SETTINGS.items() if s.flag is not None and s.base_type is not bool])
 def test_an_option_given_again_on_resume_wins(name, tmp_path):
     run = _saved_run(tmp_path / "run", TrainConfig(**{name: OTHER[name]}))
     value = DEFAULTS_BEFORE[name]
