@@ -47,6 +47,7 @@ def main(argv=None) -> int:
 
     from napari_sgrs.core.demo import make_demo_cohort
     from napari_sgrs.core.io import read_volume
+    from napari_sgrs.core.runfolder import RunFolder
 
     work = args.workdir
     if work.exists():
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         dices[name] = dice(pred, truth)
         region_share[name] = {k: float((regions == c).mean()) for c, k in
                               ((1, "disregarded"), (2, "consistent"), (3, "inconsistent"))}
-    config = json.loads((run / "config.json").read_text())["config"]
+    config = RunFolder(run).read_config()
     result = {
         "machine": f"{_cpu_name()}, {os.cpu_count()} cores", "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],

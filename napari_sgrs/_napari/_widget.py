@@ -575,16 +575,17 @@ class SGRSTrainWidget(QWidget):
         project = self.project
         # The trainer's own checks, up front: above all, no second trainer in a run that another
         # process holds (say `sgrs train --resume` from a terminal); the holder is named.
-        RunFolder(run).check_output(resume=resume)
+        folder = RunFolder(run)
+        folder.check_output(resume=resume)
         cmd = train_command(project.images_dir, project.labels_dir, run, settings, resume=resume)
-        events = Path(run) / "events.jsonl"
+        events = folder.events
         self._events_offset = events.stat().st_size if (resume and events.exists()) else 0
         if not resume:
             self.plot.clear_data()
         self._error_shown = False
         self._total = int(settings.iterations)
         # detached: the run outlives the viewer, and reopening the project finds it (TrainerProcess)
-        self.train_job = Job(cmd, Path(run) / "train.log", stop_file=Path(run) / "STOP", detach=True)
+        self.train_job = Job(cmd, folder.log, stop_file=folder.stop_file, detach=True)
         self.status_label.setText(f"starting {'resumed ' if resume else ''}training ({settings.method}) ...")
         self.poll_timer.start()
         self._update_buttons()
@@ -629,7 +630,7 @@ class SGRSTrainWidget(QWidget):
         run = self.project.current_run if self.project else None
         if run is None:
             return
-        events, self._events_offset = read_events(Path(run) / "events.jsonl", self._events_offset)
+        events, self._events_offset = read_events(RunFolder(run).events, self._events_offset)
         for event in events:
             self.handle_event(event, replay=initial)
 

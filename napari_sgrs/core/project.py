@@ -773,24 +773,19 @@ class Project:
         run = run or self.current_run
         if run is None:
             return None
-        path = Path(run) / "checkpoints" / "last.safetensors"
+        from .runfolder import RunFolder
+
+        path = RunFolder(run).last
         return path if path.exists() else None
 
     def last_step(self, run: Path | None = None) -> int:
-        """The step of the last checkpoint of ``run`` (0 when there is none)."""
+        """The step of the last checkpoint of ``run``, from its header (0 when there is none)."""
         run = run or self.current_run
         if run is None:
             return 0
-        meta = Path(run) / "checkpoints" / "last.json"
-        try:
-            return int(json.loads(meta.read_text(encoding="utf-8")).get("step", 0))
-        except (OSError, ValueError, AttributeError):
-            pass
-        from .events import read_events
+        from .runfolder import RunFolder
 
-        events, _ = read_events(Path(run) / "events.jsonl")
-        steps = [e.get("step", 0) for e in events if e.get("kind") == "checkpoint"]
-        return int(max(steps)) if steps else 0
+        return RunFolder(run).checkpoint_step() or 0
 
     # --- prediction for the unlabeled cases
     def prediction_inputs(self) -> Path:
@@ -935,7 +930,9 @@ class Project:
 
             checkpoint_info = {"path": str(checkpoint), "sha256": file_sha256(checkpoint),
                                "step": self.last_step()}
-        config_path = self.current_run / "config.json" if self.current_run else None
+        from .runfolder import RunFolder
+
+        config_path = RunFolder(self.current_run).config if self.current_run else None
         settings = None
         if config_path is not None and config_path.exists():
             settings = json.loads(config_path.read_text(encoding="utf-8"))
