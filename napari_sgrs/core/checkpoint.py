@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from .errors import CheckpointError, ResourceError, SGRSError
-from .memory import HEADROOM, _gib, host_available_bytes
+from . import memory  # as a module: its free-memory probe is replaced in tests
 from .network import build_model
 
 # the one atomic writer (torch-free, shared with the CLI's output rules); re-exported here for callers
@@ -104,10 +104,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _check_fits_in_memory(path: Path) -> None:
     """Loading holds the file's bytes and the tensors made from them: refuse before reading."""
     size = path.stat().st_size
-    free = host_available_bytes()
-    if free is not None and 2 * size > HEADROOM * free:
-        raise ResourceError(f"{path}: loading this {_gib(size)} checkpoint needs about {_gib(2 * size)} of memory "
-                            f"but only {_gib(free)} is free; free memory or use a machine with more")
+    free = memory.host_available_bytes()
+    if free is not None and 2 * size > memory.HEADROOM * free:
+        gib = memory._gib
+        raise ResourceError(f"{path}: loading this {gib(size)} checkpoint needs about {gib(2 * size)} of memory "
+                            f"but only {gib(free)} is free; free memory or use a machine with more")
 
 
 def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
