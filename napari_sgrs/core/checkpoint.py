@@ -137,8 +137,8 @@ def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None
                                   and all(type(p) is int and 16 <= p <= 4096 and p % 16 == 0 for p in patch)):
         raise bad(f"patch_size {patch!r} is not 3 multiples of 16")
     window = config.get("ct_window")  # read back as a pair by Predictor
-    if window is not None and not (isinstance(window, list) and len(window) == 2
-                                   and all(type(w) in (int, float) and math.isfinite(w) for w in window)):
+    if "ct_window" in config and not (isinstance(window, list) and len(window) == 2
+                                      and all(type(w) in (int, float) and math.isfinite(w) for w in window)):
         raise bad(f"ct_window {window!r} is not 2 numbers")
     tau = meta.get("tau")
     if tau is not None and not (type(tau) in (int, float) and 0 < tau < float("inf")):

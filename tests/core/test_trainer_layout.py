@@ -191,3 +191,21 @@ def test_predict_folder_of_given_cases_writes_those_and_never_into_their_folder(
     with pytest.raises(InputError, match="is inside the input image folder"):
         predict_folder(tiny_run, tiny_cohort.images_tr / "pred", cases=unlabeled, device="cpu")
     assert not (tiny_cohort.images_tr / "pred").exists()
+
+
+@pytest.mark.parametrize("window", [5, None, "ab", [1.0], [0, float("nan")]])
+def test_a_checkpoint_whose_ct_window_is_no_pair_is_refused_on_loading(tmp_path, window):
+    """The network is built from the saved settings without TrainConfig (so infer needs nothing of
+    train): a header whose ct_window is not 2 numbers is still refused when the checkpoint loads."""
+    from napari_sgrs.core.checkpoint import load_checkpoint, save_checkpoint
+    from napari_sgrs.core.errors import CheckpointError
+    from napari_sgrs.core.network import build_model
+
+    config = {"base_filters": 1, "patch_size": [16, 16, 16], "ct_window": [-160.0, 240.0]}
+    tensors = {f"student.{k}": v for k, v in build_model(config, 2).state_dict().items()}
+    save_checkpoint(tmp_path / "good.safetensors", tensors, {"config": config, "num_classes": 2})
+    assert load_checkpoint(tmp_path / "good.safetensors").meta["config"]["ct_window"] == [-160.0, 240.0]
+    save_checkpoint(tmp_path / "bad.safetensors", tensors,
+                    {"config": {**config, "ct_window": window}, "num_classes": 2})
+    with pytest.raises(CheckpointError, match="ct_window .* is not 2 numbers"):
+        load_checkpoint(tmp_path / "bad.safetensors")
