@@ -36,7 +36,7 @@ def on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def start(device: torch.device, local_rank: int, sync_bn: bool) -> torch.device:
+def start_group(device: torch.device, local_rank: int, sync_bn: bool) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo elsewhere) and return this rank's device.
     ``--sync-bn`` off CUDA is refused before any group exists."""
     if device.type == "cuda":
@@ -51,7 +51,7 @@ def start(device: torch.device, local_rank: int, sync_bn: bool) -> torch.device:
     return device
 
 
-def stop() -> None:
+def stop_group() -> None:
     dist.destroy_process_group()
 
 

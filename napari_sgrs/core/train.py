@@ -30,13 +30,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import distributed
 from . import sgrs as S
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import (BatchStream, PatchSampler, TwoStreamBatches, auto_patch, check_patch, make_sample,
                    mask_outside_view, normalise, pad_to)
 from .device import amp_dtype, configure_backends, peak_memory_mb, resolve_device, share_cpu_threads
-from .distributed import any_rank, barrier, ddp, on_main_thread, rank_info
+from .distributed import (any_rank, barrier, broadcast_float, ddp, gather_objects, on_main_thread, rank_info,
+                          start_group, stop_group)
 from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged, os_reason
 from .events import EventKind, EventWriter
 from .io import check_pair, read_volume, validate_label
@@ -615,7 +615,7 @@ class Trainer:
         if self.device.type == "cpu":
             share_cpu_threads()
         if self.distributed:
-            self.device = distributed.start(self.device, self.local_rank, config.sync_bn)
+            self.device = start_group(self.device, self.local_rank, config.sync_bn)
         configure_backends(self.device, config)
         # Determinism on CPU for a given seed: seeded generators, deterministic algorithms.
         torch.manual_seed(config.seed + self.rank)
@@ -700,7 +700,7 @@ class Trainer:
             self.folder.write_config(self.meta)
         # (A stale STOP file went before the process group formed: rank 0 removes it right after
         # taking the lock.)
-        self.per_rank_volumes = (distributed.gather_objects(self.rank_volumes, self.world) if self.distributed
+        self.per_rank_volumes = (gather_objects(self.rank_volumes, self.world) if self.distributed
                                  else [self.rank_volumes])
         self.saved_step = self.step if self.resume else None
 
@@ -855,7 +855,7 @@ class Trainer:
         if self.is_main and validate_now:
             self._validate()
         if self.distributed and config.tau_auto and validate_now:
-            config.tau = distributed.broadcast_float(config.tau, self.device)  # rank 0 recalibrated it
+            config.tau = broadcast_float(config.tau, self.device)  # rank 0 recalibrated it
         if step % config.checkpoint_every == 0 or last:
             if self.is_main:
                 self.last_path = self.save("last")
@@ -909,7 +909,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.distributed:
-            distributed.stop()
+            stop_group()
 
     def stopped_before_training(self) -> TrainResult:
         """A stop asked for while the volumes loaded: no network is built; a `stopped` event at the
@@ -923,7 +923,7 @@ class Trainer:
                 self.stop.consume()
         if self.distributed:
             barrier(self.device)
-            distributed.stop()
+            stop_group()
         return TrainResult(self.folder.path, step, True, None, last)
 
 
