@@ -2,7 +2,8 @@
 
 Every run trains through the same engine as ``sgrs train`` (same defaults unless a flag here
 says otherwise), predicts the held-out test volumes with the LAST checkpoint (no selection on
-test data, no selection at all), and is scored with Dice, Jaccard, HD95 and ASD. Writes
+test data, no selection at all) through ``sgrs predict``'s folder loop (``predict_folder``, files
+under --out/predictions), and is scored with Dice, Jaccard, HD95 and ASD. Writes
 ``results.json``, ``table.md`` and ``dice.png`` into --out.
 
 Example (the figure in benchmarks/RESULTS.md):
@@ -56,9 +57,9 @@ def parse_variant(variant: str) -> dict:
 
 
 def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
-    from napari_sgrs.core.infer import Predictor
     from napari_sgrs.core.io import find_cases, read_volume
     from napari_sgrs.core.metrics import case_metrics
+    from napari_sgrs.core.predict import predict_folder
     from napari_sgrs.core.train import TrainConfig, train
 
     overrides = parse_variant(variant)
@@ -70,19 +71,22 @@ def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
         kwargs["rampup_fraction"] = kwargs.pop("rampup_steps") / args.iterations
     cfg = TrainConfig(**kwargs)
     run = out / "runs" / f"{variant}_s{seed}"
-    if run.exists():
-        import shutil
+    predictions = out / "predictions" / f"{variant}_s{seed}"
+    for folder in (run, predictions):
+        if folder.exists():
+            import shutil
 
-        shutil.rmtree(run)
+            shutil.rmtree(folder)
     t0 = time.time()
     train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run)
     train_s = time.time() - t0
-    predictor = Predictor.from_run(run, device=args.device, checkpoint="last")
+    # the LAST checkpoint, through the folder loop of `sgrs predict` (its files are kept beside the runs)
+    predict = dict(device=args.device, checkpoint="last", largest_component=args.largest_component)
+    test = predict_folder(run, predictions / "test", images=cohort.images_ts, **predict)
     rows = []
     for case in find_cases(cohort.images_ts, cohort.labels_ts):
-        img, ref = read_volume(case.image), read_volume(case.label)
-        pred = predictor.predict(img.array, largest_component=args.largest_component)
-        rows += case_metrics(pred.label, ref.array, spacing=img.geometry.spacing, name=case.name)
+        pred, ref = read_volume(test.label(case.name)), read_volume(case.label)
+        rows += case_metrics(pred.array, ref.array, spacing=pred.geometry.spacing, name=case.name)
     res = {"variant": variant, "seed": seed, "train_s": train_s, "largest_component": args.largest_component,
            "batch": [cfg.labeled_batch_size,
            cfg.batch_size - cfg.labeled_batch_size if cfg.method != "supervised" else 0]}
@@ -94,12 +98,13 @@ def run_one(variant: str, seed: int, cohort, args, out: Path) -> dict:
     # Transductive: the unlabeled TRAINING volumes, scored against the demo's hidden labels (the
     # generator is a pure function of its seed). This is what the plugin's user gets: pseudo labels
     # for the volumes they did not label. Reported apart from the held-out test Dice.
+    unlabeled = [c for c in find_cases(cohort.images_tr, cohort.labels_tr) if c.name in cohort.unlabeled_names]
+    pseudo = predict_folder(run, predictions / "unlabeled", cases=unlabeled, **predict)
     dices = []
-    for name in cohort.unlabeled_names:
-        img = read_volume(cohort.images_tr / f"{name}.nii.gz")
-        pred = predictor.predict(img.array, largest_component=args.largest_component)
-        dices += [r.dice for r in case_metrics(pred.label, cohort.hidden_label(name), spacing=img.geometry.spacing,
-                                               name=name)]
+    for case in unlabeled:
+        pred = read_volume(pseudo.label(case.name))
+        dices += [r.dice for r in case_metrics(pred.array, cohort.hidden_label(case.name),
+                                               spacing=pred.geometry.spacing, name=case.name)]
     res["dice_unlabeled"] = float(np.mean(dices)) if dices else float("nan")
     print(json.dumps(res), flush=True)
     return res

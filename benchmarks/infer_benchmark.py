@@ -272,13 +272,14 @@ def main(argv=None) -> int:
         print(json.dumps(result["speed"], indent=2), flush=True)
     if "accuracy" not in args.skip:
         from napari_sgrs.core.demo import make_demo_cohort
+        from napari_sgrs.core.runfolder import RunFolder
 
         cohort = make_demo_cohort(args.workdir / "data", kind="blob", n_cases=8, n_labeled=4, n_test=4,
                                   shape=(48, 48, 48), seed=args.seed, overwrite=True)
         run = args.run
         if run is None:
             run = args.workdir / "run"
-            if not (run / "checkpoints" / "last.safetensors").exists():
+            if not RunFolder(run).last.exists():
                 subprocess.run([sys.executable, "-m", "napari_sgrs.cli", "train", "--preset", "preview",
                                 "--images", str(cohort.images_tr), "--labels", str(cohort.labels_tr),
                                 "--out", str(run), "--device", "cpu", "--quiet"], check=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,7 @@ def main(argv=None) -> int:
     from napari_sgrs.core.codes import Region
     from napari_sgrs.core.demo import make_demo_cohort
     from napari_sgrs.core.io import read_volume
+    from napari_sgrs.core.runfolder import RunFolder
 
     work = args.workdir
     if work.exists():
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         regions = read_volume(pseudo / "regions" / f"{name}.nii.gz").array
         dices[name] = dice(pred, truth)
         region_share[name] = {r.key: float((regions == r).mean()) for r in Region.shown()}
-    config = json.loads((run / "config.json").read_text())["config"]
+    config = RunFolder(run).read_config()
     result = {
         "machine": f"{_cpu_name()}, {os.cpu_count()} cores", "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],

@@ -48,8 +48,11 @@ def main(argv=None) -> int:
 
     from napari_sgrs.core import sgrs as S
     from napari_sgrs.core.data import PatchSampler, TwoStreamBatches, make_sample
-    from napari_sgrs.core.train import (LabelAnchor, TrainConfig, _amp_dtype, build_model, configure_backends,
-                                        resolve_device, sgrs_step)
+    from napari_sgrs.core.device import amp_dtype as autocast_dtype
+    from napari_sgrs.core.device import configure_backends, resolve_device
+    from napari_sgrs.core.network import build_model
+    from napari_sgrs.core.steps import STEPS, LabelAnchor
+    from napari_sgrs.core.train import TrainConfig
 
     device = resolve_device(args.device)
     cfg = TrainConfig(method=args.method, base_filters=args.filters, patch_size=tuple(args.patch),
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
     teacher = copy.deepcopy(student).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     anchor = LabelAnchor(cfg, 2, device, False) if args.method == "sgrs" and cfg.pseudo_anchor == "labels" else None
-    amp_dtype = _amp_dtype(args.amp, device)
+    amp_dtype = autocast_dtype(args.amp, device)
+    step_fn = STEPS[args.method]  # as the trainer chooses it
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def to_dev(t):
@@ -86,8 +90,8 @@ def main(argv=None) -> int:
     def plain_step(step):
         x, y, u = (to_dev(t) for t in next(batches)[:3])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = sgrs_step(student, teacher, x, y, u, step, cfg, rng, gen, 100.0, 2,
-                            anchor=anchor.ema if anchor else None)
+            out = step_fn(student, teacher, x, y, u, step, cfg, rng, gen, 100.0, 2,
+                          anchor=anchor.ema if anchor else None)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()
         scaler.step(opt)
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
     _sync(device)
     step_s = (time.perf_counter() - t0) / args.steps
 
-    # Phase breakdown (same computation as sgrs_step, split with synchronisation).
+    # Phase breakdown (same computation as steps.sgrs_step, split with synchronisation).
     phases = {k: 0.0 for k in ("data", "teacher_forward", "student_forward_backward", "regions_losses",
                                "optimizer", "ema", "anchor_step")}
     for i in range(args.steps):
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
                 u_noisy = S.add_noise(u, generator=gen)
                 x_noisy = S.add_noise(x, generator=gen)
                 gated = cfg.gate == "teacher-dice"
-                with torch.no_grad():  # with the gate the teacher also sees the labeled patches (sgrs_step)
+                with torch.no_grad():  # with the gate the teacher also sees the labeled patches (steps.sgrs_step)
                     t_out = teacher(torch.cat([u_noisy, x_noisy], 0) if gated else u_noisy)
                     t_probs = torch.softmax(t_out[:u.shape[0]].float(), 1)
                     if anchor:
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
                 lu_l, mx_l = logits[b:b + bu].float(), logits[b + bu:].float()
                 with torch.no_grad():
                     reg = S.synergy_regions(torch.softmax(lu_l, 1), torch.softmax(mx_l, 1))
-                taught = lu_l.detach() if cfg.pseudo_views == "mix" else lu_l  # as sgrs_step
+                taught = lu_l.detach() if cfg.pseudo_views == "mix" else lu_l  # as steps.sgrs_step
                 loss = ls + gate * S.regional_loss(taught, mx_l, pseudo, reg, weighting=cfg.region_weighting)
                 _sync(device); phases["regions_losses"] += time.perf_counter() - t
                 phases["student_forward_backward"] += fwd

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from .core import settings as S  # torch-free: the parser is built without the engine
-from .core.errors import ConfigError, InputError, InputWarning, ResourceError, SGRSError
+from .core.errors import ConfigError, InputError, InputWarning, SGRSError
 
 EXIT_USAGE = 2
 PRESETS = S.PRESETS  # importable from here, as before settings.py
@@ -243,68 +243,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .core.io import find_cases, read_volume, write_volume
-    from .core.outputs import WrittenFiles, check_not_input
-    from .core.runfolder import RunFolder
+    from .core.predict import predict_folder  # the slow import (torch): after argparse, as in cmd_train
 
-    out = Path(args.out)
-    inputs = {"--images": args.images, "--labels": args.labels, "--run": args.run, "--h5-root": args.h5_root,
-              "--list": args.list}
-    subfolders = [out] + ([out / "probability", out / "regions"] if args.regions else [])
-    for folder in subfolders:  # the subfolders too: one may be a link into an input
-        check_not_input(folder, inputs)
-    run = RunFolder(args.run)
-    if run.path.is_dir() and run.config.exists():
-        run.read_config()  # a damaged config.json is one line here too, as on --resume
-    if args.h5_root is not None:
-        from .core.io import read_h5_benchmark
-
-        if args.list is None:
-            raise ConfigError("--h5-root needs --list (e.g. test.list)")
-        cases = read_h5_benchmark(args.h5_root, args.list)
-    elif args.images is None:
-        raise ConfigError("give --images DIR, or --h5-root ROOT --list FILE")
-    else:
-        cases = find_cases(args.images, None)
-    labeled_names = set()
-    if args.labels is not None and args.images is not None:
-        labeled_names = {c.name for c in find_cases(args.images, args.labels) if c.label is not None}
-    # every output path is known, and checked, before anything is predicted or written
-    targets = {}
-    for case in cases:
-        name = _output_name(case)
-        targets[case.name] = [out / name] + ([out / "probability" / name, out / "regions" / name]
-                                             if args.regions and case.name not in labeled_names else [])
-    written = WrittenFiles(out, by="sgrs predict")
-    written.check([t for paths in targets.values() for t in paths])
-
-    from .core.infer import Predictor
-    from .core.memory import check_inference_memory
-
-    predictor = Predictor.from_run(args.run, device=args.device, checkpoint=args.checkpoint, model=args.model)
-    _note_largest_component(args.largest_component, predictor, quiet=args.quiet)
-    for folder in subfolders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ResourceError(f"cannot create output folder {folder}: {exc.strerror}; choose a writable --out") from exc
-    written.expect([t for paths in targets.values() for t in paths])
-    from tqdm import tqdm
-
-    for case in tqdm(cases, desc="predict", unit="volume", disable=args.quiet):
-        vol = read_volume(case.image, nan="keep")  # NaN: no data; predicted as background, with a warning
-        want_regions = args.regions and case.name not in labeled_names
-        check_inference_memory(vol.array.shape, predictor.patch, predictor.num_classes, predictor.device,
-                               regions=want_regions, base_filters=getattr(predictor.model, "base_filters", 16),
-                               sw_batch_size=args.sw_batch_size, name=str(case.image))
-        pred = predictor.predict(vol.array, regions=want_regions, overlap=args.overlap,
-                                 batch_size=args.sw_batch_size, largest_component=args.largest_component,
-                                 name=str(case.image))
-        arrays = [pred.label] + ([pred.probability, pred.regions] if want_regions else [])
-        for path, array in zip(targets[case.name], arrays):
-            write_volume(path, array, vol.geometry)
-        written.record(targets[case.name])
-    print(f"wrote {len(cases)} label volume(s) to {out}" + (" with probability/ and regions/" if args.regions else ""))
+    predicted = predict_folder(args.run, args.out, images=args.images, labels=args.labels, h5_root=args.h5_root,
+                               h5_list=args.list, regions=args.regions, device=args.device,
+                               checkpoint=args.checkpoint, model=args.model, overlap=args.overlap,
+                               sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
+                               progress=not args.quiet, note=None if args.quiet else _print_note)
+    print(f"wrote {len(predicted.files)} label volume(s) to {args.out}"
+          + (" with probability/ and regions/" if args.regions else ""))
     return 0
 
 
@@ -315,37 +262,8 @@ def _print_notes(event) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
-def _note_largest_component(mode: str, predictor, quiet: bool) -> None:
-    """Say which classes --largest-component reduces, and why none where auto finds none."""
-    from .core.postprocess import resolve_largest_component
-
-    classes = resolve_largest_component(mode, predictor.meta, predictor.num_classes)
-    if mode == "off" or quiet:
-        return
-    if classes:
-        print(f"largest-component ({mode}): keeping one connected component of class(es) "
-              f"{', '.join(map(str, classes))}", file=sys.stderr)
-    elif "single_component_classes" not in predictor.meta:
-        print("largest-component (auto): this run was trained before the check was recorded, so nothing is "
-              "post-processed; pass --largest-component on to apply it to every class", file=sys.stderr)
-    else:
-        print("largest-component (auto): no class is one connected component in every labeled volume, so "
-              "nothing is post-processed", file=sys.stderr)
-
-
-#: Input formats whose predictions keep the input's file name; every other input (.nhdr, .mhd,
-#: h5, DICOM) gets ``<case>.nii.gz``, a single file with the input's geometry, so no header
-#: companion (.raw, a detached NRRD payload) is ever written or overwritten.
-KEEP_NAME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-def _output_name(case) -> str:
-    """The file name of a case's prediction: the input's own name for NIfTI, .nrrd and .mha, else
-    ``<case>.nii.gz``."""
-    p = Path(case.image)
-    if p.is_file() and p.name.lower().endswith(KEEP_NAME_SUFFIXES):
-        return p.name
-    return f"{case.name}.nii.gz"
+def _print_note(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -577,16 +577,17 @@ class SGRSTrainWidget(QWidget):
         project = self.project
         # The trainer's own checks, up front: above all, no second trainer in a run that another
         # process holds (say `sgrs train --resume` from a terminal); the holder is named.
-        RunFolder(run).check_output(resume=resume)
+        folder = RunFolder(run)
+        folder.check_output(resume=resume)
         settings_file = project.write_settings_file(run, settings)
         cmd = train_command(project.images_dir, project.labels_dir, run, settings_file, resume=resume)
-        self._events = EventFollower(RunFolder(run).events, from_end=resume)
+        self._events = EventFollower(folder.events, from_end=resume)
         if not resume:
             self.plot.clear_data()
         self._error_shown = False
         self._total = int(settings.iterations)
         # detached: the run outlives the viewer, and reopening the project finds it (TrainerProcess)
-        self.train_job = Job(cmd, Path(run) / "train.log", stop_file=Path(run) / "STOP", detach=True)
+        self.train_job = Job(cmd, folder.log, stop_file=folder.stop_file, detach=True)
         self.status_label.setText(f"starting {'resumed ' if resume else ''}training ({settings.method}) ...")
         self.poll_timer.start()
         self._update_buttons()

@@ -15,17 +15,25 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from .errors import CheckpointError, ResourceError, SGRSError
+from . import memory  # as a module: its free-memory probe is replaced in tests
+from .network import build_model
 
 # the one atomic writer (torch-free, shared with the CLI's output rules); re-exported here for callers
 from .outputs import atomic_write_bytes, file_sha256, remove_stale_temp_files  # noqa: E402,F401
+from .runfolder import RunFolder
+from .vnet import MAX_BASE_FILTERS
 
 FORMAT_VERSION = 1
 
@@ -44,8 +52,6 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Atomically write a checkpoint; returns its sha256 (hex)."""
-    from safetensors.torch import save
-
     meta = dict(meta, format_version=FORMAT_VERSION)
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = save(flat, metadata={"sgrs": json.dumps(meta)})
@@ -58,17 +64,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     Accepts our safetensors files, and ``.pt``/``.pth`` state dicts through
     ``torch.load(weights_only=True)``. Anything else, or a file that tries to run code, raises
-    CheckpointError with the path and what to do.
+    CheckpointError with the path and what to do. A run folder gives its last checkpoint.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.safetensors"
+        path = RunFolder(path).last
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there; train first (sgrs train --out RUN) "
-                              f"or pass the run folder that holds checkpoints/last.safetensors")
+                              f"or pass the run folder that holds {RunFolder.relative('last')}")
     _check_fits_in_memory(path)
     try:
         data = path.read_bytes()
@@ -79,8 +82,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return _load_pickle_weights_only(path, digest)
     try:
         tensors = load(data)
-        import safetensors
-
         # metadata is in the header; safe_open parses only the JSON header, never code.
         with safetensors.safe_open(str(path), framework="pt") as fh:
             raw_meta = (fh.metadata() or {}).get("sgrs")
@@ -92,7 +93,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"Use a checkpoint written by sgrs train") from exc
     if raw_meta is None:
         raise CheckpointError(f"{path}: safetensors file without sgrs metadata; it was not written by "
-                              f"sgrs train, use a run folder's checkpoints/last.safetensors")
+                              f"sgrs train, use a run folder's {RunFolder.relative('last')}")
     try:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as exc:
@@ -103,19 +104,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def _check_fits_in_memory(path: Path) -> None:
     """Loading holds the file's bytes and the tensors made from them: refuse before reading."""
-    from .memory import HEADROOM, _gib, host_available_bytes
-
     size = path.stat().st_size
-    free = host_available_bytes()
-    if free is not None and 2 * size > HEADROOM * free:
-        raise ResourceError(f"{path}: loading this {_gib(size)} checkpoint needs about {_gib(2 * size)} of memory "
-                            f"but only {_gib(free)} is free; free memory or use a machine with more")
+    free = memory.host_available_bytes()
+    if free is not None and 2 * size > memory.HEADROOM * free:
+        gib = memory._gib
+        raise ResourceError(f"{path}: loading this {gib(size)} checkpoint needs about {gib(2 * size)} of memory "
+                            f"but only {gib(free)} is free; free memory or use a machine with more")
 
 
 def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
     """The metadata sizes the network that is built before the weights are loaded: a header that
     lies (a billion classes, a text where a number goes) must fail here, not allocate or crash."""
-    from .vnet import MAX_BASE_FILTERS
 
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: not a valid sgrs checkpoint: {what}; use a checkpoint written by sgrs train")
@@ -138,6 +137,10 @@ def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None
     if patch is not None and not (isinstance(patch, list) and len(patch) == 3
                                   and all(type(p) is int and 16 <= p <= 4096 and p % 16 == 0 for p in patch)):
         raise bad(f"patch_size {patch!r} is not 3 multiples of 16")
+    window = config.get("ct_window")  # read back as a pair by Predictor
+    if "ct_window" in config and not (isinstance(window, list) and len(window) == 2
+                                      and all(type(w) in (int, float) and math.isfinite(w) for w in window)):
+        raise bad(f"ct_window {window!r} is not 2 numbers")
     tau = meta.get("tau")
     if tau is not None and not (type(tau) in (int, float) and 0 < tau < float("inf")):
         raise bad(f"tau {tau!r} is not a positive number")
@@ -165,8 +168,6 @@ def _check_shapes(config: dict, num_classes: int, tensors: dict[str, torch.Tenso
     for a huge network costs a few Python objects here instead of gigabytes later; a real
     network is built only once every tensor matches it (and then has the file's size).
     """
-    from .train import build_model  # train imports this module
-
     try:
         with torch.device("meta"):
             net = build_model(config, num_classes)
@@ -199,8 +200,6 @@ def _check_shapes(config: dict, num_classes: int, tensors: dict[str, torch.Tenso
 
 
 def _load_pickle_weights_only(path: Path, digest: str) -> Checkpoint:
-    import pickle
-
     try:
         with warnings.catch_warnings():
             # torch notes any pickle protocol but its own (2); the file is taken as plain tensors or

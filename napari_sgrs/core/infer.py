@@ -24,10 +24,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import load_checkpoint
 from .codes import Region
 from .data import nan_mask, normalise, pad_to
+from .device import configure_backends, resolve_device
 from .errors import CheckpointError, ConfigError, InputError, InputWarning
+from .network import build_model
 from .postprocess import keep_largest_component, resolve_largest_component
+from .runfolder import RunFolder
 from .sgrs import PAPER_TAU, synergy_regions
 
 INFERENCE_MIX_LAMBDA = 0.75
@@ -125,14 +129,13 @@ class Predictor:
     @classmethod
     def from_run(cls, run: str | Path, device: str = "auto", checkpoint: str = "last",
                  model: str = "student") -> "Predictor":
-        """Load ``RUN/checkpoints/<checkpoint>.safetensors`` (or a checkpoint file path)."""
-        from .checkpoint import load_checkpoint
-        from .train import TrainConfig, build_model, configure_backends, resolve_device
-
+        """Load a run folder's ``checkpoint`` (last or best; :class:`~.runfolder.RunFolder`), or a
+        checkpoint file path."""
         run = Path(run)
-        path = run if run.is_file() else run / "checkpoints" / f"{checkpoint}.safetensors"
-        if not path.exists() and run.is_dir() and not (run / "checkpoints").exists():
-            raise CheckpointError(f"{run}: not a run folder (no checkpoints/ inside); pass the folder given "
+        folder = RunFolder(run)
+        path = run if run.is_file() else folder.checkpoint(checkpoint)
+        if not path.exists() and run.is_dir() and not folder.checkpoints.exists():
+            raise CheckpointError(f"{run}: not a run folder (no {RunFolder.CHECKPOINTS}/ inside); pass the folder given "
                                   f"to sgrs train --out")
         ckpt = load_checkpoint(path)
         meta = ckpt.meta
@@ -140,7 +143,7 @@ class Predictor:
             raise CheckpointError(f"{path}: checkpoint metadata lacks num_classes; use a checkpoint written by "
                                   f"sgrs train")
         dev = resolve_device(device)
-        configure_backends(dev, TrainConfig.from_json(meta["config"]))  # windows have one shape: cuDNN autotunes
+        configure_backends(dev, meta["config"])  # windows have one shape: cuDNN autotunes
         net = build_model(meta["config"], meta["num_classes"])
         state = ckpt.state_dict(model)
         if not state:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, ConfigError, InputError, LockedError
 from .lockfile import LOCK_NAME, FolderLock, holder_message, read_holder
-from .outputs import is_temp_of, remove_stale_temp_files
+from .outputs import atomic_write_bytes, is_temp_of, remove_stale_temp_files
 
 __all__ = ["RunFolder", "process_start_time"]
 
@@ -66,7 +66,12 @@ class RunFolder:
     def checkpoint(self, kind: str = "last") -> Path:
         if kind not in self.CHECKPOINT_KINDS:
             raise ConfigError(f"checkpoint {kind!r}: use last or best")
-        return self.checkpoints / f"{kind}.safetensors"
+        return self.path / self.relative(kind)
+
+    @classmethod
+    def relative(cls, kind: str = "last") -> str:
+        """A checkpoint's place inside any run folder, as messages name it: ``checkpoints/last.safetensors``."""
+        return f"{cls.CHECKPOINTS}/{kind}.safetensors"
 
     @property
     def last(self) -> Path:
@@ -118,6 +123,10 @@ class RunFolder:
                              f"restore the run's config.json")
         return data["config"]
 
+    def write_config(self, record: dict) -> None:
+        """Replace config.json atomically with ``record`` (``{"config": {...}, ...}``), indented JSON."""
+        atomic_write_bytes(self.config, json.dumps(record, indent=2).encode())
+
     def check_output(self, resume: bool = False, holding_lock: bool = False) -> None:
         """Refuse a folder that ``sgrs train --out`` must not write into (one line: the folder
         and the fix). A new run needs a folder that is absent, empty, or an sgrs run without a
@@ -134,7 +143,7 @@ class RunFolder:
             raise LockedError(holder_message(p, holder), holder)
         if resume:
             if not self.last.is_file():
-                raise CheckpointError(f"{p}: nothing to resume (no {self.CHECKPOINTS}/last.safetensors); start "
+                raise CheckpointError(f"{p}: nothing to resume (no {self.relative('last')}); start "
                                       f"without --resume")
             return
         if self.last.is_file():

@@ -1,8 +1,10 @@
 """SGRS-Net training: Mean Teacher on a V-Net with Mix Augmentation and regional pseudo-label losses.
 
 ``train(config, cases, run_dir)`` is the one entry point; the CLI and the napari plugin (which
-runs ``sgrs train`` in a separate process) call it. Progress goes out as typed events
-(:mod:`.events`) to ``RUN/events.jsonl`` and to optional in-process listeners.
+runs ``sgrs train`` in a separate process) call it, and it runs a :class:`Trainer`. Progress goes
+out as typed events (:mod:`.events`) to the run folder's events file (:class:`~.runfolder.RunFolder`)
+and to optional in-process listeners. The loss of each method is a step function of :mod:`.steps`;
+validation (the one use of inference) is :mod:`.validation`'s.
 
 Ramp-up: the paper ramps the unlabeled-loss weight over 6,000 of 15,000 steps. With another
 budget the ramp keeps that proportion: its length is ``rampup_fraction`` (0.4) x iterations,
@@ -13,64 +15,36 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from . import sgrs as S
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from .data import PatchSampler, TwoStreamBatches, auto_patch, make_sample, normalise
-from .errors import CheckpointError, ConfigError, InputError, ResourceError, SGRSError, TrainingDiverged, os_reason
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import (BatchStream, PatchSampler, TwoStreamBatches, auto_patch, make_sample,
+                   mask_outside_view, normalise, pad_to)
+from .device import amp_dtype, configure_backends, peak_memory_mb, resolve_device, share_cpu_threads
+from .distributed import (any_rank, barrier, broadcast_float, ddp, gather_objects, on_main_thread, rank_info,
+                          start_group, stop_group)
+from .errors import CheckpointError, InputError, ResourceError, SGRSError, TrainingDiverged, os_reason
 from .events import EventKind, EventWriter
+from .io import check_pair, read_volume, validate_label
 from .memory import check_memory, estimate_training_memory  # noqa: F401 - estimate: re-exported
+from .network import build_model, load_momentum, make_optimizer, optimizer_tensors, set_learning_rate
 from .postprocess import single_component_classes
 from .runfolder import RunFolder, process_start_time
-from .settings import MAX_CLASSES, TrainConfig, _check_ignore_is_no_class, check_resumable  # TrainConfig: re-exported
-from .vnet import VNet
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """The learning rate at ``step``: constant (paper) or poly decay to 0 at the last step."""
-    if config.lr_schedule == "constant":
-        return config.lr
-    return config.lr * (1.0 - min(step, config.iterations - 1) / config.iterations) ** 0.9
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> CUDA, then Apple MPS, then CPU. An explicit device that is absent is an error."""
-    d = (device or "auto").lower()
-    if d == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if d == "cpu":
-        return torch.device("cpu")
-    if d.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu "
-                              f"or auto")
-        return torch.device(d)
-    if d == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu or auto")
-        return torch.device("mps")
-    raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
-
-
-def build_model(config: TrainConfig | dict, num_classes: int) -> VNet:
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_json(config)
-    return VNet(1, num_classes, cfg.base_filters, dropout=cfg.dropout)
+from .settings import (MAX_CLASSES, TrainConfig, _check_ignore_is_no_class,  # TrainConfig: re-exported
+                       check_resumable)
+from .steps import STEPS, LabelAnchor, StepOutput
+from .validation import validate
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -98,9 +72,6 @@ def load_cases(cases: list, config: TrainConfig, notes: list[str] | None = None
     count is inferred and is not the plain 0/1 of every label, a one-line note naming the values
     found is appended to ``notes`` (the CLI prints it).
     """
-    from .data import mask_outside_view
-    from .io import check_pair, read_volume, validate_label
-
     config.validate()  # the ranges of --ignore-index and --num-classes, before any volume is read
     ignore = config.ignore_index
     k_given = config.num_classes
@@ -212,8 +183,6 @@ def split_validation(labeled: list[LoadedCase], fraction: float, seed: int
 
 def partner_patch(case: LoadedCase, patch: tuple[int, int, int], config: TrainConfig) -> np.ndarray:
     """A labeled patch centred on the target: the fixed mixing partner for whole-volume regions."""
-    from .data import pad_to
-
     img = normalise(case.image, config.normalization, config.ct_window)
     img, _ = pad_to(img, patch, 0.0)
     lab, _ = pad_to(case.label, patch, config.ignore_index)
@@ -223,147 +192,7 @@ def partner_patch(case: LoadedCase, patch: tuple[int, int, int], config: TrainCo
     return np.ascontiguousarray(img[z:z + patch[0], y:y + patch[1], x:x + patch[2]])
 
 
-# ----------------------------------------------------------------------------- the anchor
-
-class LabelAnchor:
-    """``--pseudo-anchor labels``: a second V-Net trained on the labeled patches alone.
-
-    It has its own initialisation, optimizer and EMA (``ema``, in eval mode, as the teacher). The
-    EMA's probabilities on the unlabeled patch are averaged with the teacher's to make the pseudo
-    label (:func:`sgrs_step`). Pseudo labels never teach it, so a mistake of the student that the
-    teacher confirms must also convince a network that has only seen labels: the loop that
-    confirms the teacher's false positives loses half its gain (co-training, in a one-sided form).
-    """
-
-    SEED_OFFSET = 104729  # the anchor's initialisation stream, apart from the student's
-
-    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device, distributed: bool):
-        with torch.random.fork_rng(devices=[]):  # the student's draws stay what they were without it
-            torch.manual_seed(config.seed + self.SEED_OFFSET)
-            net = build_model(config, num_classes)
-        self.net = net.to(device, memory_format=torch.channels_last_3d).train()
-        self.ema = copy.deepcopy(net).eval()
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
-        self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
-        self.forward = _ddp(net, device) if distributed else net
-        self.config = config
-        amp = _amp_dtype(config.amp, device)
-        self.autocast = dict(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """One supervised SGD step on the labeled patches, then its EMA update. Returns the loss,
-        detached and left on the device: the loop reads it only when it logs, so a GPU step does
-        not wait for it."""
-        with torch.autocast(**self.autocast):
-            loss = S.supervised_loss(self.forward(x), y, self.config.ignore_index)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        S.ema_update(self.ema, self.net, S.ema_alpha(step, self.config.ema_decay))
-        return loss.detach()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"anchor.{k}": v for k, v in self.net.state_dict().items()},
-                **{f"anchor_ema.{k}": v for k, v in self.ema.state_dict().items()},
-                **{f"anchor_{k}": v for k, v in _optimizer_tensors(self.optimizer).items()}}
-
-    def load(self, ckpt) -> None:
-        """Restore from a checkpoint of an anchored run (CheckpointError if it has no anchor)."""
-        state, ema = ckpt.state_dict("anchor"), ckpt.state_dict("anchor_ema")
-        if not state or not ema:
-            raise CheckpointError("cannot resume with --pseudo-anchor labels: the run was trained without the "
-                                  "anchor; pass --pseudo-anchor off")
-        self.net.load_state_dict(state)
-        self.ema.load_state_dict(ema)
-        _load_momentum(self.optimizer, ckpt, "anchor_optim.momentum")
-
-
-def _ddp(module: torch.nn.Module, device: torch.device):
-    """Wrap for DistributedDataParallel. A 1x1x1 kernel is contiguous and channels-last at once;
-    channels_last gives it strides that the autograd gradient does not have, and DDP then warns
-    ("grad strides do not match bucket view strides") and copies that gradient every step. Plain
-    strides match it."""
-    for p in module.parameters():
-        if p.dim() == 5 and tuple(p.shape[2:]) == (1, 1, 1):
-            p.data = p.data.clone(memory_format=torch.contiguous_format)
-    return torch.nn.parallel.DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-# ----------------------------------------------------------------------------- the step
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    loss_sup: float
-    loss_unsup: float
-    weight: float
-    regions: dict[str, float] = field(default_factory=dict)
-
-
-def sgrs_step(student, teacher, x, y, u, step: int, config: TrainConfig, rng: np.random.Generator,
-              gen: torch.Generator | None, rampup_len: float, num_classes: int, anchor=None) -> StepOutput:
-    """One training step's loss (no backward). x (b,1,D,H,W), y (b,D,H,W), u (bu,1,D,H,W) or None;
-    anchor: a network (LabelAnchor.ema) whose probabilities are averaged with the teacher's into
-    the pseudo label, or None."""
-    b = x.shape[0]
-    ignore = config.ignore_index
-    if config.method == "supervised" or u is None:
-        logits = student(x)
-        ls = S.supervised_loss(logits, y, ignore)
-        return StepOutput(ls, float(ls.detach()), 0.0, 0.0)
-    bu = u.shape[0]
-    weight = config.unsup_weight * S.sigmoid_rampup(step, rampup_len)
-    u_noisy = S.add_noise(u, generator=gen)
-    gated = config.gate == "teacher-dice" and config.method == "sgrs"  # mean-teacher stays the textbook baseline
-    # the noisy labeled patches feed the mix and the gate only: no noise drawn when neither is on
-    needs_x_noisy = gated or (config.method == "sgrs" and config.use_mix)
-    x_noisy = S.add_noise(x, generator=gen) if needs_x_noisy else None
-    with torch.no_grad():
-        # With the gate, the teacher also sees the noisy labeled patches (one batched forward):
-        # its Dice there says how far its pseudo labels can be trusted right now.
-        t_out = teacher(torch.cat([u_noisy, x_noisy], 0) if gated else u_noisy)
-        teacher_logits = t_out[:bu]
-        if gated:
-            weight *= S.teacher_reliability(torch.softmax(t_out[bu:].float(), 1), y, ignore)
-    if config.method == "mean-teacher":
-        logits = student(torch.cat([x, u], 0))
-        ls = S.supervised_loss(logits[:b], y, ignore)
-        lu = F.mse_loss(torch.softmax(logits[b:], 1), torch.softmax(teacher_logits.float(), 1))
-        return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight)
-    if anchor is not None:
-        with torch.no_grad():
-            mean_probs = 0.5 * (torch.softmax(teacher_logits.float(), 1) + torch.softmax(anchor(u_noisy).float(), 1))
-        pseudo = S.hard_label(mean_probs)
-    else:
-        pseudo = S.hard_label(teacher_logits)
-    if config.use_mix:
-        lam = S.sample_mix_lambda(bu, config.mix_alpha, rng)
-        partner = torch.from_numpy(rng.integers(0, b, bu))
-        u_mix = S.mix_augment(u_noisy, x_noisy, lam, partner)
-    else:
-        u_mix = u_noisy  # ablation: the second view is the noisy unlabeled patch alone
-    logits = student(torch.cat([x, u, u_mix], 0))  # one forward over the three streams
-    ls = S.supervised_loss(logits[:b], y, ignore)
-    lu_logits, mix_logits = logits[b:b + bu], logits[b + bu:]
-    with torch.no_grad():
-        regions = S.synergy_regions(torch.softmax(lu_logits.float(), 1), torch.softmax(mix_logits.float(), 1),
-                                    config.tau)
-    if config.pseudo_views == "mix":
-        lu_logits = lu_logits.detach()  # the pseudo label only teaches the view that did not make it
-    lu = S.regional_loss(lu_logits.float(), mix_logits.float(), pseudo, regions,
-                         use_regions=config.use_regions, reference_compat=config.reference_compat,
-                         weighting=config.region_weighting)
-    return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight, regions.fractions())
-
-
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- stopping, the entry point
 
 class _StopFlag:
     """A stop request: SIGINT/SIGTERM (once installed) or a STOP file. Installed right after the
@@ -375,7 +204,7 @@ class _StopFlag:
         self._old = {}
 
     def install(self) -> None:
-        if not _on_main_thread():  # Python sets signal handlers from the main thread only
+        if not on_main_thread():  # Python sets signal handlers from the main thread only
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handler)
@@ -408,13 +237,6 @@ class TrainResult:
     last_checkpoint: Path | None  # None: stopped before any checkpoint was written
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
 def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool = False,
           listeners: list[Callable] | None = None, progress_bar: bool = False) -> TrainResult:
     """Train a network on ``cases`` (io.Case list: image, label or None) into ``run_dir``.
@@ -422,11 +244,11 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
     ``run_dir`` must be absent, empty or an sgrs run (with ``resume``: one with a checkpoint);
     anything else is refused before a byte is written. One process writes a run: the run's lock
     is taken first (under torchrun by rank 0, the only rank that writes), and a second trainer
-    gets a LockedError naming the first.
+    gets a LockedError naming the first. The training itself is a :class:`Trainer`'s.
     """
     config.validate()
     run = RunFolder(run_dir)
-    rank, world, _ = _dist_info()
+    rank, world, _ = rank_info()
     is_main = rank == 0
     # every rank checks (reads only, so a refused folder is left as it was); the lock is rank 0's
     run.check_output(resume, holding_lock=not is_main)
@@ -448,7 +270,8 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
         except OSError as exc:
             raise ResourceError(f"cannot write {run.events} ({os_reason(exc)}); choose a writable --out") from exc
         try:
-            return _train(config, cases, run, resume, writer, stop, progress_bar)
+            trainer = Trainer(config, run, writer, stop, resume=resume, progress_bar=progress_bar)
+            return trainer.run() if trainer.setup(cases) else trainer.stopped_before_training()
         finally:
             writer.close()
     except BaseException:
@@ -469,7 +292,7 @@ def train(config: TrainConfig, cases: list, run_dir: str | Path, *, resume: bool
 def _open_run_folder(run: RunFolder, config: TrainConfig, resume: bool) -> bool:
     """Under the run's lock, before the slow start-up: what a killed run left is cleared (a STOP
     touched before this process started, sgrs's own temp files), and a new run writes its
-    config.json at once, which makes the folder an sgrs run from now on. True for a new run."""
+    settings at once, which makes the folder an sgrs run from now on. True for a new run."""
     run.check_output(resume, holding_lock=True)  # again: the folder cannot change under the lock
     try:
         run.clear_stale_stop(process_start_time())
@@ -479,450 +302,372 @@ def _open_run_folder(run: RunFolder, config: TrainConfig, resume: bool) -> bool:
     run.remove_stale_temp_files()
     if run.is_run():
         return False
-    atomic_write_bytes(run.config, json.dumps({"config": config.to_json()}, indent=2).encode())
+    run.write_config({"config": config.to_json()})
     return True
 
 
-def _train(config: TrainConfig, cases: list, run: RunFolder, resume: bool, writer: EventWriter, stop: _StopFlag,
-           progress_bar: bool) -> TrainResult:
-    run_dir = run.path
-    rank, world, local_rank = _dist_info()
-    distributed = world > 1
-    is_main = rank == 0
+# ----------------------------------------------------------------------------- the trainer
 
-    device = resolve_device(config.device)
-    if device.type == "cpu":
-        _share_cpu_threads()
-    if distributed:
-        import torch.distributed as dist
+class Trainer:
+    """One run's training in this process (one rank under torchrun; rank 0 alone writes).
 
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if config.sync_bn and device.type != "cuda":
-            raise ConfigError(f"--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on "
-                              f"{device.type}); drop --sync-bn on CPU")
-        if not dist.is_initialized():
-            import datetime
+    :meth:`setup` reads the volumes and builds the networks (from the last checkpoint with
+    ``resume``: :meth:`restore`); :meth:`run` trains to the last step or a stop; :meth:`save` writes
+    a checkpoint. The loss of a step is the method's step function (:data:`.steps.STEPS`).
+    """
 
-            # Rank 0 validates and checkpoints while the others wait in the next collective:
-            # a generous timeout keeps a long validation from killing the run.
-            with _signals_to_main_thread():
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                        timeout=datetime.timedelta(minutes=60))
+    def __init__(self, config: TrainConfig, folder: RunFolder, writer: EventWriter, stop: _StopFlag, *,
+                 resume: bool = False, progress_bar: bool = False):
+        self.config, self.folder, self.writer, self.stop = config, folder, writer, stop
+        self.resume, self.progress_bar = resume, progress_bar
+        self.rank, self.world, self.local_rank = rank_info()
+        self.distributed = self.world > 1
+        self.is_main = self.rank == 0
+        self.step_fn = STEPS[config.method]
+        self.step = 0
+        self.best_dice: float | None = None
+        self.saved_step: int | None = None  # the step of the last checkpoint on disk
+        self.last_path: Path | None = None
+        self.last_val: float | None = None
+        self.anchor: LabelAnchor | None = None
+        self.bar = self.batch_source = None
 
-    configure_backends(device, config)
-    # Determinism on CPU for a given seed: seeded generators, deterministic algorithms.
-    torch.manual_seed(config.seed + rank)
-    rng = np.random.default_rng(config.seed + rank)
-    gen = torch.Generator(device=device).manual_seed(config.seed + 7919 * (rank + 1))
+    # ---- setup
+    def setup(self, cases: list) -> bool:
+        """Everything before the first step. False when a stop came while the volumes loaded:
+        nothing was built then (:meth:`stopped_before_training`)."""
+        self._start_device()
+        if not self._load_data(cases):
+            return False
+        self._build_networks()
+        if self.resume:
+            self.restore()
+        self._prepare_forward()
+        self._write_record()
+        return True
 
-    notes: list[str] = []  # one-line notices from the data checks, sent with the started event
-    loaded, num_classes = load_cases(cases, config, notes)
-    if _any_rank(stop.requested(), distributed, device):  # stopped while the volumes loaded
-        return _stopped_before_training(run, resume, writer, stop, distributed, device)
-    labeled = [c for c in loaded if c.label is not None]
-    train_lab, val = split_validation(labeled, config.val_fraction, config.seed)
-    # Validation volumes give their images (not labels) to the unlabeled stream: that is
-    # what a semi-supervised method may use, and it keeps every image in play.
-    unlabeled = [c for c in loaded if c.label is None] + val
-    if config.method != "supervised" and not unlabeled:
-        raise InputError("method needs unlabeled volumes but every image has a label: add images without "
-                         "labels or use --method supervised")
-    patch = tuple(config.patch_size) if config.patch_size else auto_patch([c.image.shape for c in loaded])
-    config.patch_size = patch
-    config.validate()  # what depends on the patch (batch normalisation's batch) now that it is known
-    check_memory(config, patch, num_classes, device,
-                 data_voxels=sum(c.image.size for c in loaded))  # before any model or batch exists
+    def _start_device(self) -> None:
+        """The device, the process group under torchrun, and the seeded generators (per rank)."""
+        config = self.config
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            share_cpu_threads()
+        if self.distributed:
+            self.device = start_group(self.device, self.local_rank, config.sync_bn)
+        configure_backends(self.device, config)
+        # Determinism on CPU for a given seed: seeded generators, deterministic algorithms.
+        torch.manual_seed(config.seed + self.rank)
+        self.rng = np.random.default_rng(config.seed + self.rank)
+        self.gen = torch.Generator(device=self.device).manual_seed(config.seed + 7919 * (self.rank + 1))
 
-    def prep(c: LoadedCase, with_label: bool):
-        img = normalise(c.image, config.normalization, config.ct_window)
-        return make_sample(c.name, img, c.label if with_label else None, patch, config.ignore_index)
+    def _load_data(self, cases: list) -> bool:
+        """Read and split the volumes, fix the patch and check memory; the patch sampler. False:
+        stopped while the volumes loaded."""
+        config = self.config
+        self.notes: list[str] = []  # one-line notices from the data checks, sent with the started event
+        loaded, self.num_classes = load_cases(cases, config, self.notes)
+        if any_rank(self.stop.requested(), self.distributed, self.device):
+            return False
+        self.labeled = [c for c in loaded if c.label is not None]
+        self.train_lab, self.val = split_validation(self.labeled, config.val_fraction, config.seed)
+        # Validation volumes give their images (not labels) to the unlabeled stream: that is
+        # what a semi-supervised method may use, and it keeps every image in play.
+        self.unlabeled = [c for c in loaded if c.label is None] + self.val
+        if config.method != "supervised" and not self.unlabeled:
+            raise InputError("method needs unlabeled volumes but every image has a label: add images without "
+                             "labels or use --method supervised")
+        self.patch = tuple(config.patch_size) if config.patch_size else auto_patch([c.image.shape for c in loaded])
+        config.patch_size = self.patch
+        config.validate()  # what depends on the patch (batch normalisation's batch) now that it is known
+        check_memory(config, self.patch, self.num_classes, self.device,
+                     data_voxels=sum(c.image.size for c in loaded))  # before any model or batch exists
+        self._make_batches()
+        return True
 
-    sampler = PatchSampler(patch, rng, augment=True, foreground_fraction=config.foreground_fraction)
-    lab_batch = config.batch_size if config.method == "supervised" else config.labeled_batch_size
-    unl_batch = 0 if config.method == "supervised" else config.batch_size - config.labeled_batch_size
-    batches = TwoStreamBatches([prep(c, True) for c in train_lab], [prep(c, False) for c in unlabeled],
-                               lab_batch, unl_batch, sampler, rank, world)
-    rank_volumes = {"rank": rank, "pid": os.getpid(), "labeled": [s.name for s in batches.labeled],
-                    "unlabeled": [s.name for s in batches.unlabeled]}
+    def _make_batches(self) -> None:
+        config, patch = self.config, self.patch
 
-    student = build_model(config, num_classes)
-    if config.sync_bn and distributed:
-        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    # channels_last_3d: several times faster Conv3d backward on CPU (benchmarks/RESULTS.md)
-    student = student.to(device, memory_format=torch.channels_last_3d)
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+        def prep(c: LoadedCase, with_label: bool):
+            img = normalise(c.image, config.normalization, config.ct_window)
+            return make_sample(c.name, img, c.label if with_label else None, patch, config.ignore_index)
 
-    anchor = (LabelAnchor(config, num_classes, device, distributed)
-              if config.method == "sgrs" and config.pseudo_anchor == "labels" else None)
+        sampler = PatchSampler(patch, self.rng, augment=True, foreground_fraction=config.foreground_fraction)
+        lab_batch = config.batch_size if config.method == "supervised" else config.labeled_batch_size
+        unl_batch = 0 if config.method == "supervised" else config.batch_size - config.labeled_batch_size
+        self.batches = TwoStreamBatches([prep(c, True) for c in self.train_lab],
+                                        [prep(c, False) for c in self.unlabeled],
+                                        lab_batch, unl_batch, sampler, self.rank, self.world)
+        self.rank_volumes = {"rank": self.rank, "pid": os.getpid(),
+                             "labeled": [s.name for s in self.batches.labeled],
+                             "unlabeled": [s.name for s in self.batches.unlabeled]}
 
-    step = 0
-    best_dice: float | None = None
-    if resume:
-        step, best_dice = _restore(run_dir, config, student, teacher, optimizer, rng, gen, num_classes, patch,
-                                   anchor)
-        if rank > 0:  # the checkpoint holds rank 0's generators: give the other ranks their own streams
-            rng.bit_generator.state = np.random.default_rng([config.seed, rank, step]).bit_generator.state
-            gen.manual_seed(config.seed + 7919 * (rank + 1) + step)
+    def _build_networks(self) -> None:
+        """Student, teacher (its EMA), the optimiser, and sgrs's label anchor when asked for."""
+        config = self.config
+        student = build_model(config, self.num_classes)
+        if config.sync_bn and self.distributed:
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        # channels_last_3d: several times faster Conv3d backward on CPU (benchmarks/RESULTS.md)
+        self.student = student.to(self.device, memory_format=torch.channels_last_3d)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.optimizer = make_optimizer(self.student, config)
+        if config.method == "sgrs" and config.pseudo_anchor == "labels":
+            self.anchor = LabelAnchor(config, self.num_classes, self.device, self.distributed)
 
-    forward_student = _ddp(student, device) if distributed else student
-    if config.compile:
-        forward_student = torch.compile(forward_student)
+    def _prepare_forward(self) -> None:
+        """The student's forward (DDP, compiled) and mixed precision."""
+        forward = ddp(self.student, self.device) if self.distributed else self.student
+        self.forward_student = torch.compile(forward) if self.config.compile else forward
+        self.amp_dtype = amp_dtype(self.config.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
-    amp_dtype = _amp_dtype(config.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    def _write_record(self) -> None:
+        """The run's record (settings, classes, case lists): config.json, and the metadata of
+        every checkpoint. The ranks' volume lists go to the started event."""
+        config, patch = self.config, self.patch
+        self.meta = {"config": config.to_json(), "num_classes": self.num_classes, "tau": config.tau,
+                     "patch_size": list(patch), "train_cases": [c.name for c in self.train_lab],
+                     "val_cases": [c.name for c in self.val], "unlabeled_cases": [c.name for c in self.unlabeled],
+                     # which classes `predict --largest-component auto` may reduce to one component
+                     "single_component_classes": single_component_classes([c.label for c in self.labeled],
+                                                                          self.num_classes)}
+        self.partner = torch.from_numpy(partner_patch(self.train_lab[0], patch, config))
+        if self.is_main:
+            self.folder.write_config(self.meta)
+        # (A stale STOP file went before the process group formed: rank 0 removes it right after
+        # taking the lock.)
+        self.per_rank_volumes = (gather_objects(self.rank_volumes, self.world) if self.distributed
+                                 else [self.rank_volumes])
+        self.saved_step = self.step if self.resume else None
 
-    meta_base = {"config": config.to_json(), "num_classes": num_classes, "tau": config.tau,
-                 "patch_size": list(patch), "train_cases": [c.name for c in train_lab],
-                 "val_cases": [c.name for c in val], "unlabeled_cases": [c.name for c in unlabeled],
-                 # which classes `predict --largest-component auto` may reduce to one component
-                 "single_component_classes": single_component_classes([c.label for c in labeled], num_classes)}
-    partner = torch.from_numpy(partner_patch(train_lab[0], patch, config))
-
-    if is_main:
-        atomic_write_bytes(run.config, json.dumps(meta_base, indent=2).encode())
-    per_rank_volumes = [rank_volumes]
-    if distributed:
-        import torch.distributed as dist
-
-        # The volume lists of the ranks go into the started event so a run shows how the data
-        # was split. (A stale STOP file went before the process group formed: rank 0 removes it
-        # right after taking the lock.)
-        per_rank_volumes = [None] * world
-        dist.all_gather_object(per_rank_volumes, rank_volumes)
-
-    saved_step = step if resume else None  # the step of the last checkpoint on disk
-
-    def save(kind: str) -> Path:
-        nonlocal saved_step
-        path = run.checkpoint(kind)
-        tensors = {**{f"student.{k}": v for k, v in student.state_dict().items()},
-                   **{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
-                   **_optimizer_tensors(optimizer), **(anchor.tensors() if anchor else {}), "partner.image": partner,
-                   "rng.torch": torch.random.get_rng_state(), "rng.noise": gen.get_state()}
-        meta = dict(meta_base, step=step, best_dice=best_dice, rng_numpy=_json_rng(rng),
-                    method=config.method)
+    # ---- checkpoints
+    def save(self, kind: str) -> Path:
+        """Write the ``kind`` (last, best) checkpoint of this step and announce it."""
+        path = self.folder.checkpoint(kind)
+        tensors = {**{f"student.{k}": v for k, v in self.student.state_dict().items()},
+                   **{f"teacher.{k}": v for k, v in self.teacher.state_dict().items()},
+                   **optimizer_tensors(self.optimizer), **(self.anchor.tensors() if self.anchor else {}),
+                   "partner.image": self.partner,
+                   "rng.torch": torch.random.get_rng_state(), "rng.noise": self.gen.get_state()}
+        meta = dict(self.meta, step=self.step, best_dice=self.best_dice, rng_numpy=self.rng.bit_generator.state,
+                    method=self.config.method)
         digest = save_checkpoint(path, tensors, meta)
         if kind == "last":
-            saved_step = step
-        writer.emit(EventKind.CHECKPOINT, step, path=str(path), sha256=digest, best=kind == "best")
+            self.saved_step = self.step
+        self.writer.emit(EventKind.CHECKPOINT, self.step, path=str(path), sha256=digest, best=kind == "best")
         return path
 
-    rampup_len = config.rampup_fraction * config.iterations
-    val_every = config.val_every or max(1, config.iterations // 10)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    writer.emit(EventKind.STARTED, step, total=config.iterations, device=device_name, method=config.method,
-                num_classes=num_classes, patch_size=list(patch), labeled=len(train_lab),
-                unlabeled=len(unlabeled), validation=len(val), world_size=world, ranks=per_rank_volumes,
-                workers=config.workers, **({"note": " ".join(notes)} if notes else {}))
-    batch_source = _batch_source(batches, config, rank, world, device, step)
-    bar = None
-    if progress_bar and is_main:
-        from tqdm import tqdm
+    def restore(self) -> None:
+        """Networks, optimiser, anchor, generators and step from the last checkpoint, refused when
+        it does not match this run's settings and data."""
+        ckpt = load_checkpoint(self.folder.last)
+        meta = ckpt.meta
+        check_resumable(meta.get("config", {}), ckpt.path)
+        _check_same_run(meta, self.config, self.num_classes, self.patch)
+        self.student.load_state_dict(ckpt.state_dict("student"))
+        self.teacher.load_state_dict(ckpt.state_dict("teacher"))
+        load_momentum(self.optimizer, ckpt.tensors, "optim.momentum")
+        if self.anchor is not None:
+            self.anchor.load(ckpt)
+        if "rng_numpy" in meta:
+            self.rng.bit_generator.state = meta["rng_numpy"]
+        if "rng.torch" in ckpt.tensors:
+            torch.random.set_rng_state(ckpt.tensors["rng.torch"])
+        if "rng.noise" in ckpt.tensors:
+            self.gen.set_state(ckpt.tensors["rng.noise"])
+        self.step, self.best_dice = int(meta.get("step", 0)), meta.get("best_dice")
+        if self.rank > 0:  # the checkpoint holds rank 0's generators: give the other ranks their own streams
+            seed = self.config.seed
+            self.rng.bit_generator.state = np.random.default_rng([seed, self.rank, self.step]).bit_generator.state
+            self.gen.manual_seed(seed + 7919 * (self.rank + 1) + self.step)
 
-        bar = tqdm(total=config.iterations, initial=step, desc=config.method, unit="step", dynamic_ncols=True)
-    student.train()
-    teacher.eval()  # teacher: EMA weights and BN statistics, no dropout
-    t0, step0 = time.time(), step
-    last_path = run.last if resume else None
-    stopped = False
-    last_val: float | None = None
-    try:
-        while step < config.iterations:
+    # ---- the loop
+    def run(self) -> TrainResult:
+        """Train from the current step to ``config.iterations`` or a stop request."""
+        self._announce()
+        self.batch_source = _batch_source(self.batches, self.config, self.rank, self.device, self.step)
+        if self.progress_bar and self.is_main:
+            self.bar = tqdm(total=self.config.iterations, initial=self.step, desc=self.config.method, unit="step",
+                            dynamic_ncols=True)
+        self.student.train()
+        self.teacher.eval()  # teacher: EMA weights and BN statistics, no dropout
+        self.t0, self.step0 = time.time(), self.step
+        self.last_path = self.folder.last if self.resume else None
+        stopped = False
+        try:
+            stopped = self._loop()
+            self._finish(stopped)
+        except SGRSError as exc:
+            if not isinstance(exc, TrainingDiverged):
+                self.writer.emit(EventKind.ERROR, self.step, message=str(exc))
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            msg = (f"the GPU ran out of memory at step {self.step}; use a smaller --patch-size, --batch-size or "
+                   f"--base-filters, or --amp bf16")
+            self.writer.emit(EventKind.ERROR, self.step, message=msg)
+            raise ResourceError(msg) from exc
+        finally:
+            self._release()
+        return TrainResult(self.folder.path, self.step, stopped, self.best_dice, self.last_path)
+
+    def _announce(self) -> None:
+        config = self.config
+        self.rampup_len = config.rampup_fraction * config.iterations
+        self.val_every = config.val_every or max(1, config.iterations // 10)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+        self.writer.emit(EventKind.STARTED, self.step, total=config.iterations, device=self.device_name,
+                         method=config.method, num_classes=self.num_classes, patch_size=list(self.patch),
+                         labeled=len(self.train_lab), unlabeled=len(self.unlabeled), validation=len(self.val),
+                         world_size=self.world, ranks=self.per_rank_volumes, workers=config.workers,
+                         **({"note": " ".join(self.notes)} if self.notes else {}))
+
+    def _loop(self) -> bool:
+        """Steps until the last; True when a stop request ended it."""
+        while self.step < self.config.iterations:
             # Every rank takes the same branch (any rank's STOP/SIGTERM stops all), so none is
             # left waiting in a collective of DistributedDataParallel.
-            if _any_rank(stop.requested(), distributed, device):
-                stopped = True
-                stop.reason = stop.reason or "stop requested on another rank"
-                break
-            x, y, u = next(batch_source)
-            if device.type == "cuda" and config.workers == 0:  # workers pin in the DataLoader
-                x, y = x.pin_memory(), y.pin_memory()
-                u = u.pin_memory() if u is not None else None
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            u = u.to(device, non_blocking=True) if u is not None else None
-            x = x.to(memory_format=torch.channels_last_3d)
-            u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = sgrs_step(forward_student, teacher, x, y, u, step, config, rng, gen, rampup_len,
-                                num_classes, anchor=anchor.ema if anchor else None)
-            if _any_rank(not bool(torch.isfinite(out.loss)), distributed, device):
-                value = (f"{float(out.loss.detach())}" if not torch.isfinite(out.loss)
-                         else "non-finite on another rank")
-                kept = (f"the last good checkpoint, {run.last} (step {saved_step}), is kept" if saved_step is not None
-                        else "no checkpoint was written yet")
-                msg = (f"{run_dir}: the loss became {value} at step {step}; training stopped and {kept}. "
-                       f"Lower --lr or check the images for extreme values")
-                writer.emit(EventKind.ERROR, step, message=msg)
-                raise TrainingDiverged(msg)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if config.reference_compat:
-                S.reference_weight_decay(student)
-                S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
-            S.ema_update(teacher, student, S.ema_alpha(step, config.ema_decay))
-            # the anchor learns from the same labeled patches, never from pseudo labels
-            loss_anchor = anchor.step(x, y, step) if anchor else None
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            if step % config.log_every == 0 or step == config.iterations:
-                rate = (step - step0) / max(time.time() - t0, 1e-9)
-                writer.emit(EventKind.PROGRESS, step, loss=float(out.loss.detach()), loss_sup=out.loss_sup,
-                            loss_unsup=out.loss_unsup, weight=out.weight, total=config.iterations,
-                            **({"loss_anchor": float(loss_anchor)} if anchor else {}),
-                            steps_per_s=rate, eta_s=(config.iterations - step) / max(rate, 1e-9),
-                            device=device_name, memory_mb=_memory_mb(device))
-                if out.regions:
-                    writer.emit(EventKind.REGIONS, step, scope="batch", **out.regions)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}",
-                                    val_dice="-" if last_val is None else f"{last_val:.3f}")
-            if is_main and val and (step % val_every == 0 or step == config.iterations):
-                last_val = _validate(student, teacher, val, meta_base, partner, device, writer, step, config)
-                if best_dice is None or last_val > best_dice:
-                    best_dice = last_val
-                    save("best")
-            if distributed and config.tau_auto and val and (step % val_every == 0 or step == config.iterations):
-                import torch.distributed as dist
+            if any_rank(self.stop.requested(), self.distributed, self.device):
+                self.stop.reason = self.stop.reason or "stop requested on another rank"
+                return True
+            self._train_step()
+        return False
 
-                tau = torch.tensor([config.tau], dtype=torch.float64, device=device)
-                dist.broadcast(tau, 0)  # rank 0 recalibrated it; all ranks use the same regions
-                config.tau = float(tau)
-            if step % config.checkpoint_every == 0 or step == config.iterations:
-                if is_main:
-                    last_path = save("last")
-                saved_step = step  # every rank knows the checkpoint rank 0 wrote (for the divergence message)
-        if stopped and is_main:
-            if step > step0:
-                last_path = save("last")
+    def _train_step(self) -> None:
+        """One step: the method's loss, the SGD update, the teacher's EMA, the anchor's own step;
+        then what falls due at the new step (log, validation, checkpoint)."""
+        config = self.config
+        x, y, u = self._next_batch()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.step_fn(self.forward_student, self.teacher, x, y, u, self.step, config, self.rng, self.gen,
+                               self.rampup_len, self.num_classes, anchor=self.anchor.ema if self.anchor else None)
+        self._check_finite(out.loss)
+        set_learning_rate(self.optimizer, config, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if config.reference_compat:
+            S.reference_weight_decay(self.student)
+            S.ema_update(self.teacher, self.student, S.ema_alpha(self.step, config.ema_decay))
+        S.ema_update(self.teacher, self.student, S.ema_alpha(self.step, config.ema_decay))
+        # the anchor learns from the same labeled patches, never from pseudo labels
+        loss_anchor = self.anchor.step(x, y, self.step) if self.anchor else None
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        self._after_step(out, loss_anchor)
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x, y, u = next(self.batch_source)
+        if self.device.type == "cuda" and self.config.workers == 0:  # workers pin in the DataLoader
+            x, y = x.pin_memory(), y.pin_memory()
+            u = u.pin_memory() if u is not None else None
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        u = u.to(self.device, non_blocking=True) if u is not None else None
+        x = x.to(memory_format=torch.channels_last_3d)
+        u = u.to(memory_format=torch.channels_last_3d) if u is not None else None
+        return x, y, u
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """TrainingDiverged (and an error event) when the loss is not finite on any rank."""
+        if not any_rank(not bool(torch.isfinite(loss)), self.distributed, self.device):
+            return
+        value = f"{float(loss.detach())}" if not torch.isfinite(loss) else "non-finite on another rank"
+        kept = (f"the last good checkpoint, {self.folder.last} (step {self.saved_step}), is kept"
+                if self.saved_step is not None else "no checkpoint was written yet")
+        msg = (f"{self.folder.path}: the loss became {value} at step {self.step}; training stopped and {kept}. "
+               f"Lower --lr or check the images for extreme values")
+        self.writer.emit(EventKind.ERROR, self.step, message=msg)
+        raise TrainingDiverged(msg)
+
+    def _after_step(self, out: StepOutput, loss_anchor: torch.Tensor | None) -> None:
+        config, step = self.config, self.step
+        last = step == config.iterations
+        if step % config.log_every == 0 or last:
+            self._log_progress(out, loss_anchor)
+        validate_now = self.val and (step % self.val_every == 0 or last)
+        if self.is_main and validate_now:
+            self._validate()
+        if self.distributed and config.tau_auto and validate_now:
+            config.tau = broadcast_float(config.tau, self.device)  # rank 0 recalibrated it
+        if step % config.checkpoint_every == 0 or last:
+            if self.is_main:
+                self.last_path = self.save("last")
+            self.saved_step = step  # every rank knows the checkpoint rank 0 wrote (for the divergence message)
+
+    def _log_progress(self, out: StepOutput, loss_anchor: torch.Tensor | None) -> None:
+        config, step = self.config, self.step
+        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
+        self.writer.emit(EventKind.PROGRESS, step, loss=float(out.loss.detach()), loss_sup=out.loss_sup,
+                         loss_unsup=out.loss_unsup, weight=out.weight, total=config.iterations,
+                         **({"loss_anchor": float(loss_anchor)} if self.anchor else {}),
+                         steps_per_s=rate, eta_s=(config.iterations - step) / max(rate, 1e-9),
+                         device=self.device_name, memory_mb=peak_memory_mb(self.device))
+        if out.regions:
+            self.writer.emit(EventKind.REGIONS, step, scope="batch", **out.regions)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}",
+                                 val_dice="-" if self.last_val is None else f"{self.last_val:.3f}")
+
+    def _validate(self) -> None:
+        """Validate the student; a better Dice than any before is saved as the best checkpoint."""
+        self.last_val = validate(self.student, self.val, self.meta, self.partner, self.device, self.writer,
+                                 self.step, self.config)
+        if self.best_dice is None or self.last_val > self.best_dice:
+            self.best_dice = self.last_val
+            self.save("best")
+
+    def _finish(self, stopped: bool) -> None:
+        """The last checkpoint of a stopped run, and the run's final event."""
+        if stopped and self.is_main:
+            if self.step > self.step0:
+                self.last_path = self.save("last")
             # else: stopped during start-up, nothing trained: the checkpoint on disk, if any, stands
-            writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=None if last_path is None else str(last_path))
+            self.writer.emit(EventKind.STOPPED, self.step, reason=self.stop.reason,
+                             path=None if self.last_path is None else str(self.last_path))
             with contextlib.suppress(OSError):
-                stop.consume()
-        elif is_main:
-            writer.emit(EventKind.FINISHED, step, path=str(last_path), best_dice=best_dice)
-        if distributed:
+                self.stop.consume()
+        elif self.is_main:
+            self.writer.emit(EventKind.FINISHED, self.step, path=str(self.last_path), best_dice=self.best_dice)
+        if self.distributed:
             # Clean end only (an exception skips this, so a failed rank cannot leave the others
             # waiting here): no rank tears its connections down while rank 0 still writes.
-            _barrier(device)
-    except SGRSError as exc:
-        if not isinstance(exc, TrainingDiverged):
-            writer.emit(EventKind.ERROR, step, message=str(exc))
-        raise
-    except torch.cuda.OutOfMemoryError as exc:
-        msg = (f"the GPU ran out of memory at step {step}; use a smaller --patch-size, --batch-size or "
-               f"--base-filters, or --amp bf16")
-        writer.emit(EventKind.ERROR, step, message=msg)
-        raise ResourceError(msg) from exc
-    finally:
-        if bar is not None:
-            bar.close()
-        del forward_student, batch_source
-        if device.type == "cuda":
+            barrier(self.device)
+
+    def _release(self) -> None:
+        """After the loop, whatever happened: the progress bar, the batch workers, cached GPU
+        memory and the process group."""
+        if self.bar is not None:
+            self.bar.close()
+        self.forward_student = self.batch_source = None
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        if distributed:
-            import torch.distributed as dist
+        if self.distributed:
+            stop_group()
 
-            dist.destroy_process_group()
-    return TrainResult(run_dir, step, stopped, best_dice, last_path)
-
-
-def _stopped_before_training(run: RunFolder, resume: bool, writer: EventWriter, stop: _StopFlag, distributed: bool,
-                             device: torch.device) -> TrainResult:
-    """A stop asked for while the volumes loaded: no network is built; a `stopped` event at the
-    step of the checkpoint on disk (0 for a new run), which stays as it is."""
-    last = run.last if resume else None
-    step = (run.checkpoint_step() or 0) if resume else 0
-    writer.emit(EventKind.STOPPED, step, reason=stop.reason, path=None if last is None else str(last),
-                note="stopped during start-up, before the first step")
-    if _dist_info()[0] == 0:  # the only rank that writes
-        with contextlib.suppress(OSError):
-            stop.consume()
-    if distributed:
-        import torch.distributed as dist
-
-        _barrier(device)
-        dist.destroy_process_group()
-    return TrainResult(run.path, step, True, None, last)
+    def stopped_before_training(self) -> TrainResult:
+        """A stop asked for while the volumes loaded: no network is built; a `stopped` event at the
+        step of the checkpoint on disk (0 for a new run), which stays as it is."""
+        last = self.folder.last if self.resume else None
+        step = (self.folder.checkpoint_step() or 0) if self.resume else 0
+        self.writer.emit(EventKind.STOPPED, step, reason=self.stop.reason, path=None if last is None else str(last),
+                         note="stopped during start-up, before the first step")
+        if self.is_main:  # the only rank that writes
+            with contextlib.suppress(OSError):
+                self.stop.consume()
+        if self.distributed:
+            barrier(self.device)
+            stop_group()
+        return TrainResult(self.folder.path, step, True, None, last)
 
 
-def _validate(student, teacher, val: list[LoadedCase], meta: dict, partner, device, writer, step,
-              config: TrainConfig) -> float:
-    """Mean foreground Dice of the student on the validation volumes (eval mode), plus the
-    per-region accuracy of its prediction: the evidence that regions separate good from bad."""
-    from .infer import Predictor
-    from .metrics import case_metrics
-
-    predictor = Predictor(student, meta, device, partner=partner)
-    try:
-        dices, acc = [], {"disregarded": [0, 0], "consistent": [0, 0], "inconsistent": [0, 0]}
-        probs, labels, valids = [], [], []
-        for case in val:
-            pred = predictor.predict(case.image, regions=True, keep_probabilities=config.tau_auto)
-            valid = case.label != meta["config"]["ignore_index"]
-            if config.tau_auto:
-                probs.append(torch.from_numpy(pred.probabilities).flatten(1))
-                labels.append(torch.from_numpy(case.label).flatten())
-                valids.append(torch.from_numpy(valid).flatten())
-            rows = case_metrics(np.where(valid, pred.label, 0), np.where(valid, case.label, 0),
-                                spacing=case.spacing, num_classes=meta["num_classes"], name=case.name)
-            dices.append(float(np.mean([r.dice for r in rows])))
-            correct = (pred.label == case.label) & valid
-            for code, name in ((1, "disregarded"), (2, "consistent"), (3, "inconsistent")):
-                m = (pred.regions == code) & valid
-                acc[name][0] += int((correct & m).sum())
-                acc[name][1] += int(m.sum())
-        dice = float(np.mean(dices))
-        if config.tau_auto:
-            tau = S.calibrate_tau(torch.cat(probs, 1), torch.cat(labels), torch.cat(valids),
-                                  error_rate=config.tau_error_rate, default=config.tau)
-            config.tau = tau
-            meta["tau"] = tau
-            meta["config"]["tau"] = tau
-            writer.emit(EventKind.REGIONS, step, scope="tau", tau=tau, error_rate=config.tau_error_rate)
-        writer.emit(EventKind.VALIDATION, step, dice=dice, per_case=dict(zip([c.name for c in val], dices)))
-        total = sum(v[1] for v in acc.values()) or 1
-        writer.emit(EventKind.REGIONS, step, scope="validation",
-                    **{k: v[1] / total for k, v in acc.items()},
-                    **{f"accuracy_{k}": (v[0] / v[1] if v[1] else None) for k, v in acc.items()})
-        return dice
-    finally:
-        student.train()
-
-
-def _share_cpu_threads() -> None:
-    """One intra-op thread per CPU this process may use (containers and taskset limit it below
-    os.cpu_count()), shared among the ranks of this node under torchrun. OMP_NUM_THREADS wins."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        usable = os.cpu_count() or 1
-    per_rank = max(1, usable // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    if torch.get_num_threads() != per_rank:
-        torch.set_num_threads(per_rank)
-
-
-def _on_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-@contextlib.contextmanager
-def _signals_to_main_thread():
-    """Block SIGINT/SIGTERM while the process group starts its communication threads, which
-    inherit the mask: a stop signal then always lands on the main thread (where Python runs the
-    handler) and never interrupts a system call inside a gloo/NCCL thread. Main thread, POSIX only;
-    a signal that arrives meanwhile stays pending and is delivered when the mask is restored."""
-    if not hasattr(signal, "pthread_sigmask") or not _on_main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _barrier(device: torch.device) -> None:
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        dist.barrier(device_ids=[device.index])
-    else:
-        dist.barrier()
-
-
-def _any_rank(flag: bool, distributed: bool, device: torch.device) -> bool:
-    """``flag`` OR-ed over the ranks (one tiny all-reduce), so every rank takes the same branch."""
-    if not distributed:
-        return bool(flag)
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _batch_source(batches: TwoStreamBatches, config: TrainConfig, rank: int, world: int,
-                  device: torch.device, start_step: int):
-    """The training batches: drawn in this process (``workers=0``, deterministic for a seed) or by
-    ``config.workers`` DataLoader processes, each with its own generator seeded from (seed, rank,
-    worker, start step), batches pinned for non-blocking copies on CUDA."""
-    if config.workers <= 0:
-        return batches
-    from torch.utils.data import DataLoader
-
-    from .data import BatchStream
-
-    stream = BatchStream(batches, seed=config.seed, rank=rank, start_step=start_step)
-    loader = DataLoader(stream, batch_size=None, num_workers=config.workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4, persistent_workers=True)
-    return iter(loader)
-
-
-def configure_backends(device: torch.device, config: TrainConfig) -> None:
-    """Backend switches for a run on ``device``; the step benchmark calls it too, so both time the same thing."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(config.cudnn_benchmark)
-
-
-def _amp_dtype(mode: str, device: torch.device):
-    if mode == "off" or device.type != "cuda":
-        return None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except Exception:  # pragma: no cover - non-POSIX
-        return 0.0
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, p in enumerate(optimizer.param_groups[0]["params"]):
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            out[f"optim.momentum.{i}"] = buf
-    return out
-
-
-def _load_momentum(optimizer: torch.optim.Optimizer, ckpt, prefix: str) -> None:
-    for i, p in enumerate(optimizer.param_groups[0]["params"]):
-        buf = ckpt.tensors.get(f"{prefix}.{i}")
-        if buf is not None:
-            optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
-
-
-def _json_rng(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
-
-
-def _restore(run_dir: Path, config: TrainConfig, student, teacher, optimizer, rng, gen, num_classes, patch,
-             anchor: LabelAnchor | None = None) -> tuple[int, float | None]:
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
-    meta = ckpt.meta
+def _check_same_run(meta: dict, config: TrainConfig, num_classes: int, patch: tuple[int, int, int]) -> None:
+    """CheckpointError unless the checkpoint was trained with this network, method, classes and patch."""
     old = meta.get("config", {})
-    check_resumable(old, ckpt.path)
     for key in ("base_filters", "method"):
         if old.get(key) != getattr(config, key):
             raise CheckpointError(f"cannot resume: the run used --{key.replace('_', '-')} {old.get(key)}, "
@@ -933,15 +678,15 @@ def _restore(run_dir: Path, config: TrainConfig, student, teacher, optimizer, rn
     if list(old.get("patch_size") or []) != list(patch):
         raise CheckpointError(f"cannot resume: the run used patch {old.get('patch_size')}, now {list(patch)}; "
                               f"pass --patch-size {' '.join(map(str, old.get('patch_size') or []))}")
-    student.load_state_dict(ckpt.state_dict("student"))
-    teacher.load_state_dict(ckpt.state_dict("teacher"))
-    _load_momentum(optimizer, ckpt, "optim.momentum")
-    if anchor is not None:
-        anchor.load(ckpt)
-    if "rng_numpy" in meta:
-        rng.bit_generator.state = meta["rng_numpy"]
-    if "rng.torch" in ckpt.tensors:
-        torch.random.set_rng_state(ckpt.tensors["rng.torch"])
-    if "rng.noise" in ckpt.tensors:
-        gen.set_state(ckpt.tensors["rng.noise"])
-    return int(meta.get("step", 0)), meta.get("best_dice")
+
+
+def _batch_source(batches: TwoStreamBatches, config: TrainConfig, rank: int, device: torch.device, start_step: int):
+    """The training batches: drawn in this process (``workers=0``, deterministic for a seed) or by
+    ``config.workers`` DataLoader processes, each with its own generator seeded from (seed, rank,
+    worker, start step), batches pinned for non-blocking copies on CUDA."""
+    if config.workers <= 0:
+        return batches
+    stream = BatchStream(batches, seed=config.seed, rank=rank, start_step=start_step)
+    loader = DataLoader(stream, batch_size=None, num_workers=config.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4, persistent_workers=True)
+    return iter(loader)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..core.codes import IGNORE_INDEX, Provenance
 from ..core.errors import InputError
-from ..core.events import EventKind, read_events
+from ..core.runfolder import RunFolder
 from ..core.settings import TrainConfig
 
 PROJECT_FILE = "project.json"
@@ -477,21 +477,15 @@ class Project:
         run = run or self.current_run
         if run is None:
             return None
-        path = Path(run) / "checkpoints" / "last.safetensors"
+        path = RunFolder(run).last
         return path if path.exists() else None
 
     def last_step(self, run: Path | None = None) -> int:
-        """The step of the last checkpoint of ``run`` (0 when there is none)."""
+        """The step of the last checkpoint of ``run``, from its header (0 when there is none)."""
         run = run or self.current_run
         if run is None:
             return 0
-        meta = Path(run) / "checkpoints" / "last.json"
-        try:
-            return int(json.loads(meta.read_text(encoding="utf-8")).get("step", 0))
-        except (OSError, ValueError, AttributeError):
-            pass
-        steps = [e.step for e in read_events(Path(run) / "events.jsonl") if e.kind is EventKind.CHECKPOINT]
-        return max(steps, default=0)
+        return RunFolder(run).checkpoint_step() or 0
 
     # --- prediction for the unlabeled cases
     def prediction_inputs(self) -> Path:
@@ -636,7 +630,7 @@ class Project:
 
             checkpoint_info = {"path": str(checkpoint), "sha256": file_sha256(checkpoint),
                                "step": self.last_step()}
-        config_path = self.current_run / "config.json" if self.current_run else None
+        config_path = RunFolder(self.current_run).config if self.current_run else None
         settings = None
         if config_path is not None and config_path.exists():
             settings = json.loads(config_path.read_text(encoding="utf-8"))

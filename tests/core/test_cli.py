@@ -230,7 +230,7 @@ def test_cudnn_benchmark_is_on_for_cuda_runs_unless_switched_off():
     benchmarks/RESULTS.md); --no-cudnn-benchmark keeps the heuristic choice; CPU runs are untouched."""
     import torch
 
-    from napari_sgrs.core.train import configure_backends
+    from napari_sgrs.core.device import configure_backends
 
     saved = torch.backends.cudnn.benchmark
     try:

@@ -111,7 +111,7 @@ def test_threads_started_for_the_process_group_leave_stop_signals_to_the_main_th
     system call in a communication thread; the main thread's own mask is restored afterwards."""
     import threading
 
-    from napari_sgrs.core.train import _signals_to_main_thread
+    from napari_sgrs.core.distributed import signals_to_main_thread
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     seen = {}
@@ -119,7 +119,7 @@ def test_threads_started_for_the_process_group_leave_stop_signals_to_the_main_th
     def record():
         seen["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, set())
 
-    with _signals_to_main_thread():
+    with signals_to_main_thread():
         t = threading.Thread(target=record)
         t.start()
         t.join()

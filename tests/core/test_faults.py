@@ -440,6 +440,7 @@ def test_hostile_checkpoints_in_a_real_process_and_on_resume(trained_run, tiny_c
 
 def test_cuda_out_of_memory_is_reported_and_the_checkpoint_kept(trained_run, tiny_cohort, tmp_path, monkeypatch):
     import napari_sgrs.core.train as T
+    from napari_sgrs.core.steps import STEPS
 
     run = _copy_run(trained_run, tmp_path)
     before = {p.name: _sha(p) for p in (run / "checkpoints").iterdir()}
@@ -447,7 +448,7 @@ def test_cuda_out_of_memory_is_reported_and_the_checkpoint_kept(trained_run, tin
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(T, "sgrs_step", out_of_memory)
+    monkeypatch.setitem(STEPS, "sgrs", out_of_memory)
     with pytest.raises(ResourceError) as info:
         T.train(tiny_config(iterations=4), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr), run, resume=True)
     msg = str(info.value)

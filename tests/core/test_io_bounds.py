@@ -118,17 +118,19 @@ def test_checkpoint_asking_for_1024_filters_is_refused_by_the_bound(tmp_path):
 def test_checkpoint_weights_are_compared_with_a_network_built_on_the_meta_device(tmp_path, monkeypatch):
     """24 filters in the metadata, 1-filter weights: refused, and no network is built for real
     (predict would have built a 21 M-parameter V-Net before the weights failed to load)."""
-    import napari_sgrs.core.train as T
+    import napari_sgrs.core.checkpoint as C
+    import napari_sgrs.core.infer as I
+    from napari_sgrs.core.network import build_model as real
 
     built = []
-    real = T.build_model
 
     def spy(config, num_classes):
         net = real(config, num_classes)
         built.append(next(net.parameters()).device.type)
         return net
 
-    monkeypatch.setattr(T, "build_model", spy)
+    for module in (C, I):  # the checkpoint's check, and the predictor that would build it for real
+        monkeypatch.setattr(module, "build_model", spy)
     path = M._checkpoint(tmp_path, M._head(24), meta={"base_filters": 24})
     message = _refused(path)
     assert "24 base filters, 21,253,298 parameters" in message and "needs [" in message, message

@@ -155,17 +155,12 @@ def test_cli_predict_largest_component(tiny_cohort, tmp_path, capsys, monkeypatc
 
 
 
-def test_auto_on_a_run_without_the_record_says_nothing_is_done(capsys):
-    from types import SimpleNamespace
+def test_auto_on_a_run_without_the_record_says_nothing_is_done():
+    from napari_sgrs.core.predict import largest_component_note
 
-    from napari_sgrs.cli import _note_largest_component
-
-    old = SimpleNamespace(meta={"num_classes": 2}, num_classes=2)
-    _note_largest_component("auto", old, quiet=False)
-    assert "trained before the check was recorded" in capsys.readouterr().err
-    none = SimpleNamespace(meta={"num_classes": 2, "single_component_classes": []}, num_classes=2)
-    _note_largest_component("auto", none, quiet=False)
-    assert "no class is one connected component" in capsys.readouterr().err
+    assert "trained before the check was recorded" in largest_component_note("auto", {"num_classes": 2}, 2)
+    none = {"num_classes": 2, "single_component_classes": []}
+    assert "no class is one connected component" in largest_component_note("auto", none, 2)
 
 
 def test_cli_rejects_an_unknown_mode(tiny_cohort, tmp_path, capsys):

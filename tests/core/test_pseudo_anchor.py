@@ -1,5 +1,5 @@
 """`--pseudo-anchor labels`: a second V-Net trained on the labeled patches alone, whose EMA's
-probabilities are averaged with the teacher's into the pseudo labels (train.LabelAnchor)."""
+probabilities are averaged with the teacher's into the pseudo labels (steps.LabelAnchor)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from napari_sgrs.core.errors import CheckpointError, ConfigError
 from napari_sgrs.core.events import EventKind, read_events
 from napari_sgrs.core.io import find_cases
 from napari_sgrs.core.memory import estimate_training_memory
-from napari_sgrs.core.train import LabelAnchor, TrainConfig, sgrs_step, train
+from napari_sgrs.core.steps import STEPS, LabelAnchor, sgrs_step
+from napari_sgrs.core.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from tiny import TINY_ARGS, tiny_config  # noqa: E402
@@ -74,7 +75,7 @@ def test_training_with_the_anchor(tiny_cohort, tmp_path, monkeypatch):
         return sgrs_step(*args, **kwargs)
 
     monkeypatch.setattr(T, "LabelAnchor", Recording)
-    monkeypatch.setattr(T, "sgrs_step", recording_step)
+    monkeypatch.setitem(STEPS, "sgrs", recording_step)
     cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
     train(tiny_config(iterations=4, pseudo_anchor="labels"), cases, tmp_path / "run")
     (anchor,) = created

@@ -173,7 +173,9 @@ def test_pseudo_views_mix_sends_no_unlabeled_gradient_through_the_plain_view():
 
     import torch
 
-    from napari_sgrs.core.train import TrainConfig, build_model, sgrs_step
+    from napari_sgrs.core.network import build_model
+    from napari_sgrs.core.steps import sgrs_step
+    from napari_sgrs.core.train import TrainConfig
 
     torch.manual_seed(0)
     cfg = TrainConfig(patch_size=(16, 16, 16), base_filters=2, batch_size=4, labeled_batch_size=2,
