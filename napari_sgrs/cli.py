@@ -249,7 +249,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                h5_list=args.list, regions=args.regions, device=args.device,
                                checkpoint=args.checkpoint, model=args.model, overlap=args.overlap,
                                sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
-                               progress=not args.quiet, note=None if args.quiet else _print_note)
+                               progress=not args.quiet, note=None if args.quiet else _print_note,
+                               skip_bad=args.skip_bad)
     print(f"wrote {len(predicted.files)} label volume(s) to {args.out}"
           + (" with probability/ and regions/" if args.regions else ""))
     return 0
@@ -404,7 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="last (default): the run's final checkpoint; best: the best on its validation split")
     p.add_argument("--model", choices=["student", "teacher"], default="student")
     p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--sw-batch-size", type=_int_at_least(1), default=4, help="windows per forward pass")
+    p.add_argument("--sw-batch-size", type=_int_at_least(1), default=4,
+                   help="windows per forward pass (at most the volume's window count)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out a volume that cannot be read, with a warning, instead of refusing the batch "
+                        "(every volume is checked before any output is written)")
     p.add_argument("--largest-component", choices=["off", "auto", "on"], default="off",
                    help="keep only the largest connected component of a class in the label volume; auto: the "
                         "classes that are one component in every labeled training volume; on: every class")

@@ -14,15 +14,17 @@ for each unlabeled volume ``probability/<name>`` (foreground probability) and ``
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from .errors import ConfigError, ResourceError
-from .infer import Predictor
+from .errors import ConfigError, InputWarning, ResourceError, SGRSError
+from .infer import Predictor, window_starts
 from .io import Case, find_cases, read_h5_benchmark, read_volume, write_volume
 from .memory import check_inference_memory
 from .outputs import WrittenFiles, check_not_input
@@ -80,7 +82,8 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
                    h5_list: str | os.PathLike | None = None, cases: Sequence[Case] | None = None,
                    regions: bool = False, device: str = "auto", checkpoint: str = "last", model: str = "student",
                    overlap: float = 0.5, sw_batch_size: int = 4, largest_component: str = "off",
-                   progress: bool = False, note: Callable[[str], None] | None = None) -> PredictedFolder:
+                   progress: bool = False, note: Callable[[str], None] | None = None,
+                   skip_bad: bool = False) -> PredictedFolder:
     """Segment volumes with the run folder (or checkpoint file) ``run`` into the folder ``out``.
 
     The volumes: ``images`` (a folder), the benchmark layout ``h5_root`` with its ``h5_list``, or
@@ -88,7 +91,10 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
     images that have a label there are labeled. ``regions`` adds probability and regions files for
     each unlabeled volume. ``note`` receives one-line notices (the largest-component rule);
     ``progress`` shows a progress bar. Raises SGRSError subclasses, one line each, before anything
-    is written when an input, an output path or the run is wrong.
+    is written when an input, an output path or the run is wrong: every volume is read and its
+    memory need checked before the first one is predicted (a batch never stops half way on a bad
+    file). With ``skip_bad``, an unreadable volume is left out with a one-line InputWarning
+    instead, and the others are predicted.
     """
     out = Path(out)
     subfolders = [out] + ([out / PROBABILITY_DIR, out / REGIONS_DIR] if regions else [])
@@ -110,6 +116,7 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
     said = largest_component_note(largest_component, predictor.meta, predictor.num_classes)
     if said and note is not None:
         note(said)
+    cases = _readable(predictor, cases, targets, regions, labeled, overlap, sw_batch_size, skip_bad)
     for sub in subfolders:
         try:
             sub.mkdir(parents=True, exist_ok=True)
@@ -121,6 +128,46 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
                       sw_batch_size, largest_component)
         written.record(targets[case.name])
     return PredictedFolder(out, targets)
+
+
+def _readable(predictor: Predictor, cases: list[Case], targets: dict, regions: bool, labeled: set[str],
+              overlap: float, sw_batch_size: int, skip_bad: bool) -> list[Case]:
+    """The cases whose volume reads and fits in memory; the first that does not raises (one
+    line), or with ``skip_bad`` is left out with a warning. Reads each volume once more than the
+    prediction does: the price of never leaving a half-predicted folder."""
+    good = []
+    for case in cases:
+        try:
+            vol = read_volume(case.image, nan="keep")
+            _check_memory(predictor, vol.array.shape, regions and case.name not in labeled, overlap, sw_batch_size,
+                          str(case.image))
+        except SGRSError as exc:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipped: {exc}", InputWarning, stacklevel=2)
+            del targets[case.name]
+            continue
+        good.append(case)
+    if not good:
+        raise ConfigError("no volume could be read (each was skipped with a warning); fix the inputs")
+    return good
+
+
+def _windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """How many sliding windows cover a volume of ``shape`` (padded to the patch where smaller)."""
+    return math.prod(len(window_starts(max(s, p), p, overlap)) for s, p in zip(shape, patch))
+
+
+def _batch(predictor: Predictor, shape: Sequence[int], overlap: float, sw_batch_size: int) -> int:
+    """Windows per forward pass: never more than the volume has (a huge --sw-batch-size is capped)."""
+    return max(1, min(sw_batch_size, _windows(shape, predictor.patch, overlap)))
+
+
+def _check_memory(predictor: Predictor, shape: Sequence[int], want_regions: bool, overlap: float,
+                  sw_batch_size: int, name: str) -> None:
+    check_inference_memory(tuple(shape), predictor.patch, predictor.num_classes, predictor.device,
+                           regions=want_regions, base_filters=getattr(predictor.model, "base_filters", 16),
+                           sw_batch_size=_batch(predictor, shape, overlap, sw_batch_size), name=name)
 
 
 def _cases(images, labels, h5_root, h5_list, cases) -> tuple[list[Case], set[str]]:
@@ -149,10 +196,9 @@ def _predict_case(predictor: Predictor, case: Case, targets: list[Path], want_re
                   sw_batch_size: int, largest_component: str) -> None:
     """Read, check memory, predict and write one volume (label, then probability and regions)."""
     vol = read_volume(case.image, nan="keep")  # NaN: no data; predicted as background, with a warning
-    check_inference_memory(vol.array.shape, predictor.patch, predictor.num_classes, predictor.device,
-                           regions=want_regions, base_filters=getattr(predictor.model, "base_filters", 16),
-                           sw_batch_size=sw_batch_size, name=str(case.image))
-    pred = predictor.predict(vol.array, regions=want_regions, overlap=overlap, batch_size=sw_batch_size,
+    _check_memory(predictor, vol.array.shape, want_regions, overlap, sw_batch_size, str(case.image))
+    pred = predictor.predict(vol.array, regions=want_regions, overlap=overlap,
+                             batch_size=_batch(predictor, vol.array.shape, overlap, sw_batch_size),
                              largest_component=largest_component, name=str(case.image))
     arrays = [pred.label] + ([pred.probability, pred.regions] if want_regions else [])
     for path, array in zip(targets, arrays):

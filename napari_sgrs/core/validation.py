@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from . import sgrs as S
+from .codes import Region
 from .events import EventKind, EventWriter
 from .infer import Predictor
 from .metrics import case_metrics
 
 #: The regions of Prediction.regions that validation scores, with their names in events.
-SCORED_REGIONS = tuple((code, S.REGION_NAMES[code])
-                       for code in (S.REGION_DISREGARDED, S.REGION_CONSISTENT, S.REGION_INCONSISTENT))
+SCORED_REGIONS = tuple((int(region), region.key) for region in Region.shown())
 
 
 def validate(student: torch.nn.Module, val: list, meta: dict, partner: torch.Tensor | None, device: torch.device,

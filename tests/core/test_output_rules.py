@@ -404,3 +404,43 @@ def test_option_errors_in_a_real_process(tiny_cohort, tmp_path):
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
             proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()
+
+
+def _add_bad_volume(images: Path) -> Path:
+    """A NIfTI cut in half, named to sort after the good ones (so a loop would have written them)."""
+    good = sorted(images.iterdir())[0]
+    bad = images / "zz_cut.nii.gz"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    return bad
+
+
+def test_predict_checks_every_input_before_writing_any_output(data, capsys):
+    bad = _add_bad_volume((data / "images"))
+    out = data.parent / "pred"
+    code = main(["predict", "--run", str((data / "run")), "--images", str((data / "images")), "--out", str(out),
+                 "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and bad.name in err and "\n" not in err, err
+    assert not out.exists()  # nothing half-made: the good volumes were not written either
+
+
+def test_predict_skip_bad_predicts_the_others_with_one_warning(data, capsys):
+    bad = _add_bad_volume((data / "images"))
+    out = data.parent / "pred"
+    code = main(["predict", "--run", str((data / "run")), "--images", str((data / "images")), "--out", str(out),
+                 "--device", "cpu", "--quiet", "--skip-bad"])
+    err = capsys.readouterr().err.strip()
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warned) == 1 and bad.name in warned[0], err
+    goods = sorted(p.name for p in (data / "images").iterdir() if p != bad)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == goods
+
+
+def test_a_huge_sw_batch_size_is_capped_at_the_window_count(data, capsys):
+    out = data.parent / "pred"
+    code = main(["predict", "--run", str((data / "run")), "--images", str((data / "images")), "--out", str(out),
+                 "--device", "cpu", "--quiet", "--sw-batch-size", "1000000"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in (data / "images").iterdir())
