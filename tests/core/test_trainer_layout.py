@@ -90,7 +90,8 @@ def test_the_core_has_no_import_cycle():
 
 def test_every_method_trains_with_its_own_step_function(tiny_cohort, tmp_path, monkeypatch):
     from napari_sgrs.core import steps
-    from napari_sgrs.core.train import METHODS, train
+    from napari_sgrs.core.settings import METHODS
+    from napari_sgrs.core.train import train
 
     assert set(steps.STEPS) == set(METHODS)
     cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
@@ -132,7 +133,7 @@ def test_only_runfolder_spells_the_run_layout():
 
 def test_last_step_is_the_last_checkpoints_own_step(tiny_cohort, tmp_path):
     """The panel's step of a run comes from the checkpoint's header (there is no last.json)."""
-    from napari_sgrs.core.project import Project
+    from napari_sgrs.project.folder import Project
     from napari_sgrs.core.train import train
 
     project = Project.create(tmp_path / "project")

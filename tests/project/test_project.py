@@ -228,7 +228,8 @@ def _sgrs(cmd):
     from pathlib import Path
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=600)  # progress bars are not ASCII; the locale may be
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
