@@ -19,11 +19,11 @@ $(STAMP): setup.cfg pyproject.toml scripts/install_torch.sh
 demo: setup
 	@if [ -n "$$DISPLAY" ]; then $(PY) -m napari_sgrs._napari.demo_app; \
 	elif bash scripts/system_deps.sh install; then \
-	  echo "no display: running the napari loop headless under Xvfb (a few minutes on 2 CPU cores)"; \
+	  echo "no display: running the napari loop headless under Xvfb (under a minute on 2 CPU cores)"; \
 	  bash scripts/with_display.sh $(PY) -m napari_sgrs._napari.demo_app --headless-screenshot demo/screenshot.png \
 	    && echo "done: open $(CURDIR)/demo/screenshot.png to see the pseudo labels and synergy regions"; \
 	else echo "no display and no Xvfb: running the engine demo instead (demo data, 300 preview-sized steps," \
-	          "pseudo labels with regions, evaluation; a few minutes on 2 CPU cores)"; \
+	          "pseudo labels with regions, evaluation; about 2 minutes on 2 CPU cores)"; \
 	  $(VENV)/bin/sgrs demo demo; fi
 
 # The engine alone: demo data -> train -> predict with regions -> evaluate.
