@@ -126,6 +126,27 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 # --------------------------------------------------------------------------- outputs vs inputs
 
+def read_json(path: str | os.PathLike, max_bytes: int, what: str, fix: str):
+    """The content of the JSON file ``path``. InputError, one line naming the file, ``what`` it
+    should be and the ``fix``, when it is larger than ``max_bytes`` (checked before reading),
+    unreadable, or not JSON."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size <= max_bytes:
+            text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+    if size > max_bytes:
+        raise InputError(f"{path}: {size} bytes is no {what}; {fix}")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+
+
 def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.abspath(path)))
 

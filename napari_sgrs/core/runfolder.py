@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, ConfigError, InputError, LockedError
 from .lockfile import LOCK_NAME, FolderLock, holder_message, read_holder
-from .outputs import atomic_write_bytes, is_temp_of, remove_stale_temp_files
+from .outputs import atomic_write_bytes, is_temp_of, read_json, remove_stale_temp_files
 
 __all__ = ["RunFolder", "process_start_time"]
 
@@ -107,15 +107,7 @@ class RunFolder:
         """The run's saved settings (config.json's ``config`` object). InputError, one line naming
         the file, when it is missing, not JSON, or not shaped as sgrs writes it."""
         path = self.config
-        try:
-            if path.stat().st_size > _MAX_CONFIG_BYTES:
-                raise InputError(f"{path}: {path.stat().st_size} bytes is no sgrs config.json; restore the run's "
-                                 f"config.json")
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read the run's settings ({exc.strerror})") from exc
-        except ValueError as exc:
-            raise InputError(f"{path}: not valid JSON ({exc}); restore the run's config.json") from exc
+        data = read_json(path, _MAX_CONFIG_BYTES, "the run's settings (config.json)", "restore the run's config.json")
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             found = (f"a JSON {type(data).__name__}" if not isinstance(data, dict)
                      else "no \"config\"" if "config" not in data else f"\"config\": {data['config']!r:.40}")

@@ -12,7 +12,6 @@ Torch-free: the CLI builds its parser, and the panel its defaults, without impor
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import types
@@ -24,6 +23,7 @@ from typing import Any
 
 from .codes import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError, InputError
+from .outputs import read_json
 
 METHODS = ("sgrs", "mean-teacher", "supervised")
 DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
@@ -465,15 +465,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     of the wrong type or outside its choices, is a one-line error naming the file and the key.
     A key removed in 0.2 is dropped where its value trained as the code does now."""
     path = Path(path)
-    try:
-        if path.stat().st_size > _MAX_CONFIG_FILE_BYTES:
-            raise InputError(f"{path}: {path.stat().st_size} bytes is no settings file; --config needs a JSON "
-                             f"object of settings")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the --config file ({exc.strerror})") from exc
-    except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); --config needs a JSON object of settings") from exc
+    data = read_json(path, _MAX_CONFIG_FILE_BYTES, "the --config file of settings",
+                     "--config needs a JSON object of settings")
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]  # a run's config.json
     if not isinstance(data, dict):

@@ -444,3 +444,18 @@ def test_a_huge_sw_batch_size_is_capped_at_the_window_count(data, capsys):
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         p.name for p in (data / "images").iterdir())
+
+
+@pytest.mark.parametrize("text, words", [("[" * 2000, "2000 bytes is no a settings file; restore it"),
+                                         ("{oops", "not valid JSON"), (b"\xff\xfe", "not valid JSON")])
+def test_read_json_names_the_file_and_what_is_wrong(tmp_path, text, words):
+    """One reader of sgrs's JSON files (config.json, --config): an oversized file is refused by its
+    size, before reading, not reported as broken JSON; junk and non-UTF-8 are 'not valid JSON'."""
+    from napari_sgrs.core.errors import InputError
+    from napari_sgrs.core.outputs import read_json
+
+    path = tmp_path / "x.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(InputError) as err:
+        read_json(path, 1024, "a settings file", "restore it")
+    assert str(err.value).startswith(f"{path}: ") and words in str(err.value), err.value
