@@ -337,7 +337,8 @@ class SGRSTrainWidget(QWidget):
         layer = self.layer_for(case, "regions") or self.layer_for(case, "image")
         if focus is None or layer is None:
             return None
-        world = tuple(float(o + c * s) for c, s, o in zip(focus.center, layer.scale, layer.translate))
+        # the layer's own transform: a rotated volume's region centre is not origin + index * spacing
+        world = tuple(float(v) for v in layer.data_to_world(focus.center))
         for axis in range(min(len(world), self.viewer.dims.ndim)):
             if axis not in self.viewer.dims.displayed:
                 self.viewer.dims.set_point(axis, world[axis])
