@@ -571,7 +571,8 @@ class SGRSTrainWidget(QWidget):
             case = case_of(image)
             meta = layer_meta(image)
             if not project.image_path(case).exists():
-                project.add_image(case, np.asarray(image.data), geometry_of(image), meta.get("source"), meta.get("format"))
+                project.add_image(case, np.asarray(image.data), geometry_of(image), meta.get("source"),
+                                  meta.get("format"))
             if label_layer is not None:
                 label = np.asarray(label_layer.data)
                 if self.partial_check.isChecked() and not project.label_path(case).exists():

@@ -51,7 +51,7 @@ def _files(home: Path) -> list[Path]:
 
 
 def test_start_without_an_image_layer_writes_nothing(panel, home, tmp_path):
-    viewer, widget, asked, launched, shown = panel
+    _viewer, widget, asked, launched, shown = panel
     widget.answer = tmp_path / "chosen"
     widget.start_button.click()  # as the user does: the error is a notification
     assert shown == ["no image layer chosen: open images (or the demo data) and tick 'use'"]
@@ -76,7 +76,7 @@ def test_start_with_invalid_labels_writes_nothing(panel, home, cohort, tmp_path)
 
 
 def test_start_with_valid_inputs_asks_and_creates_the_project_there(panel, home, cohort, tmp_path):
-    viewer, widget, asked, launched, shown = panel
+    _viewer, widget, asked, launched, shown = panel
     widget.load_folder(cohort.images_tr, cohort.labels_tr)
     chosen = tmp_path / "chosen"
     widget.answer = None  # cancelled: nothing written, no error
