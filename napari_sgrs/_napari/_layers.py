@@ -1,4 +1,10 @@
-"""Between engine volumes and napari layers: scale/translate from geometry, geometry kept in metadata.
+"""Between engine volumes and napari layers: the geometry's full affine, geometry kept in metadata.
+
+A layer's world coordinates are the scanner's (LPS mm, listed in array axis order): ``scale`` is
+the spacing and ``translate`` the origin, as for an axis-aligned volume, and a rotated or sheared
+direction goes into ``affine`` as a turn about the origin (see :func:`layer_transform`), so code
+that reads ``layer.scale``/``translate`` still finds the spacing and origin, and
+``layer.data_to_world`` gives :meth:`Geometry.affine` of the index.
 
 A layer made here carries ``metadata["sgrs"] = {"geometry": {...}, "source": path, "format": ...,
 "case": name, "role": "image" | "label" | "pseudo" | "regions"}`` so the writer, the panel and
@@ -37,6 +43,26 @@ def sgrs_meta(geometry: Any, case: str, role: str, source: str | None = None, fm
                        "source": None if source is None else str(source), "format": fmt}}
 
 
+def layer_transform(geometry: Any) -> dict:
+    """napari's ``scale``, ``translate`` (and ``affine`` when the axes are turned) for ``geometry``.
+
+    napari maps data to world as ``affine @ (scale * index + translate)``. With scale = spacing
+    and translate = origin, ``affine`` = the direction matrix turning about the origin,
+    ``[[R, o - R o], [0, 1]]``, makes that ``R S index + o`` = :meth:`Geometry.affine`. An
+    axis-aligned volume gets no ``affine`` (napari's identity), as before.
+    """
+    out = {"scale": tuple(float(s) for s in geometry.spacing),
+           "translate": tuple(float(o) for o in geometry.origin)}
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    if not np.allclose(direction, np.eye(3), atol=1e-9):
+        origin = np.asarray(geometry.origin, dtype=float)
+        turn = np.eye(4)
+        turn[:3, :3] = direction
+        turn[:3, 3] = origin - direction @ origin
+        out["affine"] = turn
+    return out
+
+
 def layer_data_from_volume(volume: Any, role: str | None = None, name: str | None = None) -> tuple:
     """A napari LayerDataTuple for an engine :class:`Volume` (image or labels by ``role``)."""
     array = np.asarray(volume.array)
@@ -45,8 +71,7 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
     if role is None:
         role = "label" if looks_like_label(path, array) else "image"
     kwargs = {"name": name or (case + LABEL_SUFFIX if role == "label" else case),
-              "scale": tuple(float(s) for s in volume.geometry.spacing),
-              "translate": tuple(float(o) for o in volume.geometry.origin),
+              **layer_transform(volume.geometry),
               "metadata": sgrs_meta(volume.geometry, case, role, path, getattr(volume, "format", None))}
     if role == "image":
         return array, kwargs, "image"
@@ -74,17 +99,39 @@ def layer_meta(layer_or_meta: Any) -> dict:
 
 
 def geometry_of(layer_or_attributes: Any, ndim: int = 3) -> Any:
-    """The geometry a layer came from; without one, built from its scale and translate."""
+    """The geometry a layer came from; without one, built from its data-to-world transform
+    (scale, translate, rotate, shear and affine: a layer made or turned in napari)."""
     meta = layer_meta(layer_or_attributes if hasattr(layer_or_attributes, "metadata")
                       else (layer_or_attributes or {}).get("metadata", {}))
     if meta.get("geometry"):
         return geometry_from_dict(meta["geometry"], ndim)
-    if hasattr(layer_or_attributes, "scale"):
-        scale, translate = layer_or_attributes.scale, layer_or_attributes.translate
-    else:
-        scale = (layer_or_attributes or {}).get("scale", [1.0] * ndim)
-        translate = (layer_or_attributes or {}).get("translate", [0.0] * ndim)
-    return geometry_from_dict({"spacing": list(scale)[-ndim:], "origin": list(translate)[-ndim:]}, ndim)
+    matrix = data_to_world_matrix(layer_or_attributes, ndim)
+    linear = matrix[:ndim, :ndim]
+    spacing = np.linalg.norm(linear, axis=0)  # a flip (negative scale) is a direction, not a spacing
+    return geometry_from_dict({"spacing": spacing.tolist(), "origin": matrix[:ndim, ndim].tolist(),
+                               "direction": (linear / spacing).ravel().tolist()}, ndim)
+
+
+def data_to_world_matrix(layer_or_attributes: Any, ndim: int = 3) -> np.ndarray:
+    """The ``(ndim + 1)``-square matrix napari maps a layer's last ``ndim`` data axes to world with:
+    ``affine @ (rotate @ shear @ scale, translate)``, from a layer or its attributes dict (what
+    an npe2 writer receives); missing entries are napari's defaults."""
+    from napari.utils.transforms import Affine
+
+    get = (lambda key: getattr(layer_or_attributes, key, None)) if hasattr(layer_or_attributes, "metadata") \
+        else (lambda key: (layer_or_attributes or {}).get(key))
+    affine = get("affine")
+    if isinstance(affine, Affine):
+        affine = affine.affine_matrix
+    physical = Affine(scale=get("scale"), translate=get("translate"), rotate=get("rotate"),
+                      shear=get("shear"), ndim=len(get("scale")) if get("scale") is not None else ndim)
+    world = Affine(affine_matrix=np.asarray(affine, dtype=float)) if affine is not None \
+        else Affine(ndim=physical.ndim)
+    full = (world.compose(physical)).affine_matrix
+    if full.shape[0] - 1 > ndim:  # a layer with more axes (time, channel): its last ndim are the volume's
+        keep = list(range(full.shape[0] - 1 - ndim, full.shape[0]))
+        full = full[np.ix_(keep, keep)]
+    return full
 
 
 def case_of(layer: Any) -> str:

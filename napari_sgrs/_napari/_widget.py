@@ -122,7 +122,7 @@ class SGRSTrainWidget(QWidget):
 
         box = QGroupBox("Project")
         lay = QHBoxLayout(box)
-        self.project_label = QLabel("no project (one is created on Start)")
+        self.project_label = QLabel("no project yet: Start asks where to create it")
         self.project_label.setWordWrap(True)
         self.new_button = QPushButton("New…")
         self.open_button = QPushButton("Open project…")
@@ -337,7 +337,8 @@ class SGRSTrainWidget(QWidget):
         layer = self.layer_for(case, "regions") or self.layer_for(case, "image")
         if focus is None or layer is None:
             return None
-        world = tuple(float(o + c * s) for c, s, o in zip(focus.center, layer.scale, layer.translate))
+        # the layer's own transform: a rotated volume's region centre is not origin + index * spacing
+        world = tuple(float(v) for v in layer.data_to_world(focus.center))
         for axis in range(min(len(world), self.viewer.dims.ndim)):
             if axis not in self.viewer.dims.displayed:
                 self.viewer.dims.set_point(axis, world[axis])
@@ -374,12 +375,40 @@ class SGRSTrainWidget(QWidget):
         self.project_label.setText(str(project.root))
         self._update_buttons()
 
-    def ensure_project(self) -> Project:
+    def ensure_project(self) -> Project | None:
+        """The panel's project; without one, a new one where the user says (None: cancelled).
+
+        Called only once the inputs are valid, so a Start that fails writes nothing anywhere.
+        """
         if self.project is None:
-            default = Path.home() / "napari-sgrs-projects" / time.strftime("project-%Y%m%d-%H%M%S")
-            self.set_project(Project.create(default))
-            show_info(f"new project folder: {default}")
+            suggestion = Path.home() / "napari-sgrs-projects" / time.strftime("project-%Y%m%d-%H%M%S")
+            folder = self.ask_project_folder(suggestion)
+            if folder is None:
+                return None
+            self.set_project(Project.create(folder))
+            show_info(f"new project folder: {folder}")
         return self.project
+
+    def ask_project_folder(self, suggestion: Path) -> Path | None:
+        """Ask where a new project goes: ``suggestion`` (confirmed) or another empty folder the
+        user chooses; None if cancelled. Tests replace this method, as a dialog needs a person."""
+        box = QMessageBox(self)
+        box.setWindowTitle("New napari-sgrs project")
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setText("Start writes a project folder: a copy of the chosen images and labels, "
+                    f"the training runs and their checkpoints, the pseudo labels.\n\n{suggestion}")
+        here = box.addButton("Create here", QMessageBox.ButtonRole.AcceptRole)
+        other = box.addButton("Choose another folder…", QMessageBox.ButtonRole.ActionRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(here)
+        box.exec()
+        if box.clickedButton() is here:
+            return suggestion
+        if box.clickedButton() is other:
+            start = next((str(p) for p in suggestion.parents if p.is_dir()), "")
+            folder = QFileDialog.getExistingDirectory(self, "New project folder (empty)", start)
+            return Path(folder) if folder else None
+        return None
 
     def open_project(self, folder: str | Path, recover: bool | None = None) -> Project:
         """Reopen a project: images, labels, latest pseudo labels and regions, settings, run.
@@ -510,41 +539,57 @@ class SGRSTrainWidget(QWidget):
         if self.device_combo.findText(s.device) >= 0:
             self.device_combo.setCurrentText(s.device)
 
-    def write_training_data(self) -> list[str]:
-        """Write the chosen image layers and their labels into the project folder."""
-        project = self.ensure_project()
-        chosen = self.table_selection()
+    def chosen_training_data(self) -> list[tuple[Any, Any]]:
+        """The ticked image layers with their Labels layer (or None), checked before anything is
+        written: at least one image, labels of the image's shape, at least one labeled volume."""
         by_name = {ly.name: ly for ly in self.viewer.layers}
-        cases = []
-        for image_name, (use, label_name) in chosen.items():
+        pairs = []
+        for image_name, (use, label_name) in self.table_selection().items():
             if not use or image_name not in by_name:
                 continue
             image = by_name[image_name]
+            label = by_name.get(label_name) if label_name and label_name != NO_LABEL else None
+            if label is not None and np.shape(label.data) != np.shape(image.data):
+                raise SGRSError(f"label layer '{label_name}' has shape {np.shape(label.data)}, image "
+                                f"'{image_name}' {np.shape(image.data)}; choose the matching label")
+            pairs.append((image, label))
+        if not pairs:
+            raise SGRSError("no image layer chosen: open images (or the demo data) and tick 'use'")
+        if all(label is None for _, label in pairs) and (self.project is None or not self.project.labeled_cases()):
+            raise SGRSError("no labeled volume: choose a Labels layer for at least one image")
+        return pairs
+
+    def write_training_data(self) -> list[str] | None:
+        """Write the chosen image layers and their labels into the project folder (asked for
+        first if there is none, once the choice is valid); None if the user cancelled that."""
+        pairs = self.chosen_training_data()
+        project = self.ensure_project()
+        if project is None:
+            return None
+        cases = []
+        for image, label_layer in pairs:
             case = case_of(image)
             meta = layer_meta(image)
-            geometry = geometry_of(image)
             if not project.image_path(case).exists():
-                project.add_image(case, np.asarray(image.data), geometry, meta.get("source"), meta.get("format"))
-            if label_name and label_name != NO_LABEL and label_name in by_name:
-                label = np.asarray(by_name[label_name].data)
+                project.add_image(case, np.asarray(image.data), geometry_of(image), meta.get("source"),
+                                  meta.get("format"))
+            if label_layer is not None:
+                label = np.asarray(label_layer.data)
                 if self.partial_check.isChecked() and not project.label_path(case).exists():
                     label = mark_unpainted_slices(label, axis=0)
-                if label.shape != np.shape(image.data):
-                    raise SGRSError(f"label layer '{label_name}' has shape {label.shape}, image "
-                                    f"'{image_name}' {np.shape(image.data)}; choose the matching label")
-                project.update_label(case, label, geometry_of(by_name[label_name]))
+                project.update_label(case, label, geometry_of(label_layer))
             cases.append(case)
-        if not cases:
-            raise SGRSError("no image layer chosen: open images (or the demo data) and tick 'use'")
-        if not project.labeled_cases():
-            raise SGRSError("no labeled volume: choose a Labels layer for at least one image")
         return cases
 
-    def start_training(self) -> Path:
-        """Start a new run (``sgrs train`` in a subprocess) on the chosen layers."""
+    def start_training(self) -> Path | None:
+        """Start a new run (``sgrs train`` in a subprocess) on the chosen layers; None if the user
+        cancelled the choice of a project folder (then nothing was written)."""
         if self.train_job is not None and self.train_job.running:
             raise SGRSError("training is already running; press Stop first")
-        self.write_training_data()
+        self.settings()  # a setting the engine refuses is said before a folder is asked for
+        if self.write_training_data() is None:
+            show_info("Start cancelled: no project folder chosen, nothing was written")
+            return None
         run = self.project.new_run(self.settings())
         return self._launch(run, resume=False, settings=self.settings())
 
@@ -868,7 +913,9 @@ class SGRSTrainWidget(QWidget):
             self.export(folder)
 
     def export(self, out_dir: str | Path | None = None, names: list[str] | None = None) -> list[Path]:
-        project = self.ensure_project()
+        project = self.project
+        if project is None:  # never a new, empty project just to export nothing from it
+            raise SGRSError("nothing to export yet: press Start (or Open project…) first")
         if names is None and self.export_selected_check.isChecked():
             names = [i.data(Qt.ItemDataRole.UserRole) for i in self.queue_list.selectedItems()] or None
         if names is None:
