@@ -221,6 +221,15 @@ class TwoStreamBatches:
     def __iter__(self):
         return self
 
+    def state(self) -> dict[str, list[int]]:
+        """What is left of each stream's permutation (``draw`` permutation): saved in checkpoints so
+        a resumed run draws the volumes the uninterrupted one would."""
+        return {k: [int(i) for i in v] for k, v in self._queues.items()}
+
+    def load_state(self, state: dict[str, list[int]]) -> None:
+        for key in self._queues:
+            self._queues[key][:] = [int(i) for i in state.get(key, [])]
+
     def _indices(self, stream: str, n_volumes: int, n: int) -> np.ndarray:
         rng = self.sampler.rng
         if self.draw != "permutation":

@@ -322,6 +322,12 @@ class TrainConfig:
             raise ConfigError(f"{flag} {self.labeled_batch_size} with patch {list(patch)} leaves batch normalisation "
                               f"one value per channel at the network's deepest level; use {flag} 2 or more, a patch "
                               f"of 32 in one axis{other}")
+        unlabeled = self.batch_size - self.labeled_batch_size
+        if self.method == "sgrs" and self.teacher_mode == "train" and unlabeled * deepest < 2:
+            # the teacher in train mode normalises the unlabeled patches with their own statistics
+            raise ConfigError(f"teacher_mode train with {unlabeled} unlabeled patch of {list(patch)} leaves batch "
+                              f"normalisation one value per channel at the teacher's deepest level; use 2 or more "
+                              f"unlabeled patches (--batch-size), a patch of 32 in one axis or teacher_mode eval")
 
     def _resolve_batch(self) -> None:
         """Fill in the batch sizes left unset (None).

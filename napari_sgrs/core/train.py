@@ -455,6 +455,8 @@ class Trainer:
                    "rng.torch": torch.random.get_rng_state(), "rng.noise": self.gen.get_state()}
         meta = dict(self.meta, step=self.step, best_dice=self.best_dice, rng_numpy=self.rng.bit_generator.state,
                     method=self.config.method)
+        if self.config.volume_draw == "permutation":  # where each stream stands in its permutation
+            meta["draw_queues"] = self.batches.state()
         digest = save_checkpoint(path, tensors, meta)
         if kind == "last":
             self.saved_step = self.step
@@ -475,6 +477,8 @@ class Trainer:
             self.anchor.load(ckpt)
         if "rng_numpy" in meta:
             self.rng.bit_generator.state = meta["rng_numpy"]
+        if "draw_queues" in meta:
+            self.batches.load_state(meta["draw_queues"])
         if "rng.torch" in ckpt.tensors:
             torch.random.set_rng_state(ckpt.tensors["rng.torch"])
         if "rng.noise" in ckpt.tensors:

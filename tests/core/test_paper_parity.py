@@ -115,8 +115,8 @@ def authors_ema(teacher, student, it, compat):
 # ----------------------------------------------------------------------------- the comparison
 
 def _paper_config(**extra):
-    return TrainConfig.from_preset("paper", patch_size=(16, 16, 16), base_filters=2, device="cpu",
-                                   **extra).validate()
+    return TrainConfig.from_preset("paper", **{"patch_size": (16, 16, 16), "base_filters": 2, "device": "cpu",
+                                               **extra}).validate()
 
 
 def _networks(config):
@@ -217,7 +217,7 @@ def test_the_regions_are_populated():
     """The fixed tensors exercise every region, so the region terms are compared, not zeros."""
     config = _paper_config()
     student, _ = _networks(config)
-    x, y, u = _batch()
+    x, _, u = _batch()
     with torch.no_grad():
         p = torch.softmax(student(u), 1)
         pm = torch.softmax(student(0.7 * u + 0.3 * x), 1)
@@ -258,3 +258,41 @@ def test_permutation_draw_visits_every_volume_once_per_epoch():
     batches = TwoStreamBatches(samples, samples[:3], 2, 1, sampler, draw="permutation")
     seen = [int(v) for _ in range(3) for v in next(batches)[0][:, 0, 0, 0, 0]]
     assert sorted(seen) == list(range(6))
+
+
+def test_a_teacher_in_train_mode_needs_two_values_per_channel():
+    from napari_sgrs.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher_mode train with 1 unlabeled patch"):
+        _paper_config(batch_size=3)
+    _paper_config(batch_size=3, patch_size=(16, 16, 32))
+
+
+def test_paper_preset_resumes_as_if_never_stopped(tiny_cohort, tmp_path):
+    """The permutation each stream walks is saved with the checkpoint: a resumed run draws the
+    volumes, and so trains the weights, of the uninterrupted one."""
+    from napari_sgrs.core.checkpoint import load_checkpoint
+    from napari_sgrs.core.events import EventKind
+    from napari_sgrs.core.io import find_cases
+    from napari_sgrs.core.runfolder import RunFolder
+    from napari_sgrs.core.train import train
+
+    paper = {k: v for k, v in PRESETS["paper"].items() if k not in ("iterations", "patch_size", "base_filters")}
+    # 1 of the 3 labeled volumes per step: the stop at step 2 falls inside a permutation
+    config = dict(paper, iterations=6, patch_size=(16, 16, 16), base_filters=2, device="cpu", seed=0,
+                  checkpoint_every=1, log_every=1, labeled_batch_size=1, batch_size=3)
+    cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
+    train(TrainConfig(**config), cases, tmp_path / "full")
+    half = tmp_path / "half"
+
+    def stop_at_2(event):
+        if event.kind is EventKind.PROGRESS and event.step == 2:
+            (half / "STOP").touch()
+
+    assert train(TrainConfig(**config), cases, half, listeners=[stop_at_2]).step == 2
+    assert train(TrainConfig(**config), cases, half, resume=True).step == 6
+    full, resumed = (load_checkpoint(RunFolder(p).last).tensors for p in (tmp_path / "full", half))
+    for k in full:
+        if k.startswith(("student.", "teacher.")):
+            assert torch.equal(full[k], resumed[k]), k
+
