@@ -152,15 +152,17 @@ class PatchSampler:
     """Random patches with flips and axial 90-degree rotations, from a numpy Generator.
 
     ``foreground_fraction`` of labeled patches are centred on a labeled foreground voxel
-    (nnU-Net's oversampling), so small targets are seen often enough.
+    (nnU-Net's oversampling), so small targets are seen often enough. ``flips``: all (each axis
+    with probability 1/2) or one-in-plane (the authors' RandomRotFlip: always one of H, W).
     """
 
     def __init__(self, patch: tuple[int, int, int], rng: np.random.Generator, augment: bool = True,
-                 foreground_fraction: float = 0.33):
+                 foreground_fraction: float = 0.33, flips: str = "all"):
         self.patch = tuple(int(p) for p in patch)
         self.rng = rng
         self.augment = augment
         self.foreground_fraction = foreground_fraction
+        self.flips = flips
 
     def _corner(self, sample: Sample, labeled: bool) -> tuple[int, int, int]:
         shape = sample.image.shape
@@ -181,10 +183,13 @@ class PatchSampler:
                 k = int(self.rng.integers(4))
                 img = np.rot90(img, k, axes=(1, 2))
                 lab = np.rot90(lab, k, axes=(1, 2)) if lab is not None else None
-            for axis in range(3):
-                if self.rng.random() < 0.5:
-                    img = np.flip(img, axis)
-                    lab = np.flip(lab, axis) if lab is not None else None
+            if self.flips == "one-in-plane":
+                axes = [1 + int(self.rng.integers(2))]
+            else:
+                axes = [axis for axis in range(3) if self.rng.random() < 0.5]
+            for axis in axes:
+                img = np.flip(img, axis)
+                lab = np.flip(lab, axis) if lab is not None else None
         img = np.ascontiguousarray(img, dtype=np.float32)
         lab = np.ascontiguousarray(lab, dtype=np.int64) if lab is not None else None
         return img, lab
@@ -195,26 +200,49 @@ class TwoStreamBatches:
     images are None without unlabeled patches.
 
     Each step draws ``labeled_batch`` patches from labeled volumes and ``unlabeled_batch``
-    from unlabeled ones, volumes picked uniformly at random with replacement. With several
-    ranks (torchrun) each rank draws from its own share of the volumes.
+    from unlabeled ones. ``draw`` random: volumes picked uniformly at random with replacement;
+    permutation: as the authors' batch sampler, each stream walks through a fresh permutation of
+    its volumes, a remainder too short for a batch dropped. With several ranks (torchrun) each
+    rank draws from its own share of the volumes.
     """
 
     def __init__(self, labeled: list[Sample], unlabeled: list[Sample], labeled_batch: int,
-                 unlabeled_batch: int, sampler: PatchSampler, rank: int = 0, world: int = 1):
+                 unlabeled_batch: int, sampler: PatchSampler, rank: int = 0, world: int = 1,
+                 draw: str = "random"):
         if not labeled:
             raise ConfigError("no labeled volume to train on: give at least one image with a label file")
         self.labeled = labeled[rank::world] if len(labeled) >= world else labeled
         self.unlabeled = (unlabeled[rank::world] if len(unlabeled) >= world else unlabeled)
         self.labeled_batch, self.unlabeled_batch = labeled_batch, unlabeled_batch
         self.sampler = sampler
+        self.draw = draw
+        self._queues: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def state(self) -> dict[str, list[int]]:
+        """What is left of each stream's permutation (``draw`` permutation): saved in checkpoints so
+        a resumed run draws the volumes the uninterrupted one would."""
+        return {k: [int(i) for i in v] for k, v in self._queues.items()}
+
+    def load_state(self, state: dict[str, list[int]]) -> None:
+        for key in self._queues:
+            self._queues[key][:] = [int(i) for i in state.get(key, [])]
+
+    def _indices(self, stream: str, n_volumes: int, n: int) -> np.ndarray:
         rng = self.sampler.rng
+        if self.draw != "permutation":
+            return rng.integers(0, n_volumes, n)
+        queue = self._queues[stream]
+        if len(queue) < n:  # a new epoch; fewer volumes than a batch: permutations back to back
+            queue[:] = np.concatenate([rng.permutation(n_volumes) for _ in range(-(-n // n_volumes))]).tolist()
+        out, queue[:] = queue[:n], queue[n:]
+        return np.asarray(out)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         imgs, labs = [], []
-        for i in rng.integers(0, len(self.labeled), self.labeled_batch):
+        for i in self._indices("labeled", len(self.labeled), self.labeled_batch):
             img, lab = self.sampler.draw(self.labeled[i], labeled=True)
             imgs.append(img)
             labs.append(lab)
@@ -223,7 +251,7 @@ class TwoStreamBatches:
         u = None
         if self.unlabeled_batch > 0 and self.unlabeled:
             draws = [self.sampler.draw(self.unlabeled[i], labeled=False)[0]
-                     for i in rng.integers(0, len(self.unlabeled), self.unlabeled_batch)]
+                     for i in self._indices("unlabeled", len(self.unlabeled), self.unlabeled_batch)]
             u = torch.from_numpy(np.stack(draws)[:, None])
         return x, y, u
 
@@ -247,9 +275,11 @@ class BatchStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         src = self.batches
         rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
-        sampler = PatchSampler(src.sampler.patch, rng, src.sampler.augment, src.sampler.foreground_fraction)
+        sampler = PatchSampler(src.sampler.patch, rng, src.sampler.augment, src.sampler.foreground_fraction,
+                               src.sampler.flips)
         # src already holds this rank's share of the volumes: rank 0 of world 1 keeps all of it.
-        own = TwoStreamBatches(src.labeled, src.unlabeled, src.labeled_batch, src.unlabeled_batch, sampler)
+        own = TwoStreamBatches(src.labeled, src.unlabeled, src.labeled_batch, src.unlabeled_batch, sampler,
+                               draw=src.draw)
         while True:
             yield next(own)
 

@@ -1028,12 +1028,20 @@ def _read_h5(path: Path, name: str, dataset: str, nan: str) -> tuple[np.ndarray,
         data = ds[()]
         # Geometry attributes are written by write_volume; benchmark files have none.
         attrs = ds.attrs
-        if "spacing" in attrs:
+        benchmark = "spacing" not in attrs
+        if not benchmark:
             affine = attrs.get("affine_ras")
             geometry = Geometry(attrs["spacing"], attrs["origin"], attrs["direction"], affine)
         else:
             geometry = Geometry.identity()
-    return _finish_array(np.asarray(data), shape, name, nan), geometry
+    array = _finish_array(np.asarray(data), shape, name, nan)
+    if benchmark:
+        # The LA / Pancreas-CT / BraTS2019 files of UA-MT and SSL4MIS store (x, y, z), z the slice
+        # axis, and the authors' patches (112 x 112 x 80 on LA), rotation and flips are given in
+        # that order. Reversed into our (D, H, W) = (z, y, x), the same patch is (80, 112, 112) and
+        # the sampler's H-W plane is their x-y plane (tests/core/test_h5_axes.py).
+        array = np.ascontiguousarray(array.transpose(2, 1, 0))
+    return array, geometry
 
 
 _READERS: dict[str, Callable[[Path, str, str, str], tuple[np.ndarray, Geometry]]] = {
@@ -1398,8 +1406,8 @@ def read_h5_benchmark(root: os.PathLike | str, list_file: os.PathLike | str) -> 
 
     ``list_file`` (e.g. ``train.list``; absolute, or relative to ``root``) names one case
     per line. Each case is ``root/<name>/mri_norm2.h5`` (LA), ``root/<name>.h5`` or the only
-    ``root/<name>/*.h5``, holding datasets ``image`` and ``label``. The h5 arrays are taken as
-    stored, with identity geometry.
+    ``root/<name>/*.h5``, holding datasets ``image`` and ``label``. The h5 arrays are stored
+    (x, y, z); they are read as (z, y, x), our (D, H, W), with identity geometry (:func:`_read_h5`).
 
     Returns:
         Cases in list order whose ``image`` and ``label`` are the same h5 path;

@@ -30,6 +30,9 @@ DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
 DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-teacher
 #: The paper's threshold on the entropy (log10 units) of a binary prediction.
 PAPER_TAU = 0.296
+#: The authors' code disregards a binary voxel whose foreground probability lies in (0.425, 0.575);
+#: that interval's edge has entropy 0.29611 (log10 units), not 0.296, so ``--preset paper`` uses this.
+PAPER_CODE_TAU = -(0.425 * math.log10(0.425) + 0.575 * math.log10(0.575))
 #: mean-teacher's weight of the MSE after ramp-up (UA-MT / SSL4MIS); the other methods' L_u weighs 1.
 MEAN_TEACHER_UNSUP_WEIGHT = 0.1
 
@@ -204,9 +207,32 @@ class TrainConfig:
     gate: str = _setting("teacher-dice", "method", "sgrs: scale the unlabeled loss by the teacher's Dice on the "
                          "step's labeled patches; none: the paper's", choices=("teacher-dice", "none"), expert=True)
     region_weighting: str = _setting(
-        "voxels", "method", "sgrs: voxels: every scored voxel weighs the same; terms: the paper's mean of the "
-        "region terms, which gives the small inconsistent region half the weight", choices=("voxels", "terms"),
-        expert=True)
+        "voxels", "method", "sgrs: voxels: every scored voxel weighs the same; terms: a mean of per-region means, "
+        "which gives the small inconsistent region half the weight (our earlier reading of the paper); "
+        "all-voxels: the authors' code, each view's CE summed over the regions and divided by all its voxels",
+        choices=("voxels", "terms", "all-voxels"), expert=True)
+    # foreground: soft Dice over the foreground classes, 2 sum(pt) / (sum p + sum t), pooled over the
+    # batch. paper: the authors' code (../shared/SGRS.md): supervised Dice of every class incl.
+    # background, 1 - sum(pt) / (sum p^2 + sum t^2) (a perfect prediction scores 0.5); region Dice
+    # nnU-Net-style per sample, background included, masked to the region
+    dice_form: str = _setting("foreground", "method", "foreground: our soft Dice; paper: the authors' Dice forms",
+                              choices=("foreground", "paper"), flag=None)
+    # eval: the teacher predicts with its EMA BatchNorm statistics and no dropout; train: as the
+    # authors' code, which never switches it to eval mode (dropout on, the batch's statistics)
+    teacher_mode: str = _setting("eval", "method", "the teacher's mode when it makes pseudo labels: eval, or "
+                                 "train (the paper's code: dropout on, batch statistics)",
+                                 choices=("eval", "train"), flag=None)
+    # the authors ramp with iter // 150 (a staircase of 40 stairs over 6000 steps); 1: continuous
+    rampup_stair: int = _setting(1, "method", "steps per stair of the ramp-up (1: continuous; paper: 150)",
+                                 flag=None)
+    # all: a flip of each axis with probability 1/2; one-in-plane: the authors' RandomRotFlip, which
+    # always flips one of the two in-plane axes
+    flips: str = _setting("all", "data", "patch flips: all (each axis, p 0.5) or one-in-plane (the paper's)",
+                          choices=("all", "one-in-plane"), flag=None)
+    # random: volumes drawn with replacement; permutation: the authors' batch sampler, which walks
+    # through a fresh permutation of each stream's volumes
+    volume_draw: str = _setting("random", "data", "how volumes are drawn: random (with replacement) or "
+                                "permutation (the paper's)", choices=("random", "permutation"), flag=None)
     # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
     # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
     pseudo_views: str = _setting(
@@ -250,6 +276,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.unsup_weight < 0:
             raise ConfigError(f"--unsup-weight must be >= 0, got {self.unsup_weight}")
+        if self.rampup_stair < 1:
+            raise ConfigError(f"rampup_stair must be >= 1, got {self.rampup_stair}")
         if not 0 <= self.rampup_fraction <= 1:
             raise ConfigError(f"--rampup-fraction must be in [0, 1], got {self.rampup_fraction}")
         if not self.ct_window[0] < self.ct_window[1]:
@@ -294,6 +322,12 @@ class TrainConfig:
             raise ConfigError(f"{flag} {self.labeled_batch_size} with patch {list(patch)} leaves batch normalisation "
                               f"one value per channel at the network's deepest level; use {flag} 2 or more, a patch "
                               f"of 32 in one axis{other}")
+        unlabeled = self.batch_size - self.labeled_batch_size
+        if self.method == "sgrs" and self.teacher_mode == "train" and unlabeled * deepest < 2:
+            # the teacher in train mode normalises the unlabeled patches with their own statistics
+            raise ConfigError(f"teacher_mode train with {unlabeled} unlabeled patch of {list(patch)} leaves batch "
+                              f"normalisation one value per channel at the teacher's deepest level; use 2 or more "
+                              f"unlabeled patches (--batch-size), a patch of 32 in one axis or teacher_mode eval")
 
     def _resolve_batch(self) -> None:
         """Fill in the batch sizes left unset (None).
@@ -395,9 +429,14 @@ def _as_tuple(name: str, value):
 #: Named starting points: defaults < preset < config file < explicit options.
 PRESETS: dict[str, dict[str, Any]] = {
     # the published LA recipe (docs/METHOD.md, "Switches"; docs/REPRODUCE.md)
+    # the published LA recipe, step for step as the authors' code (../shared/SGRS.md, "Details of the
+    # authors' code"; docs/METHOD.md lists what still differs). The patch is (z, y, x) = their
+    # 112 x 112 x 80 (x, y, z): h5 benchmark files are read into (z, y, x) (io._read_h5)
     "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
-                  labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="terms",
-                  pseudo_views="both", pseudo_anchor="off"),
+                  labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="all-voxels",
+                  pseudo_views="both", pseudo_anchor="off", dice_form="paper", teacher_mode="train",
+                  val_fraction=0.0, foreground_fraction=0.0, flips="one-in-plane", volume_draw="permutation",
+                  rampup_stair=150, tau=PAPER_CODE_TAU),
     # measured on 2 CPU cores (benchmarks/preview_benchmark.py): 32^3 and 8 filters train ~3x faster
     # per step than 48^3, and validating every 100 steps keeps validation off the critical path
     "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,

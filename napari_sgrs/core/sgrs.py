@@ -153,25 +153,71 @@ def masked_soft_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return 1.0 - dice.mean()
 
 
-def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
-    """0.5 * (CE + Dice) on labeled voxels; voxels equal to ignore_index count in neither."""
+def paper_supervised_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The authors' supervised Dice (``dice_form="paper"``): the mean over every class, background
+    included, of 1 - sum(p t) / (sum p^2 + sum t^2) over the whole batch, where mask is True.
+    Squared denominators and no factor 2, so a perfect prediction scores 0.5, as in their code."""
+    k = prob.shape[1]
+    m = mask.unsqueeze(1).to(prob.dtype)
+    p = prob * m
+    onehot = F.one_hot(target, k).movedim(-1, 1).to(prob.dtype) * m
+    dims = (0,) + tuple(range(2, prob.dim()))
+    return (1.0 - (p * onehot).sum(dims) / ((p * p).sum(dims) + (onehot * onehot).sum(dims))).mean()
+
+
+def per_sample_soft_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                         smooth: float = 1.0) -> torch.Tensor:
+    """nnU-Net-style soft Dice loss, the authors' region Dice (``dice_form="paper"``): 1 - the mean
+    over samples and classes (background included) of (2 tp + smooth) / (2 tp + fp + fn + smooth),
+    tp, fp and fn counted where mask (B, ...) is True."""
+    k = prob.shape[1]
+    m = mask.unsqueeze(1).to(prob.dtype)
+    onehot = F.one_hot(target, k).movedim(-1, 1).to(prob.dtype)
+    dims = tuple(range(2, prob.dim()))
+    tp = (prob * onehot * m).sum(dims)
+    fp = (prob * (1.0 - onehot) * m).sum(dims)
+    fn = ((1.0 - prob) * onehot * m).sum(dims)
+    return 1.0 - ((2.0 * tp + smooth) / (2.0 * tp + fp + fn + smooth)).mean()
+
+
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None,
+                    dice_form: str = "foreground") -> torch.Tensor:
+    """0.5 * (CE + Dice) on labeled voxels; voxels equal to ignore_index count in neither.
+    ``dice_form``: foreground (:func:`masked_soft_dice`) or paper (:func:`paper_supervised_dice`)."""
     valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target))
     ce = masked_cross_entropy(logits, safe, valid)
-    dice = masked_soft_dice(torch.softmax(logits, 1), safe, valid)
+    prob = torch.softmax(logits, 1)
+    dice = paper_supervised_dice(prob, safe, valid) if dice_form == "paper" else masked_soft_dice(prob, safe, valid)
     return 0.5 * (ce + dice)
+
+
+def _all_voxel_ce(logits: torch.Tensor, pseudo: torch.Tensor, hard: torch.Tensor, soft: torch.Tensor,
+                  smoothing: float, broadcast: bool) -> torch.Tensor:
+    """One view's region CE as the authors' code: mean over all its voxels of CE x [hard] + smoothed
+    CE x [soft]. ``broadcast`` (reference_compat) reproduces their (B, 1, D, H, W) mask times a
+    (B, D, H, W) loss, which pairs every sample's mask with every sample's loss."""
+    ce = F.cross_entropy(logits, pseudo, reduction="none")
+    sce = F.cross_entropy(logits, pseudo, reduction="none", label_smoothing=smoothing)
+    if broadcast:
+        return (ce * hard.unsqueeze(1).to(ce.dtype)).mean() + (sce * soft.unsqueeze(1).to(ce.dtype)).mean()
+    return (ce * hard.to(ce.dtype)).mean() + (sce * soft.to(ce.dtype)).mean()
 
 
 def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.Tensor,
                   regions: SynergyRegions, use_regions: bool = True,
                   reference_compat: bool = False, smoothing: float = 0.2,
-                  inconsistent_smooth: float = 20.0, weighting: str = "terms") -> torch.Tensor:
+                  inconsistent_smooth: float = 20.0, weighting: str = "terms",
+                  dice_form: str = "foreground") -> torch.Tensor:
     """L_u of SGRS-Net on the student's logits for U and U_mix against the teacher's pseudo label.
 
     Consistent voxels: hard CE + soft Dice (smooth 1). Inconsistent voxels: CE with label
     smoothing + soft Dice with a large smooth (a relaxed target). Disregarded voxels: no loss.
     ``use_regions=False`` (ablation) treats every voxel as consistent.
-    ``reference_compat`` reproduces the published code's hard CE over C instead of C'.
+    ``reference_compat`` reproduces the published code's hard CE over C instead of C' (and, with
+    ``weighting="all-voxels"``, its mask broadcast across the batch).
+    ``weighting``: terms, voxels or all-voxels (settings.TrainConfig.region_weighting).
+    ``dice_form``: foreground (:func:`masked_soft_dice`) or paper (:func:`per_sample_soft_dice`).
     """
     logits2 = torch.cat([logits, logits_mix], 0)
     prob2 = torch.softmax(logits2, 1)
@@ -185,13 +231,19 @@ def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.
     i = torch.cat([regions.inconsistent] * 2, 0)
     c_ce = torch.cat([regions.agree] * 2, 0) if reference_compat else c
     b = logits.shape[0]
-    skip = not reference_compat
-    dice_terms = [
-        masked_soft_dice(prob2[:b], pseudo, regions.consistent, skip_empty=skip),
-        masked_soft_dice(prob2[b:], pseudo, regions.consistent, skip_empty=skip),
-        masked_soft_dice(prob2[:b], pseudo, regions.inconsistent, smooth=inconsistent_smooth, skip_empty=skip),
-        masked_soft_dice(prob2[b:], pseudo, regions.inconsistent, smooth=inconsistent_smooth, skip_empty=skip),
-    ]
+    if dice_form == "paper":
+        dice_terms = [per_sample_soft_dice(prob2[:b], pseudo, regions.consistent),
+                      per_sample_soft_dice(prob2[b:], pseudo, regions.consistent),
+                      per_sample_soft_dice(prob2[:b], pseudo, regions.inconsistent, smooth=inconsistent_smooth),
+                      per_sample_soft_dice(prob2[b:], pseudo, regions.inconsistent, smooth=inconsistent_smooth)]
+    else:
+        dice_terms = _foreground_dice_terms(prob2, pseudo, regions, b, inconsistent_smooth,
+                                            skip=not reference_compat)
+    if weighting == "all-voxels":
+        hard = regions.agree if reference_compat else regions.consistent
+        ce_terms = [_all_voxel_ce(view, pseudo, hard, regions.inconsistent, smoothing, reference_compat)
+                    for view in (logits, logits_mix)]
+        return 0.5 * (torch.stack(dice_terms).mean() + torch.stack(ce_terms).mean())
     ce_terms = [
         masked_cross_entropy(logits2, pseudo2, c_ce),
         masked_cross_entropy(logits2, pseudo2, i, label_smoothing=smoothing),
@@ -199,7 +251,7 @@ def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.
     if weighting == "terms":
         return 0.5 * (torch.stack(dice_terms).mean() + torch.stack(ce_terms).mean())
     if weighting != "voxels":
-        raise ValueError(f"region weighting must be 'terms' or 'voxels', got {weighting!r}")
+        raise ValueError(f"region weighting must be 'terms', 'voxels' or 'all-voxels', got {weighting!r}")
     # every scored voxel weighs the same: a region's terms count in proportion to its voxels
     # (shares stay tensors: no host sync on the hot path; with no scored voxel both are 0)
     nc = regions.consistent.sum().to(logits2.dtype)
@@ -209,6 +261,16 @@ def regional_loss(logits: torch.Tensor, logits_mix: torch.Tensor, pseudo: torch.
     dice = 0.5 * (sc * (dice_terms[0] + dice_terms[1]) + si * (dice_terms[2] + dice_terms[3]))
     ce = sc * ce_terms[0] + si * ce_terms[1]
     return 0.5 * (dice + ce)
+
+
+def _foreground_dice_terms(prob2, pseudo, regions, b: int, inconsistent_smooth: float, skip: bool) -> list:
+    """The four region Dice terms (C' and I' on each view) in the foreground form."""
+    return [
+        masked_soft_dice(prob2[:b], pseudo, regions.consistent, skip_empty=skip),
+        masked_soft_dice(prob2[b:], pseudo, regions.consistent, skip_empty=skip),
+        masked_soft_dice(prob2[:b], pseudo, regions.inconsistent, smooth=inconsistent_smooth, skip_empty=skip),
+        masked_soft_dice(prob2[b:], pseudo, regions.inconsistent, smooth=inconsistent_smooth, skip_empty=skip),
+    ]
 
 
 def teacher_reliability(prob: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> float:
@@ -262,14 +324,27 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
 
 
 @torch.no_grad()
-def reference_weight_decay(student: nn.Module, rate: float = 2e-4) -> None:
-    """The published code's extra decay of the student's weights and BN buffers per step.
-    Only used with reference_compat=True, to reproduce the published recipe."""
-    for p in student.parameters():
-        p.mul_(1.0 - rate)
-    for b in student.buffers():
-        if b.dtype.is_floating_point:
-            b.mul_(1.0 - rate)
+def teacher_update(teacher: nn.Module, student: nn.Module, step: int, config) -> None:
+    """The teacher's update after the student's SGD step ``step`` (0-based).
+
+    Default: one :func:`ema_update` with alpha = :func:`ema_alpha` (step). ``reference_compat``:
+    the authors' two updates (../shared/SGRS.md): their WeightEMA (alpha fixed at ``ema_decay`` on
+    every float entry of the state dict, buffers included, then the student's float entries decayed
+    by 2e-4), then ``update_ema_variables`` on the parameters only, with alpha from step + 1.
+    """
+    if not config.reference_compat:
+        ema_update(teacher, student, ema_alpha(step, config.ema_decay))
+        return
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    floats = [k for k, v in t_state.items() if v.dtype.is_floating_point]
+    torch._foreach_lerp_([t_state[k] for k in floats], [s_state[k] for k in floats], 1.0 - config.ema_decay)
+    torch._foreach_mul_([s_state[k] for k in floats], 1.0 - REFERENCE_STUDENT_DECAY)
+    alpha = ema_alpha(step + 1, config.ema_decay)
+    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1.0 - alpha)
+
+
+#: The authors' WeightEMA decays the student by 0.02 x lr (2e-4 at lr 0.01) after each average.
+REFERENCE_STUDENT_DECAY = 2e-4
 
 
 def calibrate_tau(prob: torch.Tensor, label: torch.Tensor, valid: torch.Tensor | None = None,

@@ -37,7 +37,7 @@ class StepOutput:
 def supervised_step(student, teacher, x, y, u, step: int, config, rng: np.random.Generator,
                     gen: torch.Generator | None, rampup_len: float, num_classes: int, anchor=None) -> StepOutput:
     """The labeled patches alone: cross-entropy + Dice (teacher, u and the rest are unused)."""
-    ls = S.supervised_loss(student(x), y, config.ignore_index)
+    ls = S.supervised_loss(student(x), y, config.ignore_index, config.dice_form)
     return StepOutput(ls, float(ls.detach()), 0.0, 0.0)
 
 
@@ -48,12 +48,12 @@ def mean_teacher_step(student, teacher, x, y, u, step: int, config, rng: np.rand
     if u is None:
         return supervised_step(student, teacher, x, y, u, step, config, rng, gen, rampup_len, num_classes)
     b = x.shape[0]
-    weight = config.unsup_weight * S.sigmoid_rampup(step, rampup_len)
+    weight = _unsup_weight(config, step, rampup_len)
     u_noisy = S.add_noise(u, generator=gen)
     with torch.no_grad():
         teacher_logits = teacher(u_noisy)
     logits = student(torch.cat([x, u], 0))
-    ls = S.supervised_loss(logits[:b], y, config.ignore_index)
+    ls = S.supervised_loss(logits[:b], y, config.ignore_index, config.dice_form)
     lu = F.mse_loss(torch.softmax(logits[b:], 1), torch.softmax(teacher_logits.float(), 1))
     return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight)
 
@@ -62,22 +62,25 @@ def sgrs_step(student, teacher, x, y, u, step: int, config, rng: np.random.Gener
               gen: torch.Generator | None, rampup_len: float, num_classes: int, anchor=None) -> StepOutput:
     """SGRS-Net: pseudo labels of the teacher (averaged with ``anchor``'s, a network such as
     LabelAnchor.ema, when given) teach the student's view of the mixed patch U_mix, weighted by
-    synergy region. Settings: gate, use_mix, use_regions, region_weighting, pseudo_views, tau."""
+    synergy region. Settings: gate, use_mix, use_regions, region_weighting, pseudo_views, tau,
+    dice_form, teacher_mode, rampup_stair."""
     if u is None:
         return supervised_step(student, teacher, x, y, u, step, config, rng, gen, rampup_len, num_classes)
     b, bu = x.shape[0], u.shape[0]
-    weight = config.unsup_weight * S.sigmoid_rampup(step, rampup_len)
+    weight = _unsup_weight(config, step, rampup_len)
     u_noisy = S.add_noise(u, generator=gen)
     gated = config.gate == "teacher-dice"
     # the noisy labeled patches feed the mix and the gate only: no noise drawn when neither is on
     x_noisy = S.add_noise(x, generator=gen) if gated or config.use_mix else None
+    # teacher_mode train: the authors' teacher, never put in eval mode (dropout on, batch statistics)
+    teacher.train(config.teacher_mode == "train")
     teacher_logits, reliability = _teacher_view(teacher, u_noisy, x_noisy if gated else None, y, config.ignore_index)
     if reliability is not None:
         weight *= reliability
     pseudo = _pseudo_label(teacher_logits, anchor, u_noisy)
     u_mix = _mixed_view(u_noisy, x_noisy, b, config, rng)
     logits = student(torch.cat([x, u, u_mix], 0))  # one forward over the three streams
-    ls = S.supervised_loss(logits[:b], y, config.ignore_index)
+    ls = S.supervised_loss(logits[:b], y, config.ignore_index, config.dice_form)
     lu_logits, mix_logits = logits[b:b + bu], logits[b + bu:]
     with torch.no_grad():
         regions = S.synergy_regions(torch.softmax(lu_logits.float(), 1), torch.softmax(mix_logits.float(), 1),
@@ -86,8 +89,14 @@ def sgrs_step(student, teacher, x, y, u, step: int, config, rng: np.random.Gener
         lu_logits = lu_logits.detach()  # the pseudo label only teaches the view that did not make it
     lu = S.regional_loss(lu_logits.float(), mix_logits.float(), pseudo, regions,
                          use_regions=config.use_regions, reference_compat=config.reference_compat,
-                         weighting=config.region_weighting)
+                         weighting=config.region_weighting, dice_form=config.dice_form)
     return StepOutput(ls + weight * lu, float(ls.detach()), float(lu.detach()), weight, regions.fractions())
+
+
+def _unsup_weight(config, step: int, rampup_len: float) -> float:
+    """The unlabeled loss's weight at ``step``: the sigmoid ramp-up, read at the start of the
+    step's stair (``rampup_stair`` 150: the authors' iter // 150; 1: continuous)."""
+    return config.unsup_weight * S.sigmoid_rampup(step - step % config.rampup_stair, rampup_len)
 
 
 def _teacher_view(teacher, u_noisy, x_noisy, y, ignore_index: int):
@@ -161,7 +170,7 @@ class LabelAnchor:
         detached and left on the device: the loop reads it only when it logs, so a GPU step does
         not wait for it."""
         with torch.autocast(**self.autocast):
-            loss = S.supervised_loss(self.forward(x), y, self.config.ignore_index)
+            loss = S.supervised_loss(self.forward(x), y, self.config.ignore_index, self.config.dice_form)
         set_learning_rate(self.optimizer, self.config, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

@@ -391,12 +391,14 @@ class Trainer:
             img = normalise(c.image, config.normalization, config.ct_window)
             return make_sample(c.name, img, c.label if with_label else None, patch, config.ignore_index)
 
-        sampler = PatchSampler(patch, self.rng, augment=True, foreground_fraction=config.foreground_fraction)
+        sampler = PatchSampler(patch, self.rng, augment=True, foreground_fraction=config.foreground_fraction,
+                               flips=config.flips)
         lab_batch = config.batch_size if config.method == "supervised" else config.labeled_batch_size
         unl_batch = 0 if config.method == "supervised" else config.batch_size - config.labeled_batch_size
         self.batches = TwoStreamBatches([prep(c, True) for c in self.train_lab],
                                         [prep(c, False) for c in self.unlabeled],
-                                        lab_batch, unl_batch, sampler, self.rank, self.world)
+                                        lab_batch, unl_batch, sampler, self.rank, self.world,
+                                        draw=config.volume_draw)
         self.rank_volumes = {"rank": self.rank, "pid": os.getpid(),
                              "labeled": [s.name for s in self.batches.labeled],
                              "unlabeled": [s.name for s in self.batches.unlabeled]}
@@ -453,6 +455,8 @@ class Trainer:
                    "rng.torch": torch.random.get_rng_state(), "rng.noise": self.gen.get_state()}
         meta = dict(self.meta, step=self.step, best_dice=self.best_dice, rng_numpy=self.rng.bit_generator.state,
                     method=self.config.method)
+        if self.config.volume_draw == "permutation":  # where each stream stands in its permutation
+            meta["draw_queues"] = self.batches.state()
         digest = save_checkpoint(path, tensors, meta)
         if kind == "last":
             self.saved_step = self.step
@@ -473,6 +477,8 @@ class Trainer:
             self.anchor.load(ckpt)
         if "rng_numpy" in meta:
             self.rng.bit_generator.state = meta["rng_numpy"]
+        if "draw_queues" in meta:
+            self.batches.load_state(meta["draw_queues"])
         if "rng.torch" in ckpt.tensors:
             torch.random.set_rng_state(ckpt.tensors["rng.torch"])
         if "rng.noise" in ckpt.tensors:
@@ -549,10 +555,7 @@ class Trainer:
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if config.reference_compat:
-            S.reference_weight_decay(self.student)
-            S.ema_update(self.teacher, self.student, S.ema_alpha(self.step, config.ema_decay))
-        S.ema_update(self.teacher, self.student, S.ema_alpha(self.step, config.ema_decay))
+        S.teacher_update(self.teacher, self.student, self.step, config)
         # the anchor learns from the same labeled patches, never from pseudo labels
         loss_anchor = self.anchor.step(x, y, self.step) if self.anchor else None
         self.step += 1

@@ -220,7 +220,7 @@ def test_loss_defaults_flags_and_the_paper_preset():
     assert _train_config(["--region-weighting", "terms"]).region_weighting == "terms"
     paper = _train_config(["--preset", "paper"])
     assert (paper.pseudo_views, paper.gate, paper.region_weighting, paper.lr_schedule) == \
-        ("both", "none", "terms", "constant")
+        ("both", "none", "all-voxels", "constant")
     assert (paper.batch_size, paper.labeled_batch_size, paper.iterations) == (4, 2, 15000)
     assert _train_config(["--preset", "paper", "--pseudo-views", "mix"]).pseudo_views == "mix"
 

@@ -34,7 +34,9 @@ DEFAULTS_BEFORE = dict(
     use_mix=True, use_regions=True, normalization="zscore", ct_window=(-160.0, 240.0), ignore_index=255,
     num_classes=None, val_fraction=0.2, val_every=None, checkpoint_every=100, log_every=10, reference_compat=False,
     amp="auto", compile=False, cudnn_benchmark=True, sync_bn=False, workers=0, foreground_fraction=0.33,
-    dropout=0.5, gate="teacher-dice", region_weighting="voxels", pseudo_views="mix", pseudo_anchor="labels")
+    dropout=0.5, gate="teacher-dice", region_weighting="voxels", pseudo_views="mix", pseudo_anchor="labels",
+    # issue 20: the authors' step as settings, off by default (the default recipe is unchanged)
+    dice_form="foreground", teacher_mode="eval", rampup_stair=1, flips="all", volume_draw="random")
 
 #: A valid value other than the default for every setting (the resume test goes through all).
 OTHER = dict(
@@ -44,7 +46,8 @@ OTHER = dict(
     use_mix=False, use_regions=False, normalization="ct", ct_window=(-100.0, 100.0), ignore_index=200,
     num_classes=3, val_fraction=0.3, val_every=3, checkpoint_every=5, log_every=2, reference_compat=True,
     amp="off", compile=True, cudnn_benchmark=False, sync_bn=True, workers=1, foreground_fraction=0.5,
-    dropout=0.1, gate="none", region_weighting="terms", pseudo_views="both", pseudo_anchor="off")
+    dropout=0.1, gate="none", region_weighting="terms", pseudo_views="both", pseudo_anchor="off",
+    dice_form="paper", teacher_mode="train", rampup_stair=150, flips="one-in-plane", volume_draw="permutation")
 
 FIELDS = [f.name for f in fields(TrainConfig)]
 
@@ -130,7 +133,11 @@ def test_the_presets_values():
     assert (paper.iterations, paper.patch_size, paper.base_filters, paper.batch_size, paper.labeled_batch_size) == \
         (15000, (80, 112, 112), 16, 4, 2)
     assert (paper.lr_schedule, paper.gate, paper.region_weighting, paper.pseudo_views, paper.pseudo_anchor) == \
-        ("constant", "none", "terms", "both", "off")
+        ("constant", "none", "all-voxels", "both", "off")
+    # the authors' code, detail by detail (tests/core/test_paper_parity.py checks the step they make)
+    assert (paper.dice_form, paper.teacher_mode, paper.rampup_stair, paper.val_fraction, paper.foreground_fraction,
+            paper.flips, paper.volume_draw, round(paper.tau, 5)) == \
+        ("paper", "train", 150, 0.0, 0.0, "one-in-plane", "permutation", 0.29613)
     assert PRESETS["preview"] == dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4,
                                       labeled_batch_size=2, val_every=100)
     # the napari panel's starting values when the preset was made (_widget.py's boxes, project.TrainSettings)
