@@ -94,7 +94,6 @@ class SGRSTrainWidget(QWidget):
         self.preset = panel_preset(bool(self.gpu))  # the boxes' starting point, and the rest of the settings
         self._step_s: float | None = None    # the run's measured seconds a step (progress events)
         self._long_run_warned = False
-        self._stop_asked = False             # this panel's Stop: a signal exit after it is a stop, not a failure
         self._stopped_event: Event | None = None
         self._build_ui()
 
@@ -615,7 +614,7 @@ class SGRSTrainWidget(QWidget):
         if not resume:
             self.plot.clear_data()
         self._error_shown = False
-        self._step_s, self._long_run_warned, self._stop_asked, self._stopped_event = None, False, False, None
+        self._step_s, self._long_run_warned, self._stopped_event = None, False, None
         self._total = int(settings.iterations)
         # detached: the run outlives the viewer, and reopening the project finds it (TrainerProcess)
         self.train_job = Job(cmd, folder.log, stop_file=folder.stop_file, detach=True)
@@ -628,7 +627,6 @@ class SGRSTrainWidget(QWidget):
         """Ask the trainer to checkpoint and exit; it is terminated if it does not within the grace period."""
         if self.train_job is None or not self.train_job.running:
             return
-        self._stop_asked = True
         self.train_job.request_stop()
         wait = "" if self._step_s is None else f" (up to {_fmt_seconds(self._step_s)}, a step's time)"
         self.status_label.setText(f"stopping at the end of the current step{wait}, then writing a checkpoint ...")
@@ -737,7 +735,7 @@ class SGRSTrainWidget(QWidget):
         if code != 0 and not self._error_shown:
             if self._stopped_event is not None:
                 pass  # it said it stopped, and saved: ended by a signal after that is still a stop
-            elif self._stop_asked or job.stop_requested_at is not None:
+            elif job.stop_requested_at is not None:  # Stop was pressed
                 # ended by the signals that follow Stop before it could checkpoint: a stop, whose
                 # last checkpoint on disk Resume continues from
                 saved = self.project.last_step() if self.project is not None else 0

@@ -105,3 +105,26 @@ def test_stop_during_slow_steps_is_reported_as_a_stop(make_napari_viewer, qtbot,
     assert widget.status_label.text() == "stopped at step 2, checkpoint saved, Resume continues"
     assert widget.project.last_step() == 2 and widget.resume_button.isEnabled()
     widget.shutdown()
+
+
+def test_a_trainer_ended_by_the_signals_after_stop_is_a_stop_not_a_failure(make_napari_viewer, qtbot, monkeypatch,
+                                                                            tmp_path):
+    """A trainer that the grace's SIGTERM/SIGKILL ends before it could save: the panel says it
+    stopped and where Resume continues from, as a warning; the same exit without Stop is a failure."""
+    from napari_sgrs.project.jobs import Job
+
+    errors, warnings = [], []
+    monkeypatch.setattr(_widget, "show_error", errors.append)
+    monkeypatch.setattr(_widget, "show_warning", warnings.append)
+    widget = SGRSTrainWidget(make_napari_viewer(), project=Project.create(tmp_path / "project"))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]  # dies of SIGTERM, saving nothing
+    widget.train_job = Job(sleeper, tmp_path / "a.log")
+    widget.stop_training()  # no STOP file: SIGTERM at once
+    qtbot.waitUntil(lambda: (widget._check_train_job(), widget.train_job is None)[1], timeout=WAIT_MS)
+    assert errors == [] and len(warnings) == 1 and "Start begins again" in warnings[0]
+    assert widget.status_label.text().startswith("stopped")
+    widget.train_job = Job(sleeper, tmp_path / "b.log")
+    widget.train_job.terminate()  # not through Stop
+    qtbot.waitUntil(lambda: (widget._check_train_job(), widget.train_job is None)[1], timeout=WAIT_MS)
+    assert len(errors) == 1 and errors[0].startswith("training failed")
+    widget.shutdown()
