@@ -755,7 +755,7 @@ class SGRSTrainWidget(QWidget):
         if self._long_run_warned or eta_s is None or float(eta_s) <= LONG_RUN_S:
             return
         self._long_run_warned = True
-        show_warning(_long_run_warning(float(eta_s), step, total, self.preset))
+        show_warning(_long_run_warning(float(eta_s), step, total, self.settings()))
 
     # ------------------------------------------------------------------ prediction
     def request_predict(self, step: int) -> None:
@@ -1002,10 +1002,12 @@ def _read_predictions(out_dir: Path, names: list[str]) -> dict[str, tuple]:
     return out
 
 
-def _long_run_warning(eta_s: float, step: int, total: int, preset: str) -> str:
-    """One line: the projected time of a run (from ``preset``), and a smaller setting."""
+def _long_run_warning(eta_s: float, step: int, total: int, chosen: TrainConfig) -> str:
+    """One line: the projected time of a run, and a smaller setting than ``chosen`` (the boxes')."""
     head = f"this run is projected to take {_fmt_seconds(eta_s)} more ({total - step} steps left)"
-    if preset != "preview":
+    budget = ("iterations", "patch_size", "base_filters")
+    preview = panel_config(preset="preview")
+    if any(getattr(chosen, k) != getattr(preview, k) for k in budget):
         return f"{head}; for a first result press Stop and choose the setting 'preview' ({PRESET_HELP['preview']})"
     return f"{head}; for a first result press Stop and lower the iterations, patch size or base filters"
 

@@ -56,6 +56,9 @@ def test_a_run_projected_over_an_hour_is_warned_once_naming_the_preview(make_nap
     widget._long_run_warned = False
     widget.handle_event(Event(EventKind.PROGRESS, 3, {"loss": 1.0, "total": 2000, "eta_s": 600.0}))
     assert len(warned) == 1  # ten minutes: no warning
+    widget.choose_preset("preview")  # already the small setting (a slow machine): fewer steps, then
+    widget.handle_event(Event(EventKind.PROGRESS, 4, {"loss": 1.0, "total": 300, "eta_s": 7200.0}))
+    assert len(warned) == 2 and "2h00m" in warned[1] and "lower the iterations" in warned[1]
     widget.shutdown()
 
 
