@@ -189,8 +189,8 @@ class SGRSTrainWidget(QWidget):
         self.preset_combo.setToolTip("fills the boxes below with a named setting")
         self.preset_combo.textActivated.connect(self.choose_preset)
         self.gpu_label = QLabel(f"GPU: {self.gpu}" if self.gpu else
-                                f"no GPU detected: training runs on the CPU, from the {self.preset} setting "
-                                f"({PRESET_HELP[self.preset]})")
+                                f"no GPU detected: training runs on the CPU, so the boxes start from the "
+                                f"{self.preset} setting: {PRESET_HELP[self.preset]}")
         self.gpu_label.setWordWrap(True)
         self.apply_settings(panel_config(preset=self.preset))  # the device's preset (project/folder.py)
         form.addRow("setting", self.preset_combo)
