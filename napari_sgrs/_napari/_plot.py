@@ -33,14 +33,25 @@ class TrainingPlot(FigureCanvasQTAgg):
                                               label=Region.DISREGARDED.key)
         (self._inc_line,) = self.ax_dice.plot([], [], color=Region.INCONSISTENT.colour, lw=1, ls="--",
                                               label=Region.INCONSISTENT.key)
-        self.ax_dice.legend(fontsize=6, loc="upper right", frameon=False)
         self.ax.set_xlabel("step", fontsize=8)
         self.ax.set_ylabel("loss", fontsize=8, color="#0072B2")
-        self.ax_dice.set_ylabel("val Dice", fontsize=8, color="#E69F00")
         self.ax_dice.set_ylim(0, 1)
         for a in (self.ax, self.ax_dice):
             a.tick_params(labelsize=7)
         self._dirty = False
+
+    def _legend(self) -> None:
+        """A legend of the lines that have data: no entry without a line (a run without a
+        validation split has no Dice; the panel says why), and the right axis named after what it shows."""
+        lines = [ln for ln in (self._loss_line, self._dice_line, self._dis_line, self._inc_line)
+                 if len(ln.get_xdata())]
+        old = self.ax_dice.get_legend()
+        if old is not None:
+            old.remove()
+        if lines:
+            self.ax_dice.legend(lines, [ln.get_label() for ln in lines], fontsize=6, loc="upper right",
+                                frameon=False)
+        self.ax_dice.set_ylabel("Dice, share" if len(self._dice_line.get_xdata()) else "share", fontsize=8)
 
     def clear_data(self) -> None:
         self.loss_steps, self.loss, self.dice_steps, self.dice = [], [], [], []
@@ -73,6 +84,7 @@ class TrainingPlot(FigureCanvasQTAgg):
         self._dice_line.set_data(self.dice_steps, self.dice)
         self._dis_line.set_data(self.region_steps, self.disregarded)
         self._inc_line.set_data(self.region_steps, self.inconsistent)
+        self._legend()
         if self.loss_steps:
             self.ax.set_xlim(0, max(self.loss_steps + self.dice_steps + [1]))
             lo, hi = min(self.loss), max(self.loss)

@@ -31,9 +31,9 @@ from napari_sgrs.core.codes import IGNORE_INDEX, Region
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import Event, EventFollower, EventKind
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.core.settings import METHODS, TrainConfig
-from napari_sgrs.project.folder import Project, mark_unpainted_slices, panel_config
-from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, train_command
+from napari_sgrs.core.settings import METHODS, PRESET_HELP, TrainConfig
+from napari_sgrs.project.folder import PANEL_PRESETS, Project, mark_unpainted_slices, panel_config, panel_preset
+from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, stop_grace_s, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region
 
 from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
@@ -41,7 +41,9 @@ from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geom
 
 POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
 AUTOSAVE_MS = 3000     # label edits since the last Accept are journaled this often
-STOP_GRACE_S = 30.0    # after Stop: wait this long for the checkpoint, then SIGTERM, then SIGKILL
+LONG_RUN_S = 3600.0    # a run projected to take longer gets a warning naming a smaller setting
+NO_VALIDATION_NOTE = ("no validation split (fewer than 3 labeled volumes): the plot shows the training loss "
+                      "and the region shares, no validation Dice")
 NO_LABEL = "(unlabeled)"
 
 PARTIAL_HELP = (f"Partly labeled volumes: voxels with value {IGNORE_INDEX} are unannotated and "
@@ -89,6 +91,10 @@ class SGRSTrainWidget(QWidget):
         self._label_choice: dict[str, str] = {}
         self._ui_steps: list = []  # layer updates waiting for their event-loop turn  # image layer -> Labels layer the user picked
         self.gpu = detect_gpu()
+        self.preset = panel_preset(bool(self.gpu))  # the boxes' starting point, and the rest of the settings
+        self._step_s: float | None = None    # the run's measured seconds a step (progress events)
+        self._long_run_warned = False
+        self._stopped_event: Event | None = None
         self._build_ui()
 
         self.poll_timer = QTimer(self)
@@ -175,8 +181,19 @@ class SGRSTrainWidget(QWidget):
         self.filters_spin.setRange(2, 64)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"] + (["cuda"] if self.gpu else []))
-        self.gpu_label = QLabel(f"GPU: {self.gpu}" if self.gpu else "no GPU detected: training runs on the CPU")
-        self.apply_settings(panel_config())  # the boxes start at the plugin preset (core/settings.py)
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(PANEL_PRESETS)
+        for i, name in enumerate(PANEL_PRESETS):
+            self.preset_combo.setItemData(i, PRESET_HELP[name], Qt.ItemDataRole.ToolTipRole)
+        self.preset_combo.setCurrentText(self.preset)
+        self.preset_combo.setToolTip("fills the boxes below with a named setting")
+        self.preset_combo.textActivated.connect(self.choose_preset)
+        self.gpu_label = QLabel(f"GPU: {self.gpu}" if self.gpu else
+                                f"no GPU detected: training runs on the CPU, so the boxes start from the "
+                                f"{self.preset} setting: {PRESET_HELP[self.preset]}")
+        self.gpu_label.setWordWrap(True)
+        self.apply_settings(panel_config(preset=self.preset))  # the device's preset (project/folder.py)
+        form.addRow("setting", self.preset_combo)
         form.addRow("method", self.method_combo)
         form.addRow("iterations", self.iterations_spin)
         form.addRow("patch D H W", patch)
@@ -200,6 +217,10 @@ class SGRSTrainWidget(QWidget):
         self.status_label = QLabel("idle")
         self.status_label.setWordWrap(True)
         form.addRow(self.status_label)
+        self.validation_label = QLabel("")  # why the plot has no validation Dice, when it has none
+        self.validation_label.setWordWrap(True)
+        self.validation_label.setVisible(False)
+        form.addRow(self.validation_label)
         from ._plot import TrainingPlot
 
         self.plot = TrainingPlot(self)
@@ -430,7 +451,7 @@ class SGRSTrainWidget(QWidget):
             label_path = project.label_path(entry.name)
             if label_path.exists() and self.layer_for(entry.name, "label") is None:
                 self._add(layer_data_from_volume(read_volume(label_path), "label", entry.name + LABEL_SUFFIX))
-        self.apply_settings(project.settings())
+        self.apply_settings(project.settings(self.preset))
         if project.current_run is not None:
             self._events = EventFollower(RunFolder(project.current_run).events)
             self.plot.clear_data()
@@ -525,10 +546,18 @@ class SGRSTrainWidget(QWidget):
 
     # ------------------------------------------------------------------ training
     def settings(self) -> TrainConfig:
-        """The settings in the panel's boxes (the rest: the ``plugin`` preset's, see ``panel_config``)."""
+        """The settings in the panel's boxes (the rest: the chosen preset's, see ``panel_config``)."""
         return panel_config(dict(method=self.method_combo.currentText(), iterations=self.iterations_spin.value(),
                                  patch_size=tuple(s.value() for s in self.patch_spins),
-                                 base_filters=self.filters_spin.value(), device=self.device_combo.currentText()))
+                                 base_filters=self.filters_spin.value(), device=self.device_combo.currentText()),
+                            self.preset)
+
+    def choose_preset(self, name: str) -> None:
+        """Fill the boxes with a named setting (``preview``: a first result in about a minute on a CPU)."""
+        self.preset = name
+        self.preset_combo.setCurrentText(name)
+        self.apply_settings(panel_config(dict(method=self.method_combo.currentText(),
+                                              device=self.device_combo.currentText()), name))
 
     def apply_settings(self, s: TrainConfig) -> None:
         self.method_combo.setCurrentText(s.method)
@@ -630,6 +659,7 @@ class SGRSTrainWidget(QWidget):
         if not resume:
             self.plot.clear_data()
         self._error_shown = False
+        self._step_s, self._long_run_warned, self._stopped_event = None, False, None
         self._total = int(settings.iterations)
         # detached: the run outlives the viewer, and reopening the project finds it (TrainerProcess)
         self.train_job = Job(cmd, folder.log, stop_file=folder.stop_file, detach=True)
@@ -643,7 +673,8 @@ class SGRSTrainWidget(QWidget):
         if self.train_job is None or not self.train_job.running:
             return
         self.train_job.request_stop()
-        self.status_label.setText("stopping: writing a checkpoint ...")
+        wait = "" if self._step_s is None else f" (up to {_fmt_seconds(self._step_s)}, a step's time)"
+        self.status_label.setText(f"stopping at the end of the current step{wait}, then writing a checkpoint ...")
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop every background process (used when the panel closes, and by tests)."""
@@ -692,9 +723,18 @@ class SGRSTrainWidget(QWidget):
             case EventKind.STARTED:
                 self._total = int(data.get("total") or self._total)
                 self.status_label.setText(f"training on {data.get('device', '?')} ...")
+                # the trainer holds out no volume below 3 labeled ones (core/train.py split_validation)
+                no_val = data.get("validation") == 0
+                self.validation_label.setText(NO_VALIDATION_NOTE if no_val else "")
+                self.validation_label.setVisible(no_val)
             case EventKind.PROGRESS:
                 total = int(data.get("total") or self._total or 1)
                 self._total = total
+                rate = data.get("steps_per_s")
+                if rate:
+                    self._step_s = 1.0 / float(rate)
+                if not replay:
+                    self._warn_if_long(step, total, data.get("eta_s"))
                 self.progress.setValue(int(100 * min(step, total) / max(total, 1)))
                 if "loss" in data:
                     self.plot.add_loss(step, float(data["loss"]))
@@ -711,7 +751,12 @@ class SGRSTrainWidget(QWidget):
             case EventKind.CHECKPOINT if not replay:
                 self.request_predict(step)
             case EventKind.STOPPED:
-                self.status_label.setText(f"stopped at step {step}; checkpoint saved (Resume continues)")
+                self._stopped_event = event
+                if data.get("path"):
+                    self.status_label.setText(f"stopped at step {step}, checkpoint saved, Resume continues")
+                else:
+                    self.status_label.setText(f"stopped at step {step}, before the first checkpoint: Start "
+                                              f"begins again")
             case EventKind.FINISHED:
                 self.progress.setValue(100)
                 self.status_label.setText(f"finished at step {step}")
@@ -726,15 +771,36 @@ class SGRSTrainWidget(QWidget):
             return
         code = job.poll()
         if code is None:
-            job.enforce_stop(STOP_GRACE_S)
+            # the trainer stops at a step boundary: the wait follows its measured step time (before
+            # the first step, at least as long as the run has lasted)
+            step_s = self._step_s if self._step_s is not None else time.monotonic() - job.started
+            job.enforce_stop(stop_grace_s(step_s))
             return
         self._read_new_events()  # the last lines written before exit
         if code != 0 and not self._error_shown:
-            self._error_shown = True
-            message = job.error_message()
-            show_error(f"training failed: {message}")
-            self.status_label.setText(f"error: {message}")
+            if self._stopped_event is not None:
+                pass  # it said it stopped, and saved: ended by a signal after that is still a stop
+            elif job.stop_requested_at is not None:  # Stop was pressed
+                # ended by the signals that follow Stop before it could checkpoint: a stop, whose
+                # last checkpoint on disk Resume continues from
+                saved = self.project.last_step() if self.project is not None else 0
+                where = f"Resume continues from step {saved}" if saved else "no checkpoint yet: Start begins again"
+                self.status_label.setText(f"stopped (ended before it could save its last step); {where}")
+                show_warning(f"training was ended after Stop before it could save; {where}")
+            else:
+                self._error_shown = True
+                message = job.error_message()
+                show_error(f"training failed: {message}")
+                self.status_label.setText(f"error: {message}")
         self.train_job = None
+
+    def _warn_if_long(self, step: int, total: int, eta_s: Any) -> None:
+        """Once per run, from the first progress event on (the trainer reports step 1 at once):
+        warn when the projected time is over an hour, naming the preview setting."""
+        if self._long_run_warned or eta_s is None or float(eta_s) <= LONG_RUN_S:
+            return
+        self._long_run_warned = True
+        show_warning(_long_run_warning(float(eta_s), step, total, self.settings()))
 
     # ------------------------------------------------------------------ prediction
     def request_predict(self, step: int) -> None:
@@ -981,6 +1047,16 @@ def _read_predictions(out_dir: Path, names: list[str]) -> dict[str, tuple]:
         if pred_path.exists() and regions_path.exists():
             out[name] = (read_volume(pred_path), read_volume(regions_path))
     return out
+
+
+def _long_run_warning(eta_s: float, step: int, total: int, chosen: TrainConfig) -> str:
+    """One line: the projected time of a run, and a smaller setting than ``chosen`` (the boxes')."""
+    head = f"this run is projected to take {_fmt_seconds(eta_s)} more ({total - step} steps left)"
+    budget = ("iterations", "patch_size", "base_filters")
+    preview = panel_config(preset="preview")
+    if any(getattr(chosen, k) != getattr(preview, k) for k in budget):
+        return f"{head}; for a first result press Stop and choose the setting 'preview' ({PRESET_HELP['preview']})"
+    return f"{head}; for a first result press Stop and lower the iterations, patch size or base filters"
 
 
 def _fmt_seconds(value: Any) -> str:

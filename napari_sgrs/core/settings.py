@@ -441,7 +441,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # per step than 48^3, and validating every 100 steps keeps validation off the critical path
     "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,
                     val_every=100),
-    # what the napari panel starts with (its iterations, patch and filter boxes)
+    # what the napari panel starts with on a GPU (on a CPU: preview; project/folder.py panel_preset)
     "plugin": dict(iterations=2000, patch_size=(96, 96, 96), base_filters=16),
     # the test suite's runs (tests/tiny.py): a few seconds on a CPU core
     "tiny": dict(iterations=4, patch_size=(16, 16, 16), base_filters=2, batch_size=4, labeled_batch_size=2, seed=0,
@@ -450,7 +450,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_HELP = {
     "paper": "the published LA recipe (15000 steps, patch 80 112 112, 16 filters, 2 + 2 patches, the paper's loss)",
     "preview": "small and fast for a CPU (300 steps, patch 32^3, 8 filters)",
-    "plugin": "what the napari panel starts with (2000 steps, patch 96^3)",
+    "plugin": "what the napari panel starts with on a GPU (2000 steps, patch 96^3)",
     "tiny": "a few steps on 16^3 patches, for tests",
 }
 

@@ -590,7 +590,9 @@ class Trainer:
     def _after_step(self, out: StepOutput, loss_anchor: torch.Tensor | None) -> None:
         config, step = self.config, self.step
         last = step == config.iterations
-        if step % config.log_every == 0 or last:
+        # the first step of this process is reported at once: its time gives the first ETA (a
+        # slow CPU setting would otherwise show no estimate until step log_every)
+        if step % config.log_every == 0 or last or step == self.step0 + 1:
             self._log_progress(out, loss_anchor)
         validate_now = self.val and (step % self.val_every == 0 or last)
         if self.is_main and validate_now:

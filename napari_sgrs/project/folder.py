@@ -166,17 +166,26 @@ def provenance_counts(provenance: np.ndarray) -> dict[str, int]:
 #: setting is TrainConfig's default, or on a resume the run's own (a resumed run keeps what it
 #: saved except what the file gives again).
 PANEL_SETTINGS = ("method", "iterations", "patch_size", "base_filters", "batch_size", "labeled_batch_size",
-                  "device", "seed", "ignore_index", "checkpoint_every")
+                  "device", "seed", "ignore_index", "checkpoint_every", "val_every")
+#: The presets the panel offers, the first one a CPU's: ``preview`` gives a first pseudo label in
+#: about a minute on the demo data with 2 CPU cores (benchmarks/RESULTS.md); ``plugin`` a GPU's.
+PANEL_PRESETS = ("preview", "plugin", "paper")
 
 
-def panel_config(values: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The panel's settings: the ``plugin`` preset, then ``values`` (project.json's, or the panel's
-    boxes) for the fields in :data:`PANEL_SETTINGS`. Other keys are left out, and so is None (the
-    engine's default), as project.json of earlier versions writes it."""
+def panel_preset(gpu: bool) -> str:
+    """The preset the panel starts from: ``plugin`` with a GPU, ``preview`` without one (``plugin``
+    takes about 87 s a step on 2 CPU cores, two days for a run)."""
+    return "plugin" if gpu else "preview"
+
+
+def panel_config(values: Mapping[str, Any] | None = None, preset: str = "plugin") -> TrainConfig:
+    """The panel's settings: ``preset`` (see :func:`panel_preset`), then ``values`` (project.json's,
+    or the panel's boxes) for the fields in :data:`PANEL_SETTINGS`. Other keys are left out, and so
+    is None (the engine's default), as project.json of earlier versions writes it."""
     given = {k: v for k, v in (values or {}).items() if k in PANEL_SETTINGS and v is not None}
     if "patch_size" in given:
         given["patch_size"] = tuple(int(v) for v in given["patch_size"])
-    return TrainConfig.from_preset("plugin", **given)
+    return TrainConfig.from_preset(preset, **given)
 
 
 def panel_values(config: TrainConfig) -> dict[str, Any]:
@@ -261,7 +270,7 @@ class Project:
                                  f"choose an empty folder (nothing there was changed)")
             project = cls(root, {"version": PROJECT_VERSION, "created": time.time(), "images": [],
                                  "labels_dir": "labels", "corrections": [], "runs": [],
-                                 "prediction": None, "settings": panel_values(panel_config())}, lock)
+                                 "prediction": None, "settings": {}}, lock)  # none chosen yet: Project.settings
             project.save()
         except BaseException:
             lock.release()
@@ -458,9 +467,10 @@ class Project:
         self.save()
         return run
 
-    def settings(self) -> TrainConfig:
-        """The panel's settings of the latest run (see :func:`panel_config`)."""
-        return panel_config(self.data.get("settings"))
+    def settings(self, preset: str = "plugin") -> TrainConfig:
+        """The panel's settings of the latest run; ``preset`` (the device's, :func:`panel_preset`)
+        for those no run chose yet (see :func:`panel_config`)."""
+        return panel_config(self.data.get("settings"), preset)
 
     def settings_file(self, run: Path) -> Path:
         """``runs/<run>.settings.json``: the settings ``sgrs train --config`` reads for ``run``. Beside

@@ -18,6 +18,19 @@ from ..core.events import Event, EventKind, read_events
 from ..core.runfolder import RunFolder
 
 
+#: After Stop, at least this long for the trainer's own clean stop, then SIGTERM (still a clean
+#: stop, at the next step boundary), then as long again before SIGKILL (see :func:`stop_grace_s`).
+STOP_GRACE_S = 30.0
+
+
+def stop_grace_s(step_s: float | None) -> float:
+    """How long to wait, after Stop and again after SIGTERM, for a trainer whose steps take
+    ``step_s`` seconds (None: not measured yet). The trainer stops at a step boundary, so the wait
+    covers the step under way, the checkpoint (about a step's time on a CPU) and a margin: a
+    fixed 30 s would kill a CPU run with 87 s steps before it could save."""
+    return STOP_GRACE_S + 2 * max(float(step_s or 0.0), 0.0)
+
+
 def sgrs_command() -> list[str]:
     """The engine's entry point, run with this interpreter (works without the ``sgrs`` script on PATH)."""
     return [sys.executable, "-m", "napari_sgrs.cli"]
@@ -90,7 +103,7 @@ class Job:
         else:
             self.terminate()
 
-    def enforce_stop(self, grace_s: float = 30.0) -> None:
+    def enforce_stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Call from the timer after :meth:`request_stop`: SIGTERM after ``grace_s`` (the trainer
         still checkpoints on SIGTERM), SIGKILL ``grace_s`` later."""
         if self.stop_requested_at is None or not self.running:
@@ -143,6 +156,7 @@ class TrainerProcess:
         self.run_dir = self.run.path
         self.holder = dict(holder)
         self.stop_file = self.run.stop_file
+        self.started = time.monotonic()  # when this viewer found it: the run has lasted at least since
         self.stop_requested_at: float | None = None
         self._terminated_at: float | None = None
         self._code: int | None = None
@@ -170,7 +184,7 @@ class TrainerProcess:
             self.stop_requested_at = time.monotonic()
         self.stop_file.touch()
 
-    def enforce_stop(self, grace_s: float = 30.0) -> None:
+    def enforce_stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """As :meth:`Job.enforce_stop`, for a trainer on this host only (a pid elsewhere means
         nothing here): SIGTERM after ``grace_s`` (it still checkpoints), SIGKILL ``grace_s`` later."""
         if self.stop_requested_at is None or not self.running:

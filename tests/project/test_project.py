@@ -13,7 +13,8 @@ from napari_sgrs.core.io import Geometry, read_volume, write_volume
 from napari_sgrs.core.runfolder import RunFolder
 from napari_sgrs.core.settings import SETTINGS, TrainConfig, read_config_file
 from napari_sgrs.project.folder import (IGNORE_INDEX, PANEL_SETTINGS, Project, case_name, mark_unpainted_slices,
-                                        panel_config, provenance_counts, provenance_for_accept)
+                                        panel_config, panel_preset, panel_values, provenance_counts,
+                                        provenance_for_accept)
 from napari_sgrs.project.jobs import TrainerProcess, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region, rank_for_review
 
@@ -254,7 +255,7 @@ def test_the_panel_starts_sgrs_train_with_a_settings_file_not_options(tiny_cohor
     saved = run.read_config()
     assert {k: saved[k] for k in PANEL_SETTINGS if k not in ("batch_size", "labeled_batch_size")} == \
         dict(method="sgrs", iterations=2, patch_size=[16, 16, 16], base_filters=2, device="cpu", seed=5,
-             ignore_index=IGNORE_INDEX, checkpoint_every=1)
+             ignore_index=IGNORE_INDEX, checkpoint_every=1, val_every=None)
     assert (saved["lr"], saved["gate"], saved["pseudo_anchor"]) == (TrainConfig.lr, TrainConfig.gate,
                                                                      TrainConfig.pseudo_anchor)
 
@@ -426,3 +427,18 @@ def test_a_new_project_is_never_made_in_a_folder_of_other_files(tmp_path):
         Project.create(tmp_path / "afile")
     with Project.create(tmp_path / "empty") as project:        # absent or empty: fine
         assert project.case_names() == []
+
+
+def test_the_panel_preset_follows_the_device_and_reaches_the_settings_file(tmp_path):
+    """No GPU: the panel starts from ``preview`` (a first result in about a minute on a CPU), and
+    what the preset sets beyond the panel's boxes (its validation interval) reaches the trainer."""
+    from napari_sgrs.core.settings import PRESETS
+
+    assert (panel_preset(False), panel_preset(True)) == ("preview", "plugin")
+    cpu = panel_config(preset=panel_preset(False))
+    assert {k: getattr(cpu, k) for k in PRESETS["preview"]} == PRESETS["preview"]
+    project = Project.create(tmp_path / "proj")
+    assert project.settings("preview") == cpu  # a new project has chosen nothing yet
+    path = project.write_settings_file(project.new_run(cpu), cpu)
+    assert read_config_file(path)["val_every"] == PRESETS["preview"]["val_every"]
+    assert panel_values(project.settings()) == panel_values(cpu)  # the run's choice, kept whatever the device
