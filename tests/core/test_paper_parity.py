@@ -28,6 +28,18 @@ RAMPUP = 6000        # 0.4 x 15000, as the trainer passes it
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the two steps then sum in the same order. With 2 threads a bias gradient
+    that batch norm cancels (about 5e-6) differs by 2e-5 between two correct implementations, which
+    is the threads' order, not the method. (float64 would also do, but their WeightEMA averages
+    float32 entries only, so the restatement must run in float32.)"""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # ----------------------------------------------------------------------------- the restatement
 
 def _noise(t, gen):
