@@ -5,6 +5,7 @@ found through its run folder's lock). Nothing here blocks; the panel polls from 
 
 from __future__ import annotations
 
+import abc
 import os
 import signal
 import socket
@@ -50,7 +51,56 @@ def predict_command(run_dir: Path, images_dir: Path, out_dir: Path, regions: boo
     return cmd + (["--regions"] if regions else [])
 
 
-class Job:
+class _StopsOnRequest(abc.ABC):
+    """The Stop protocol that the panel's own :class:`Job` and a :class:`TrainerProcess` found
+    again share: touch STOP (the trainer checkpoints, writes a ``stopped`` event and exits 0), then
+    SIGTERM after a grace (it still checkpoints), SIGKILL a grace later. Subclasses give
+    ``stop_file``, ``poll`` and ``_send(signal)``."""
+
+    stop_file: Path | None
+    stop_requested_at: float | None = None
+    _terminated_at: float | None = None
+
+    @abc.abstractmethod
+    def poll(self) -> int | None:
+        """Exit code, or None while running."""
+
+    @abc.abstractmethod
+    def _send(self, sig: int) -> None:
+        """Send ``sig`` to the process, where this object may."""
+
+    @property
+    def running(self) -> bool:
+        return self.poll() is None
+
+    def request_stop(self) -> None:
+        """Ask for a clean stop: touch the STOP file (without one: SIGTERM at once)."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        if self.stop_file is not None:
+            self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+            self.stop_file.touch()
+        else:
+            self.terminate()
+
+    def enforce_stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Call from the timer after :meth:`request_stop`: SIGTERM after ``grace_s``, SIGKILL
+        ``grace_s`` later."""
+        if self.stop_requested_at is None or not self.running:
+            return
+        now = time.monotonic()
+        if self._terminated_at is None and now - self.stop_requested_at > grace_s:
+            self.terminate()
+        elif self._terminated_at is not None and now - self._terminated_at > grace_s:
+            self._send(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        if self.running:
+            self._terminated_at = time.monotonic()
+            self._send(signal.SIGTERM)
+
+
+class Job(_StopsOnRequest):
     """A background ``sgrs`` process (train or predict); output goes to a log file, never a pipe.
 
     A pipe nobody drains would block the child once full; a file also survives the viewer.
@@ -89,35 +139,8 @@ class Job:
             self._log.close()
         return code
 
-    @property
-    def running(self) -> bool:
-        return self.poll() is None
-
-    def request_stop(self) -> None:
-        """Ask for a clean stop: touch the STOP file (checkpoint, ``stopped`` event, exit 0)."""
-        if self.stop_requested_at is None:
-            self.stop_requested_at = time.monotonic()
-        if self.stop_file is not None:
-            self.stop_file.parent.mkdir(parents=True, exist_ok=True)
-            self.stop_file.touch()
-        else:
-            self.terminate()
-
-    def enforce_stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Call from the timer after :meth:`request_stop`: SIGTERM after ``grace_s`` (the trainer
-        still checkpoints on SIGTERM), SIGKILL ``grace_s`` later."""
-        if self.stop_requested_at is None or not self.running:
-            return
-        now = time.monotonic()
-        if self._terminated_at is None and now - self.stop_requested_at > grace_s:
-            self.terminate()
-        elif self._terminated_at is not None and now - self._terminated_at > grace_s:
-            self.process.kill()
-
-    def terminate(self) -> None:
-        if self.running:
-            self._terminated_at = time.monotonic()
-            self.process.send_signal(signal.SIGTERM)
+    def _send(self, sig: int) -> None:
+        self.process.send_signal(sig)
 
     def kill(self) -> None:
         if self.running:
@@ -138,7 +161,7 @@ class Job:
         return lines[-1] if lines else f"process exited with code {self.process.returncode}"
 
 
-class TrainerProcess:
+class TrainerProcess(_StopsOnRequest):
     """A trainer the panel did not start in this session, found through the lock it holds on its
     run folder: the panel follows and stops it as it would its own :class:`Job`.
 
@@ -174,41 +197,15 @@ class TrainerProcess:
             self._code = 0 if last is not None and last.kind in (EventKind.FINISHED, EventKind.STOPPED) else 1
         return self._code
 
-    @property
-    def running(self) -> bool:
-        return self.poll() is None
-
-    def request_stop(self) -> None:
-        """The trainer checkpoints, writes a ``stopped`` event and exits when it sees STOP."""
-        if self.stop_requested_at is None:
-            self.stop_requested_at = time.monotonic()
-        self.stop_file.touch()
-
-    def enforce_stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """As :meth:`Job.enforce_stop`, for a trainer on this host only (a pid elsewhere means
-        nothing here): SIGTERM after ``grace_s`` (it still checkpoints), SIGKILL ``grace_s`` later."""
-        if self.stop_requested_at is None or not self.running:
-            return
-        now = time.monotonic()
-        if self._terminated_at is None and now - self.stop_requested_at > grace_s:
-            self._terminated_at = now
-            self._signal(signal.SIGTERM)
-        elif self._terminated_at is not None and now - self._terminated_at > grace_s:
-            self._signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        if self.running:
-            self._terminated_at = time.monotonic()
-            self._signal(signal.SIGTERM)
-
     def kill(self) -> None:
         if self.running:
-            self._signal(signal.SIGKILL)
+            self._send(signal.SIGKILL)
             deadline = time.monotonic() + 10
             while self.running and time.monotonic() < deadline:
                 time.sleep(0.05)
 
-    def _signal(self, sig: int) -> None:
+    def _send(self, sig: int) -> None:
+        """Signal the trainer, on this host only (a pid elsewhere means nothing here)."""
         holder = self.run.holder()
         # Only the process that holds the run now, and only on this host: a pid from an old
         # lock file may belong to anything by now.
