@@ -115,7 +115,7 @@ def speed(filters: int, patch, shape, repeats: int, sw_batch: int) -> dict:
                                         sigma_scale=0.125)[0]
 
     meta = {"config": {"patch_size": list(patch), "normalization": "none"}, "num_classes": 2}
-    predictor = Predictor(net, meta, torch.device("cpu"), partner=torch.zeros(patch))
+    predictor = Predictor(net, meta, torch.device("cpu"))
 
     with torch.no_grad():
         ours(); monai()  # warm-up
@@ -180,7 +180,7 @@ def memory_child(shape, regions: bool, filters: int, patch) -> dict:
     torch.manual_seed(0)
     net = VNet(1, 2, filters).eval().to(memory_format=torch.channels_last_3d)
     meta = {"config": {"patch_size": list(patch)}, "num_classes": 2}
-    predictor = Predictor(net, meta, torch.device("cpu"), partner=torch.zeros(patch))
+    predictor = Predictor(net, meta, torch.device("cpu"))
     # warm-up at the same windows-per-forward, so the activations are in the baseline
     predictor.predict(np.zeros((patch[0], patch[1], 4 * patch[2]), np.float32), regions=regions)
     image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)

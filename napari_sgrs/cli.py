@@ -252,7 +252,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                progress=not args.quiet, note=None if args.quiet else _print_note,
                                skip_bad=args.skip_bad)
     print(f"wrote {len(predicted.files)} label volume(s) to {args.out}"
-          + (" with probability/ and regions/" if args.regions else ""))
+          + (" with probability/, regions/, reliability/ and review.json (worst estimated Dice first)"
+             if args.regions else ""))
     return 0
 
 
@@ -398,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ".nrrd and .mha and becomes <case>.nii.gz otherwise (.nhdr, .mhd, h5, DICOM); a file there "
                         "that sgrs predict did not write (listed in OUT/.sgrs-written.json) is never overwritten")
     p.add_argument("--regions", action="store_true",
-                   help="also write probability/ (foreground probability) and regions/ (0 none, 1 disregarded, "
-                        "2 consistent, 3 inconsistent) for each unlabeled volume")
+                   help="also write, for each unlabeled volume, probability/ (foreground probability), regions/ "
+                        "(0 none, 1 disregarded, 2 consistent, 3 inconsistent), reliability/ (0-1, how far to trust "
+                        "each voxel's label) and review.json (estimated Dice, worst first); about 4x the time")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="last (default): the run's final checkpoint; best: the best on its validation split")

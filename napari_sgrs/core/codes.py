@@ -53,9 +53,9 @@ _REGION_COLOURS = {Region.NONE: "transparent", Region.DISREGARDED: "#999999",
                    Region.CONSISTENT: "#009E73", Region.INCONSISTENT: "#D55E00"}
 _REGION_LEGENDS = {
     Region.NONE: "no region: outside the prediction",
-    Region.DISREGARDED: "uncertain (entropy above tau): the model has no opinion here",
-    Region.CONSISTENT: "confident, and the mixed view agrees",
-    Region.INCONSISTENT: "confident, but the mixed view disagrees: review first",
+    Region.DISREGARDED: "too uncertain to trust: check these voxels",
+    Region.CONSISTENT: "the label survives the test views (flips): trust it",
+    Region.INCONSISTENT: "the test views outvote the label: likely wrong, review first",
 }
 
 

@@ -27,7 +27,8 @@ class EventKind(str, Enum):
     PROGRESS = "progress"      # loss, loss_sup, loss_unsup, weight, total, eta_s, steps_per_s, device, memory_mb
     #                            (+ loss_anchor: sgrs with --pseudo-anchor labels)
     VALIDATION = "validation"  # dice (mean foreground Dice on the validation split), per_case
-    REGIONS = "regions"        # disregarded/consistent/inconsistent shares; accuracy inside each on validation
+    REGIONS = "regions"        # disregarded/consistent/inconsistent shares; accuracy inside each on validation;
+    #                            scope "calibration": the review calibration (reliability.ReviewCalibration)
     CHECKPOINT = "checkpoint"  # path, sha256, best (bool)
     STOPPED = "stopped"        # reason; a checkpoint was written first
     FINISHED = "finished"      # path of the final checkpoint

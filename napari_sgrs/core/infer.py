@@ -1,16 +1,14 @@
-"""Whole-volume inference: Gaussian-weighted sliding window, pseudo labels and synergy regions.
+"""Whole-volume inference: Gaussian-weighted sliding window, pseudo labels, review regions.
 
 A :class:`Predictor` is loaded once from a run folder and used by the CLI, the trainer's
 validation and the napari plugin alike.
 
-How regions are computed on a whole volume: in training, the synergy evaluation compares
-the student's prediction on an unlabeled patch U with its prediction on the mixed patch
-U_mix = lam * U + (1 - lam) * X_j, X_j a labeled patch. At inference every window W of the
-volume is mixed the same way with one fixed **partner patch** stored in the checkpoint (a
-patch of the first labeled training volume, centred on its target), with lam = 0.75 (close to
-the mean of max(l, 1 - l) for l ~ Beta(0.75, 0.75)). The partner is fixed so that the region
-map of a volume is reproducible; both predictions are averaged over overlapping windows with
-the same Gaussian weights before the regions are taken.
+How regions are computed on a whole volume (:mod:`.reliability`): every window is predicted as
+it is and flipped along each axis (four views); the label is the plain view's argmax and each
+voxel's error score is 1 - the views' mean probability of that label. The regions, the
+reliability map and the estimated Dice follow from that score and the run's validation
+calibration. benchmarks/RESULTS.md ("Does the overlay point at the errors?") has the measurements
+that chose this over mixing each window with a partner patch, the paper's training-time test.
 """
 
 from __future__ import annotations
@@ -32,9 +30,8 @@ from .errors import CheckpointError, ConfigError, InputError, InputWarning
 from .network import build_model
 from .postprocess import keep_largest_component, resolve_largest_component
 from .runfolder import RunFolder
-from .sgrs import PAPER_TAU, synergy_regions
-
-INFERENCE_MIX_LAMBDA = 0.75
+from .reliability import REVIEW_FLIPS, ReviewCalibration, error_score, outvoted, review_regions, volume_review
+from .sgrs import PAPER_TAU
 
 
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -100,18 +97,18 @@ class Prediction:
     label: np.ndarray                 # uint8 argmax
     probability: np.ndarray           # float32, 1 - p(background): the foreground probability
     regions: np.ndarray | None = None  # uint8 Region codes, with regions=True
+    reliability: np.ndarray | None = None  # float32 0-1, the views' probability of the label (regions=True)
+    review: dict | None = None  # the volume's estimated Dice and flagged share (regions=True)
     probabilities: np.ndarray | None = None  # (K, D, H, W) float32, only with keep_probabilities
 
 
 class Predictor:
     """A trained network plus the settings it was trained with, ready to segment volumes."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device,
-                 partner: torch.Tensor | None = None, checkpoint_sha256: str = ""):
+    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device, checkpoint_sha256: str = ""):
         self.model = model.eval()
         self.meta = meta
         self.device = device
-        self.partner = partner
         self.checkpoint_sha256 = checkpoint_sha256
         cfg = meta.get("config", {})
         self.patch = tuple(cfg.get("patch_size") or meta.get("patch_size"))
@@ -153,9 +150,8 @@ class Predictor:
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: weights do not fit the network described in its metadata "
                                   f"({str(exc).splitlines()[0]})") from exc
-        partner = ckpt.tensors.get("partner.image")
         net = net.to(dev, memory_format=torch.channels_last_3d)
-        return cls(net, meta, dev, partner=partner, checkpoint_sha256=ckpt.sha256)
+        return cls(net, meta, dev, checkpoint_sha256=ckpt.sha256)
 
     def _forward_probs(self, windows: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -191,33 +187,33 @@ class Predictor:
         x, region = pad_to(x, self.patch, 0.0)
         vol = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device)
         if regions:
-            if self.partner is None:
-                raise CheckpointError("this checkpoint has no partner patch for region maps; "
-                                      "retrain with sgrs train, or predict without --regions")
-            partner = self.partner.to(self.device, torch.float32)[None]
-            lam = INFERENCE_MIX_LAMBDA
-
             def forward(win: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                both = self._forward_probs(torch.cat([win, lam * win + (1 - lam) * partner], 0))
-                return both[: len(win)], both[len(win):]
+                plain = self._forward_probs(win)
+                views = plain.clone()
+                for axes in REVIEW_FLIPS:  # one view at a time: the activations of one batch
+                    views += torch.flip(self._forward_probs(torch.flip(win, axes)), axes)
+                return plain, views / (1 + len(REVIEW_FLIPS))
 
-            prob, prob_mix = sliding_window(vol, forward, self.patch, 2, self.num_classes, overlap,
-                                            batch_size, progress=progress)
+            prob, prob_views = sliding_window(vol, forward, self.patch, 2, self.num_classes, overlap,
+                                              batch_size, progress=progress)
         else:
             (prob,) = sliding_window(vol, lambda w: (self._forward_probs(w),), self.patch, 1,
                                      self.num_classes, overlap, batch_size, progress=progress)
-            prob_mix = None
+            prob_views = None
         crop = (slice(None),) + region
         prob = prob[crop]
-        if not bool(torch.isfinite(prob).all()) or (prob_mix is not None and not bool(torch.isfinite(prob_mix).all())):
+        if not bool(torch.isfinite(prob).all()) or (prob_views is not None and not bool(torch.isfinite(prob_views).all())):
             raise InputError(f"{where}the network's probabilities are not finite on this volume: its intensities "
                              f"({float(np.nanmin(image)):.3g} to {float(np.nanmax(image)):.3g}) are far outside what it "
                              f"was trained on with normalisation {self.normalization!r}; rescale the image or train "
                              f"with normalization zscore")
+        if prob_views is not None:
+            prob_views = prob_views[crop]
         if missing is not None:
             outside = torch.from_numpy(missing).to(prob.device)
-            prob[:, outside] = 0.0
-            prob[0, outside] = 1.0  # background, certain
+            for p in (prob,) if prob_views is None else (prob, prob_views):
+                p[:, outside] = 0.0
+                p[0, outside] = 1.0  # background, certain
             if name:
                 warnings.warn(InputWarning(f"{name}: {int(missing.sum())} voxels are NaN (no data, e.g. outside the "
                                            f"field of view); they are labelled background"), stacklevel=2)
@@ -227,8 +223,13 @@ class Predictor:
             label = keep_largest_component(label, classes)
         out = Prediction(label=label, probability=(1.0 - prob[0]).cpu().numpy().astype(np.float32))
         if regions:
-            reg = synergy_regions(prob[None], prob_mix[crop][None], self.tau)
-            out.regions = reg.as_map()[0].cpu().numpy()
+            views = prob_views.cpu().numpy()
+            score = error_score(views, out.label)
+            calibration = ReviewCalibration.from_meta(self.meta)
+            out.regions = review_regions(score, calibration.threshold, outvoted(views, out.label))
+            out.reliability = (1.0 - score).astype(np.float32)
+            valid = None if missing is None else ~missing
+            out.review = volume_review(views, out.label, calibration, valid)
             if missing is not None:
                 out.regions[missing] = Region.NONE
         if keep_probabilities:

@@ -7,13 +7,16 @@ when ``sgrs predict`` wrote it and nobody changed it since (:class:`~.outputs.Wr
 Each volume's memory need is checked before it is predicted.
 
 Layout of ``out`` (docs/ARCHITECTURE.md): ``<name>`` the label volume (uint8); with ``regions``,
-for each unlabeled volume ``probability/<name>`` (foreground probability) and ``regions/<name>``
-(synergy region codes). ``<name>`` is the input's own name for NIfTI, .nrrd and .mha, and
+for each unlabeled volume ``probability/<name>`` (foreground probability), ``regions/<name>``
+(region codes), ``reliability/<name>`` (0-1: how far to trust each voxel's label,
+:mod:`.reliability`), and ``review.json``: each volume's estimated Dice with its interval and
+flagged share, worst first. ``<name>`` is the input's own name for NIfTI, .nrrd and .mha, and
 ``<case>.nii.gz`` otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -27,7 +30,7 @@ from .errors import ConfigError, InputWarning, ResourceError, SGRSError
 from .infer import Predictor, window_starts
 from .io import Case, find_cases, read_h5_benchmark, read_volume, write_volume
 from .memory import check_inference_memory
-from .outputs import WrittenFiles, check_not_input
+from .outputs import WrittenFiles, atomic_write_bytes, check_not_input
 from .postprocess import resolve_largest_component
 from .runfolder import RunFolder
 
@@ -37,7 +40,9 @@ from .runfolder import RunFolder
 KEEP_NAME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: Who writes a prediction folder, as its manifest (.sgrs-written.json) records it.
 WRITER = "sgrs predict"
-PROBABILITY_DIR, REGIONS_DIR = "probability", "regions"
+PROBABILITY_DIR, REGIONS_DIR, RELIABILITY_DIR = "probability", "regions", "reliability"
+#: The review queue of a prediction folder: {"volumes": [{"name", "estimated_dice", ...}], ...}
+REVIEW_FILE = "review.json"
 
 
 @dataclass
@@ -47,6 +52,7 @@ class PredictedFolder:
 
     out: Path
     files: dict[str, list[Path]] = field(default_factory=dict)
+    review: list[dict] = field(default_factory=list)  # volumes with regions, worst estimated Dice first
 
     def label(self, name: str) -> Path:
         return self.files[name][0]
@@ -97,7 +103,7 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
     instead, and the others are predicted.
     """
     out = Path(out)
-    subfolders = [out] + ([out / PROBABILITY_DIR, out / REGIONS_DIR] if regions else [])
+    subfolders = [out] + ([out / PROBABILITY_DIR, out / REGIONS_DIR, out / RELIABILITY_DIR] if regions else [])
     inputs = {"--images": images, "--labels": labels, "--run": run, "--h5-root": h5_root, "--list": h5_list}
     if cases is not None:  # the folders the given volumes are in
         parents = sorted({Path(c.image).parent for c in cases})
@@ -110,8 +116,9 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
     cases, labeled = _cases(images, labels, h5_root, h5_list, cases)
     # every output path is known, and checked, before anything is predicted or written
     targets = {c.name: _targets(out, output_name(c), regions and c.name not in labeled) for c in cases}
+    review_file = [out / REVIEW_FILE] if regions else []
     written = WrittenFiles(out, by=WRITER)
-    written.check([t for paths in targets.values() for t in paths])
+    written.check([t for paths in targets.values() for t in paths] + review_file)
     predictor = Predictor.from_run(run, device=device, checkpoint=checkpoint, model=model)
     said = largest_component_note(largest_component, predictor.meta, predictor.num_classes)
     if said and note is not None:
@@ -122,12 +129,23 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
             sub.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ResourceError(f"cannot create output folder {sub}: {exc.strerror}; choose a writable --out") from exc
-    written.expect([t for paths in targets.values() for t in paths])
+    written.expect([t for paths in targets.values() for t in paths] + review_file)
+    review = []
     for case in tqdm(cases, desc="predict", unit="volume", disable=not progress):
-        _predict_case(predictor, case, targets[case.name], regions and case.name not in labeled, overlap,
-                      sw_batch_size, largest_component)
+        line = _predict_case(predictor, case, targets[case.name], regions and case.name not in labeled, overlap,
+                             sw_batch_size, largest_component)
         written.record(targets[case.name])
-    return PredictedFolder(out, targets)
+        if line is not None:
+            review.append({"name": case.name, "file": output_name(case), **line})
+    review.sort(key=lambda r: (r["estimated_dice"], -r["flagged_share"], r["name"]))
+    if review_file:
+        calibration = predictor.meta.get("review") or {}
+        doc = {"volumes": review, "calibration": calibration,
+               "note": "estimated Dice: expected under the model's own probabilities, shifted by its error on the "
+                       "validation split; flagged_share: share of the volume in the disregarded or inconsistent region"}
+        atomic_write_bytes(review_file[0], json.dumps(doc, indent=1).encode())
+        written.record(review_file)
+    return PredictedFolder(out, targets, review)
 
 
 def _readable(predictor: Predictor, cases: list[Case], targets: dict, regions: bool, labeled: set[str],
@@ -189,17 +207,20 @@ def _cases(images, labels, h5_root, h5_list, cases) -> tuple[list[Case], set[str
 
 
 def _targets(out: Path, name: str, with_regions: bool) -> list[Path]:
-    return [out / name] + ([out / PROBABILITY_DIR / name, out / REGIONS_DIR / name] if with_regions else [])
+    return [out / name] + ([out / PROBABILITY_DIR / name, out / REGIONS_DIR / name, out / RELIABILITY_DIR / name]
+                           if with_regions else [])
 
 
 def _predict_case(predictor: Predictor, case: Case, targets: list[Path], want_regions: bool, overlap: float,
-                  sw_batch_size: int, largest_component: str) -> None:
-    """Read, check memory, predict and write one volume (label, then probability and regions)."""
+                  sw_batch_size: int, largest_component: str) -> dict | None:
+    """Read, check memory, predict and write one volume (label, then probability, regions and
+    reliability); returns its review line (with regions)."""
     vol = read_volume(case.image, nan="keep")  # NaN: no data; predicted as background, with a warning
     _check_memory(predictor, vol.array.shape, want_regions, overlap, sw_batch_size, str(case.image))
     pred = predictor.predict(vol.array, regions=want_regions, overlap=overlap,
                              batch_size=_batch(predictor, vol.array.shape, overlap, sw_batch_size),
                              largest_component=largest_component, name=str(case.image))
-    arrays = [pred.label] + ([pred.probability, pred.regions] if want_regions else [])
+    arrays = [pred.label] + ([pred.probability, pred.regions, pred.reliability] if want_regions else [])
     for path, array in zip(targets, arrays):
         write_volume(path, array, vol.geometry)
+    return pred.review

@@ -181,17 +181,6 @@ def split_validation(labeled: list[LoadedCase], fraction: float, seed: int
     return train, val
 
 
-def partner_patch(case: LoadedCase, patch: tuple[int, int, int], config: TrainConfig) -> np.ndarray:
-    """A labeled patch centred on the target: the fixed mixing partner for whole-volume regions."""
-    img = normalise(case.image, config.normalization, config.ct_window)
-    img, _ = pad_to(img, patch, 0.0)
-    lab, _ = pad_to(case.label, patch, config.ignore_index)
-    fg = np.argwhere((lab > 0) & (lab != config.ignore_index))
-    centre = fg.mean(0).astype(int) if len(fg) else np.array(img.shape) // 2
-    z, y, x = (int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, img.shape))
-    return np.ascontiguousarray(img[z:z + patch[0], y:y + patch[1], x:x + patch[2]])
-
-
 # ----------------------------------------------------------------------------- stopping, the entry point
 
 class _StopFlag:
@@ -435,7 +424,6 @@ class Trainer:
                      # which classes `predict --largest-component auto` may reduce to one component
                      "single_component_classes": single_component_classes([c.label for c in self.labeled],
                                                                           self.num_classes)}
-        self.partner = torch.from_numpy(partner_patch(self.train_lab[0], patch, config))
         if self.is_main:
             self.folder.write_config(self.meta)
         # (A stale STOP file went before the process group formed: rank 0 removes it right after
@@ -451,7 +439,6 @@ class Trainer:
         tensors = {**{f"student.{k}": v for k, v in self.student.state_dict().items()},
                    **{f"teacher.{k}": v for k, v in self.teacher.state_dict().items()},
                    **optimizer_tensors(self.optimizer), **(self.anchor.tensors() if self.anchor else {}),
-                   "partner.image": self.partner,
                    "rng.torch": torch.random.get_rng_state(), "rng.noise": self.gen.get_state()}
         meta = dict(self.meta, step=self.step, best_dice=self.best_dice, rng_numpy=self.rng.bit_generator.state,
                     method=self.config.method)
@@ -620,7 +607,7 @@ class Trainer:
 
     def _validate(self) -> None:
         """Validate the student; a better Dice than any before is saved as the best checkpoint."""
-        self.last_val = validate(self.student, self.val, self.meta, self.partner, self.device, self.writer,
+        self.last_val = validate(self.student, self.val, self.meta, self.device, self.writer,
                                  self.step, self.config)
         if self.best_dice is None or self.last_val > self.best_dice:
             self.best_dice = self.last_val

@@ -1,6 +1,8 @@
 """Validation during training: the student segments the held-out labeled volumes through the same
 :class:`~.infer.Predictor` that ``sgrs predict`` uses, and the trainer hears the mean Dice, how
-accurate each synergy region is, and (``tau_auto``) a recalibrated tau.
+accurate each region is, and (``tau_auto``) a recalibrated tau. The review overlay is calibrated
+here too (:func:`review_calibration`): the checkpoint's metadata "review" sizes the flagged voxels
+and the estimated Dice of every later prediction.
 
 This module is the one place where training meets inference, so :mod:`.train` imports it and
 :mod:`.infer` imports neither.
@@ -18,34 +20,42 @@ from .codes import Region
 from .events import EventKind, EventWriter
 from .infer import Predictor
 from .metrics import case_metrics
+from .reliability import ReviewCalibration, calibrate, review_regions
 
 #: The regions of Prediction.regions that validation scores, with their names in events.
 SCORED_REGIONS = tuple((int(region), region.key) for region in Region.shown())
 
 
-def validate(student: torch.nn.Module, val: list, meta: dict, partner: torch.Tensor | None, device: torch.device,
+def validate(student: torch.nn.Module, val: list, meta: dict, device: torch.device,
              writer: EventWriter, step: int, config: Any) -> float:
     """Mean foreground Dice of the student on the validation volumes (``val``: LoadedCase list; eval
     mode, back to train mode after), plus the per-region accuracy of its prediction: the evidence
-    that regions separate good from bad. With ``config.tau_auto`` tau is recalibrated here and
-    written into ``config`` and ``meta``."""
-    predictor = Predictor(student, meta, device, partner=partner)
+    that regions separate good from bad. The review calibration goes into ``meta["review"]``; with
+    ``config.tau_auto`` tau is recalibrated here and written into ``config`` and ``meta``."""
+    predictor = Predictor(student, meta, device)
     try:
         dices, accuracy = [], {name: [0, 0] for _, name in SCORED_REGIONS}
-        probs, labels, valids = [], [], []
+        probs, labels, valids, preds = [], [], [], []
         for case in val:
             pred = predictor.predict(case.image, regions=True, keep_probabilities=config.tau_auto)
             valid = case.label != meta["config"]["ignore_index"]
+            preds.append((pred, case.label, valid))
             if config.tau_auto:
                 probs.append(torch.from_numpy(pred.probabilities).flatten(1))
                 labels.append(torch.from_numpy(case.label).flatten())
                 valids.append(torch.from_numpy(valid).flatten())
             dices.append(_case_dice(pred.label, case, valid, meta["num_classes"]))
-            _count_region_accuracy(accuracy, pred, case.label, valid)
+        calibration = review_calibration(preds, meta["num_classes"])
+        meta["review"] = calibration.as_meta()
+        for pred, label, valid in preds:  # the regions under the calibration just made
+            pred.regions = review_regions(1.0 - pred.reliability, calibration.threshold,
+                                          pred.regions == Region.INCONSISTENT)
+            _count_region_accuracy(accuracy, pred, label, valid)
         dice = float(np.mean(dices))
         if config.tau_auto:
             _recalibrate_tau(torch.cat(probs, 1), torch.cat(labels), torch.cat(valids), meta, writer, step, config)
         writer.emit(EventKind.VALIDATION, step, dice=dice, per_case=dict(zip([c.name for c in val], dices)))
+        writer.emit(EventKind.REGIONS, step, scope="calibration", **calibration.as_meta())
         total = sum(v[1] for v in accuracy.values()) or 1
         writer.emit(EventKind.REGIONS, step, scope="validation",
                     **{k: v[1] / total for k, v in accuracy.items()},
@@ -53,6 +63,13 @@ def validate(student: torch.nn.Module, val: list, meta: dict, partner: torch.Ten
         return dice
     finally:
         student.train()
+
+
+def review_calibration(predictions: list, num_classes: int) -> ReviewCalibration:
+    """Calibrate the review overlay on validation predictions: (Prediction made with regions=True,
+    true label, valid mask) for each volume."""
+    return calibrate([(pred.reliability, pred.review["estimated_raw"], pred.label, label, valid, num_classes)
+                      for pred, label, valid in predictions])
 
 
 def _case_dice(label: np.ndarray, case, valid: np.ndarray, num_classes: int) -> float:

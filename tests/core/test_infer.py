@@ -53,9 +53,9 @@ def test_volume_of_exactly_one_patch_equals_one_forward():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _predictor(patch=(16, 16, 16), partner=True, filters=2):
+def _predictor(patch=(16, 16, 16), filters=2):
     meta = {"config": {"patch_size": list(patch), "normalization": "zscore"}, "num_classes": 2}
-    return Predictor(_net(filters), meta, torch.device("cpu"), partner=torch.zeros(patch) if partner else None)
+    return Predictor(_net(filters), meta, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("shape", [(5, 9, 13), (16, 7, 20), (21, 33, 17)])
@@ -75,18 +75,14 @@ def test_region_map_uses_the_region_codes():
     codes = set(np.unique(pred.regions).tolist())
     assert codes <= {Region.DISREGARDED, Region.CONSISTENT, Region.INCONSISTENT}
     assert Region.NONE not in codes  # the three regions partition the volume
-    # disregarded where the prediction is uncertain (normalised entropy > tau)
-    p = np.clip(1.0 - pred.probability, 1e-12, 1)
-    q = np.clip(pred.probability, 1e-12, 1)
-    entropy = -(p * np.log10(p) + q * np.log10(q))
-    assert (pred.regions[entropy > 0.296 + 1e-4] == Region.DISREGARDED).all()
+    # the regions follow the reliability map: below 0.5 inconsistent, up to the threshold disregarded
+    from napari_sgrs.core.reliability import DEFAULT_THRESHOLD
 
-
-def test_regions_need_a_partner_patch():
-    from napari_sgrs.core.errors import CheckpointError
-
-    with pytest.raises(CheckpointError, match="partner"):
-        _predictor(partner=False).predict(np.zeros((16, 16, 16), np.float32), regions=True)
+    score = 1.0 - pred.reliability
+    assert (pred.regions[score > 0.5] == Region.INCONSISTENT).all()
+    assert (pred.regions[(score >= DEFAULT_THRESHOLD) & (score <= 0.5)] == Region.DISREGARDED).all()
+    assert (pred.regions[score < DEFAULT_THRESHOLD] == Region.CONSISTENT).all()
+    assert pred.reliability.dtype == np.float32 and 0.0 <= pred.reliability.min() <= pred.reliability.max() <= 1.0
 
 
 def test_predictor_from_a_tiny_trained_run(tiny_cohort, tmp_path):
@@ -98,13 +94,12 @@ def test_predictor_from_a_tiny_trained_run(tiny_cohort, tmp_path):
     predictor = Predictor.from_run(tmp_path / "run", device="cpu")
     assert predictor.patch == (16, 16, 16) and predictor.num_classes == 2
     assert predictor.channels_last  # the training default, kept for inference speed
-    assert predictor.partner is not None and tuple(predictor.partner.shape) == (16, 16, 16)
     image = read_volume(next(iter(sorted(tiny_cohort.images_ts.iterdir())))).array
     pred = predictor.predict(image, regions=True)
     assert pred.label.shape == image.shape and pred.regions.shape == image.shape
     # channels_last is a layout, not a different network: same output as the contiguous model
     predictor.model.to(memory_format=torch.contiguous_format)
-    plain = Predictor(predictor.model, predictor.meta, predictor.device, partner=predictor.partner)
+    plain = Predictor(predictor.model, predictor.meta, predictor.device)
     assert not plain.channels_last
     np.testing.assert_allclose(plain.predict(image).probability, pred.probability, atol=1e-4)
 

@@ -55,6 +55,16 @@ def test_ranking_worst_first_and_ties_by_name():
     assert q.next().name == "a"
 
 
+def test_estimated_dice_ranks_before_the_flagged_share():
+    a = np.full((4, 4, 4), 2, np.uint8)
+    b = a.copy(); b[0, 0, :2] = 3                     # flags more, but estimated better
+    est = {"a": {"estimated_dice": 0.61, "dice_low": 0.55, "dice_high": 0.67}, "b": {"estimated_dice": 0.9}}
+    ranked = rank_for_review({"a": a, "b": b, "c": b.copy()}, est)
+    assert [r.name for r in ranked] == ["a", "b", "c"]  # c has no estimate: after those that have one
+    assert ranked[0].describe() == "a   est. Dice 0.61 (0.55-0.67) · flagged 0.0%"
+    assert ranked[2].describe() == "c   flagged 3.1%"
+
+
 def test_largest_inconsistent_region_and_fallback():
     r = np.full((10, 10, 10), 2, np.uint8)
     r[1, 1, 1] = 3                     # small component
@@ -67,6 +77,13 @@ def test_largest_inconsistent_region_and_fallback():
     only_disregarded[0, 0, 0:2] = 1
     assert largest_region(only_disregarded).region == 1
     assert largest_region(np.zeros((3, 3, 3), np.uint8)) is None
+    # one cluster of likely errors may hold both flagged codes: it outweighs a bigger pure one
+    mixed = np.full((12, 12, 12), 2, np.uint8)
+    mixed[0:3, 0:3, 0:2] = 3                           # 18 inconsistent ...
+    mixed[0:3, 0:3, 2:4] = 1                           # ... touching 18 disregarded
+    mixed[8:11, 8:11, 8:11] = 3                        # 27 inconsistent, alone
+    focus = largest_region(mixed)
+    assert focus.size == 36 and focus.region == 3 and focus.bbox == ((0, 3), (0, 3), (0, 4))
 
 
 def test_mark_unpainted_slices():
