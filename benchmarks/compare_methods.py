@@ -264,7 +264,8 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=int, nargs=3, default=(32, 32, 32))
     p.add_argument("--filters", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="default: the engine's (4 labeled for every method, + 2 unlabeled for the semi-supervised methods)")
+                   help="default: the engine's (4 labeled for every method, + 2 unlabeled for the semi-supervised "
+                        "methods)")
     p.add_argument("--labeled-batch-size", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["supervised", "mean-teacher", "sgrs", "anchored-sgrs",

@@ -29,7 +29,8 @@ ROOT = Path(__file__).parents[2]
 #: mean-teacher's weight): a default may change only on purpose, here and in the CHANGELOG. Issue
 #: 20 renamed the default method (our recipe) from sgrs to anchored-sgrs; its settings are those of before.
 DEFAULTS_BEFORE = dict(
-    method="anchored-sgrs", iterations=15000, patch_size=None, base_filters=16, batch_size=None, labeled_batch_size=None,
+    method="anchored-sgrs", iterations=15000, patch_size=None, base_filters=16, batch_size=None,
+    labeled_batch_size=None,
     seed=1337, device="auto", lr=0.01, lr_schedule="poly", momentum=0.9, weight_decay=1e-4, tau=0.296,
     tau_auto=False, tau_error_rate=0.45, mix_alpha=0.75, unsup_weight=None, rampup_fraction=0.4, ema_decay=0.99,
     use_mix=True, use_regions=True, normalization="zscore", ct_window=(-160.0, 240.0), ignore_index=255,
