@@ -4,7 +4,9 @@
 names its group (data, budget, optimiser, method, validation, performance). From it come the
 ``sgrs train`` options (generated in cli.py), the checks of :meth:`TrainConfig.validate`, the
 named :data:`PRESETS` shared by the CLI, the napari panel and the Python API, ``--config FILE``
-(:func:`read_config_file`) and what a resumed run keeps (:func:`resume_config`).
+(:func:`read_config_file`) and what a resumed run keeps (:func:`resume_config`). A setting that
+depends on the method (:data:`METHOD_DEFAULTS`: SGRS-Net's choices for ``sgrs``, ours for
+``anchored-sgrs``) has the default None, filled in by validate() from the method where not given.
 
 Torch-free: the CLI builds its parser, and the panel its defaults, without importing the engine.
 """
@@ -34,7 +36,7 @@ METHOD_LABELS = {"anchored-sgrs": "Anchored SGRS (ours)", "sgrs": "SGRS-Net (pap
 #: The methods whose step is steps.sgrs_step: they differ only in their settings (METHOD_DEFAULTS).
 SGRS_METHODS = ("anchored-sgrs", "sgrs")
 DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
-DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-teacher
+DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by the semi-supervised methods
 #: The paper's threshold on the entropy (log10 units) of a binary prediction.
 PAPER_TAU = 0.296
 #: The authors' code disregards a binary voxel whose foreground probability lies in (0.425, 0.575);
@@ -161,15 +163,15 @@ class TrainConfig:
     """Every setting of a run; saved as RUN/config.json and in each checkpoint."""
 
     method: str = _setting(METHODS[0], "method", "anchored-sgrs: Anchored SGRS, our recipe (docs/METHOD.md); sgrs: "
-                           "SGRS-Net as published; mean-teacher, supervised: the baselines. The method sets the "
-                           "defaults of the loss settings", choices=METHODS)
+                           "SGRS-Net as published; mean-teacher, supervised: the baselines. The method chooses the "
+                           "defaults of the settings that depend on it", choices=METHODS)
     iterations: int = _setting(15000, "budget", "training steps")
     patch_size: tuple[int, int, int] | None = _setting(
         None, "budget", "training patch, multiples of 16", metavar=("D", "H", "W"),
         default_text="the paper's 80 112 112, shrunk to the volumes' size")
     base_filters: int = _setting(16, "budget", "V-Net base filters F")
     # None: resolved in validate(). Every method sees the same labeled patches per step
-    # (DEFAULT_LABELED_BATCH); sgrs / mean-teacher add DEFAULT_UNLABELED_BATCH unlabeled ones on top.
+    # (DEFAULT_LABELED_BATCH); the semi-supervised methods add DEFAULT_UNLABELED_BATCH unlabeled ones.
     batch_size: int | None = _setting(
         None, "budget", "patches per step; alone it splits in half (4: the paper's 2 labeled + 2 unlabeled)",
         default_text=f"{DEFAULT_LABELED_BATCH} labeled + {DEFAULT_UNLABELED_BATCH} unlabeled; supervised "
