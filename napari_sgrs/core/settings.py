@@ -367,7 +367,7 @@ class TrainConfig:
         """Fill in the batch sizes left unset (None).
 
         supervised: ``batch_size`` labeled patches (default 4; ``--labeled-batch-size`` alone
-        also sets it). sgrs / mean-teacher: ``labeled_batch_size`` labeled (default 4, the same
+        also sets it). The semi-supervised methods: ``labeled_batch_size`` labeled (default 4, the same
         labeled stream as supervised training) plus ``batch_size - labeled_batch_size``
         unlabeled (default 2 more); ``--batch-size B`` alone splits B in half, as the paper's
         2 + 2. A semi-supervised run therefore never trains on fewer labeled patches per step
