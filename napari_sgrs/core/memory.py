@@ -9,7 +9,7 @@ CPU as the peak RSS increase of one step: 34-41 F over patch 32-64^3, batch 2-4,
 (tests/core/test_memory.py re-measures one setting). SGRS forwards the student on
 ``labeled + 2 x unlabeled`` patches (X, U, U_mix); mean teacher on ``batch``; supervised on
 ``batch``. Parameters are held ~6 times (weights, gradients, momentum, teacher, the
-checkpoint's serialised copy), twice that with sgrs's label-only anchor. The normalised copies
+checkpoint's serialised copy), twice that with the label-only anchor (anchored-sgrs). The normalised copies
 of the training volumes and ~96 MiB that torch loads on first use (optimizer, oneDNN kernels)
 come on top.
 
