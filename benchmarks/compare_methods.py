@@ -1,4 +1,5 @@
-"""Compare supervised, mean-teacher, sgrs and its ablations on a demo cohort at a fixed budget.
+"""Compare supervised, mean-teacher, SGRS-Net (sgrs), Anchored SGRS (anchored-sgrs, ours) and the
+ablations of ours on a demo cohort at a fixed budget.
 
 Every run trains through the same engine as ``sgrs train`` (same defaults unless a flag here
 says otherwise), predicts the held-out test volumes with the LAST checkpoint (no selection on
@@ -24,25 +25,24 @@ import numpy as np
 
 VARIANTS = {
     "supervised": dict(method="supervised"),
-    "mean-teacher": dict(method="mean-teacher", unsup_weight=0.1),
+    "mean-teacher": dict(method="mean-teacher"),
+    # SGRS-Net: the paper's step (settings.METHOD_DEFAULTS) at this budget, ramp scaled to it
     "sgrs": dict(method="sgrs"),
-    "sgrs-no-mix": dict(method="sgrs", use_mix=False),
-    "sgrs-no-regions": dict(method="sgrs", use_regions=False),
-    # the published recipe: its defects, constant lr, and the ramp over 6,000 steps whatever the budget
-    "sgrs-published": dict(method="sgrs", reference_compat=True, lr_schedule="constant", rampup_steps=6000,
-                           batch_size=4, labeled_batch_size=2, gate="none", region_weighting="terms",
-                           pseudo_views="both"),
-    # the paper's loss and batch at our budget-scaled ramp and poly lr (what our defaults replace)
-    "sgrs-paper-loss": dict(method="sgrs", batch_size=4, labeled_batch_size=2, gate="none", region_weighting="terms",
-                            pseudo_views="both"),
-    # our defaults, but L_u on both views as in the paper (the ablation of pseudo_views="mix")
-    "sgrs-both-views": dict(method="sgrs", pseudo_views="both"),
+    # the published code: its defects too, the paper's 2 + 2 batch and the ramp over 6,000 steps
+    # whatever the budget
+    "sgrs-published": dict(method="sgrs", reference_compat=True, rampup_steps=6000, batch_size=4,
+                           labeled_batch_size=2),
+    "anchored-sgrs": dict(method="anchored-sgrs"),
+    "anchored-sgrs-no-mix": dict(method="anchored-sgrs", use_mix=False),
+    "anchored-sgrs-no-regions": dict(method="anchored-sgrs", use_regions=False),
+    # ours, but L_u on both views as in the paper (the ablation of pseudo_views="mix")
+    "anchored-sgrs-both-views": dict(method="anchored-sgrs", pseudo_views="both"),
 }
 
 
 def parse_variant(variant: str) -> dict:
     """A named variant, or ``base[key=value,key=value]`` (e.g. ``sgrs[tau=0.2]``,
-    ``sgrs[tau_auto=True]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
+    ``anchored-sgrs[pseudo_anchor=off]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
     import ast
 
     name, _, rest = variant.partition("[")
@@ -202,7 +202,7 @@ def merge(args) -> int:
     table = summarise(results, variants)
     (args.out / "table.md").write_text(header + table + "\n")
     plot(results, variants, args.out / "dice.png", title)
-    if any(v.startswith("sgrs[tau") for v in variants):
+    if any(tau_of(v) is not None and "[" in v for v in variants):
         tau_plot(results, args.out / "tau.png",
                  f"{a['kind']}: sgrs Dice against tau, {a['iterations']} steps, last checkpoint")
     print(header + table)
@@ -210,15 +210,15 @@ def merge(args) -> int:
 
 
 def tau_of(variant: str) -> float | str | None:
-    """The tau of an sgrs variant: a number, "auto", or None for other methods."""
-    from napari_sgrs.core.sgrs import PAPER_TAU
+    """The tau of a variant of either SGRS method: a number, "auto", or None for other methods."""
+    from napari_sgrs.core.settings import METHOD_DEFAULTS, SGRS_METHODS
 
-    if variant != "sgrs" and not variant.startswith("sgrs["):
-        return None
+    if variant.partition("[")[0] not in VARIANTS:
+        return None  # a name given by --rename
     o = parse_variant(variant)
-    if any(k not in ("method", "tau", "tau_auto") for k in o):
-        return None  # another change as well: not a point of the tau curve
-    return "auto" if o.get("tau_auto") else float(o.get("tau", PAPER_TAU))
+    if o.get("method") not in SGRS_METHODS or any(k not in ("method", "tau", "tau_auto") for k in o):
+        return None  # another method, or another change as well: not a point of the tau curve
+    return "auto" if o.get("tau_auto") else float(o.get("tau", METHOD_DEFAULTS[o["method"]]["tau"]))
 
 
 def tau_plot(results: list[dict], path: Path, title: str) -> None:
@@ -264,11 +264,12 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=int, nargs=3, default=(32, 32, 32))
     p.add_argument("--filters", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="default: the engine's (4 labeled for every method, + 2 unlabeled for sgrs / mean-teacher)")
+                   help="default: the engine's (4 labeled for every method, + 2 unlabeled for the semi-supervised "
+                        "methods)")
     p.add_argument("--labeled-batch-size", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["supervised", "mean-teacher", "sgrs", "sgrs-no-mix",
-                                                     "sgrs-no-regions"])
+    p.add_argument("--variants", nargs="+", default=["supervised", "mean-teacher", "sgrs", "anchored-sgrs",
+                                                     "anchored-sgrs-no-mix", "anchored-sgrs-no-regions"])
     p.add_argument("--data-seed", type=int, default=100)
     p.add_argument("--device", default="cpu")
     p.add_argument("--largest-component", choices=["off", "auto", "on"], default="off",

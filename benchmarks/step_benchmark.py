@@ -38,11 +38,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--method", default="sgrs", choices=["sgrs", "supervised"])
+    p.add_argument("--method", default="anchored-sgrs", choices=["anchored-sgrs", "sgrs", "supervised"],
+                   help="anchored-sgrs: ours (the default); sgrs: SGRS-Net, the paper's step")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN's heuristic algorithms, no autotuning")
     p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
-                   help="sgrs's label-only anchor (default: the trainer's default)")
+                   help="the label-only anchor (default: the method's)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     student = build_model(cfg, 2).to(device, memory_format=torch.channels_last_3d)  # as the trainer
     teacher = copy.deepcopy(student).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    anchor = LabelAnchor(cfg, 2, device, False) if args.method == "sgrs" and cfg.pseudo_anchor == "labels" else None
+    anchor = LabelAnchor(cfg, 2, device, False) if cfg.uses_anchor else None
     amp_dtype = autocast_dtype(args.amp, device)
     step_fn = STEPS[args.method]  # as the trainer chooses it
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         S.ema_update(teacher, student, 0.99)
         _sync(device); phases["ema"] += time.perf_counter() - t
-        if anchor and args.method == "sgrs":
+        if anchor:
             t = time.perf_counter()
             anchor.step(x, y, i)
             _sync(device); phases["anchor_step"] += time.perf_counter() - t
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
         # the process does nothing but these steps, so its high-water mark is the training peak
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gate": cfg.gate, "region_weighting": cfg.region_weighting, "pseudo_views": cfg.pseudo_views,
-        "pseudo_anchor": cfg.pseudo_anchor if args.method == "sgrs" else None,
+        "pseudo_anchor": cfg.pseudo_anchor if args.method != "supervised" else None,
         "cudnn_benchmark": cfg.cudnn_benchmark,
     }
     if args.json:

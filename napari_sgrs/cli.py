@@ -331,7 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .core.train import TrainConfig, train
 
     root = Path(args.dir)
-    cfg = TrainConfig(method="sgrs", iterations=args.iterations, patch_size=(32, 32, 32), base_filters=8,
+    cfg = TrainConfig(method=args.method, iterations=args.iterations, patch_size=(32, 32, 32), base_filters=8,
                       seed=args.seed, device=args.device).validate()
     run = RunFolder(root / "run")
     # an earlier demo's run and report are replaced; anything else of that name is left alone
@@ -347,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if run.path.exists():
         with run.lock(what="sgrs demo"):
             run.clear()
-    print(f"training SGRS-Net for {cfg.iterations} steps on {len(cohort.labeled_names)} labeled + "
+    print(f"training {S.METHOD_LABELS[cfg.method]} for {cfg.iterations} steps on {len(cohort.labeled_names)} labeled + "
           f"{len(cohort.unlabeled_names)} unlabeled demo volumes ...")
     train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run.path, progress_bar=True)
     # Parsed, not built by hand: every predict option gets its command-line default.
@@ -379,10 +379,12 @@ def _check_only_sgrs_files(folder: Path, choose: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sgrs", description="SGRS-Net semi-supervised 3D segmentation")
+    parser = _Parser(prog="sgrs", description="semi-supervised 3D segmentation: SGRS-Net (the paper's method) "
+                                              "and Anchored SGRS (ours, the default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train SGRS-Net (or mean-teacher / supervised) into a run folder",
+    p = sub.add_parser("train", help="train a network into a run folder: Anchored SGRS (the default), SGRS-Net "
+                                     "(--method sgrs), mean-teacher or supervised",
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog's paragraphs
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -448,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--method", choices=S.METHODS, default=S.SETTINGS["method"].default,
+                   help="; ".join(f"{m}: {S.METHOD_LABELS[m]}" for m in S.METHODS)
+                        + f" (default: {S.SETTINGS['method'].default})")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -31,7 +31,7 @@ from napari_sgrs.core.codes import IGNORE_INDEX, Region
 from napari_sgrs.core.errors import SGRSError
 from napari_sgrs.core.events import Event, EventFollower, EventKind
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.core.settings import METHODS, PRESET_HELP, TrainConfig
+from napari_sgrs.core.settings import METHOD_LABELS, METHODS, PRESET_HELP, PRESETS, TrainConfig
 from napari_sgrs.project.folder import PANEL_PRESETS, Project, mark_unpainted_slices, panel_config, panel_preset
 from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, stop_grace_s, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region
@@ -166,7 +166,8 @@ class SGRSTrainWidget(QWidget):
         box = QGroupBox("Training")
         form = QFormLayout(box)
         self.method_combo = QComboBox()
-        self.method_combo.addItems(METHODS)
+        for key in METHODS:  # shown by name, kept as the method key (TrainConfig.method)
+            self.method_combo.addItem(METHOD_LABELS[key], key)
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 1_000_000)
         patch = QHBoxLayout()
@@ -547,7 +548,7 @@ class SGRSTrainWidget(QWidget):
     # ------------------------------------------------------------------ training
     def settings(self) -> TrainConfig:
         """The settings in the panel's boxes (the rest: the chosen preset's, see ``panel_config``)."""
-        return panel_config(dict(method=self.method_combo.currentText(), iterations=self.iterations_spin.value(),
+        return panel_config(dict(method=self.method_combo.currentData(), iterations=self.iterations_spin.value(),
                                  patch_size=tuple(s.value() for s in self.patch_spins),
                                  base_filters=self.filters_spin.value(), device=self.device_combo.currentText()),
                             self.preset)
@@ -556,11 +557,12 @@ class SGRSTrainWidget(QWidget):
         """Fill the boxes with a named setting (``preview``: a first result in about a minute on a CPU)."""
         self.preset = name
         self.preset_combo.setCurrentText(name)
-        self.apply_settings(panel_config(dict(method=self.method_combo.currentText(),
-                                              device=self.device_combo.currentText()), name))
+        # a preset that names a method (paper: SGRS-Net) sets the method box too
+        method = {} if "method" in PRESETS[name] else dict(method=self.method_combo.currentData())
+        self.apply_settings(panel_config(dict(**method, device=self.device_combo.currentText()), name))
 
     def apply_settings(self, s: TrainConfig) -> None:
-        self.method_combo.setCurrentText(s.method)
+        self.method_combo.setCurrentIndex(self.method_combo.findData(s.method))
         self.iterations_spin.setValue(int(s.iterations))
         for spin, v in zip(self.patch_spins, s.patch_size):
             spin.setValue(int(v))

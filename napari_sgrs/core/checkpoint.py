@@ -1,7 +1,7 @@
 """Checkpoints that load without running code, written atomically.
 
 A checkpoint is one safetensors file: tensors ``student.*``, ``teacher.*``, ``optim.*`` and
-``rng.*`` (and ``anchor.*``, ``anchor_ema.*``, ``anchor_optim.*`` for sgrs's label-only
+``rng.*`` (and ``anchor.*``, ``anchor_ema.*``, ``anchor_optim.*`` for the label-only
 anchor), plus a JSON string in the file's metadata (step, settings, class count...). It is
 written to a temporary file beside the target, fsynced, then renamed over the target, so a kill
 at any moment leaves either the old or the new checkpoint, never a torn one. Pickle files are

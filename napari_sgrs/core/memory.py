@@ -9,7 +9,7 @@ CPU as the peak RSS increase of one step: 34-41 F over patch 32-64^3, batch 2-4,
 (tests/core/test_memory.py re-measures one setting). SGRS forwards the student on
 ``labeled + 2 x unlabeled`` patches (X, U, U_mix); mean teacher on ``batch``; supervised on
 ``batch``. Parameters are held ~6 times (weights, gradients, momentum, teacher, the
-checkpoint's serialised copy), twice that with sgrs's label-only anchor. The normalised copies
+checkpoint's serialised copy), twice that with the label-only anchor (anchored-sgrs). The normalised copies
 of the training volumes and ~96 MiB that torch loads on first use (optimizer, oneDNN kernels)
 come on top.
 
@@ -24,6 +24,7 @@ import math
 from typing import Sequence
 
 from .errors import ResourceError
+from .settings import SGRS_METHODS
 
 BYTES_PER_FLOAT = 4
 ACTIVATION_FLOATS_PER_FILTER = 36     # per student-sample voxel, times base filters (measured, see above)
@@ -36,8 +37,8 @@ HEADROOM = 0.9                        # refuse above 90% of what is free: the OS
 
 
 def student_samples(batch: int, labeled_batch: int | None, method: str) -> int:
-    """Patches the student forwards per step (SGRS: X, U and U_mix)."""
-    if method != "sgrs":
+    """Patches the student forwards per step (either SGRS method: X, U and U_mix)."""
+    if method not in SGRS_METHODS:
         return batch
     labeled = labeled_batch if labeled_batch is not None else batch // 2
     return labeled + 2 * (batch - labeled)
@@ -53,7 +54,7 @@ def estimate_training_memory(patch: Sequence[int], batch: int, base_filters: int
     """Peak bytes one training step adds to the process (not counting torch itself).
 
     patch: (D, H, W) voxels; batch: patches per step; data_voxels: total voxels of the training
-    volumes (their normalised copies are held in memory for the whole run); anchor: sgrs's
+    volumes (their normalised copies are held in memory for the whole run); anchor:
     ``--pseudo-anchor labels``, a second network whose parameters are held as often as the
     student's (its step runs after the student's, on fewer patches, so the peak activations stay).
     """
@@ -160,7 +161,7 @@ def check_memory(config, patch: Sequence[int], num_classes: int, device, *, data
     config: a TrainConfig (batch_size, labeled_batch_size, base_filters, method).
     Raises ResourceError naming the estimate, what is free and a setting that fits.
     """
-    anchor = config.method == "sgrs" and getattr(config, "pseudo_anchor", "off") == "labels"
+    anchor = config.uses_anchor
     need = estimate_training_memory(patch, config.batch_size, config.base_filters, num_classes, config.method,
                                     config.labeled_batch_size, data_voxels, anchor)
     avail = available if available is not None else available_bytes(device)

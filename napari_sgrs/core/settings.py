@@ -4,7 +4,9 @@
 names its group (data, budget, optimiser, method, validation, performance). From it come the
 ``sgrs train`` options (generated in cli.py), the checks of :meth:`TrainConfig.validate`, the
 named :data:`PRESETS` shared by the CLI, the napari panel and the Python API, ``--config FILE``
-(:func:`read_config_file`) and what a resumed run keeps (:func:`resume_config`).
+(:func:`read_config_file`) and what a resumed run keeps (:func:`resume_config`). A setting that
+depends on the method (:data:`METHOD_DEFAULTS`: SGRS-Net's choices for ``sgrs``, ours for
+``anchored-sgrs``) has the default None, filled in by validate() from the method where not given.
 
 Torch-free: the CLI builds its parser, and the panel its defaults, without importing the engine.
 """
@@ -25,9 +27,16 @@ from .codes import IGNORE_INDEX
 from .errors import CheckpointError, ConfigError, InputError
 from .outputs import read_json
 
-METHODS = ("sgrs", "mean-teacher", "supervised")
+#: The methods, the default first. ``sgrs`` is SGRS-Net as published (the paper's step with the
+#: defects of ../shared/SGRS.md fixed); ``anchored-sgrs`` is our recipe built on it (docs/METHOD.md).
+METHODS = ("anchored-sgrs", "sgrs", "mean-teacher", "supervised")
+#: How the CLI's messages, the napari panel and the docs name each method.
+METHOD_LABELS = {"anchored-sgrs": "Anchored SGRS (ours)", "sgrs": "SGRS-Net (paper)", "mean-teacher": "Mean Teacher",
+                 "supervised": "Supervised (labels only)"}
+#: The methods whose step is steps.sgrs_step: they differ only in their settings (METHOD_DEFAULTS).
+SGRS_METHODS = ("anchored-sgrs", "sgrs")
 DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
-DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by sgrs / mean-teacher
+DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by the semi-supervised methods
 #: The paper's threshold on the entropy (log10 units) of a binary prediction.
 PAPER_TAU = 0.296
 #: The authors' code disregards a binary voxel whose foreground probability lies in (0.425, 0.575);
@@ -35,6 +44,24 @@ PAPER_TAU = 0.296
 PAPER_CODE_TAU = -(0.425 * math.log10(0.425) + 0.575 * math.log10(0.575))
 #: mean-teacher's weight of the MSE after ramp-up (UA-MT / SSL4MIS); the other methods' L_u weighs 1.
 MEAN_TEACHER_UNSUP_WEIGHT = 0.1
+
+#: Our engine's choices, shared by anchored-sgrs and the baselines it is compared with.
+_OURS = dict(lr_schedule="poly", tau=PAPER_TAU, unsup_weight=1.0, rampup_stair=1, dice_form="foreground",
+             teacher_mode="eval", gate="teacher-dice", region_weighting="voxels", pseudo_views="mix",
+             pseudo_anchor="labels", foreground_fraction=0.33, flips="all", volume_draw="random")
+#: The default of each setting that depends on the method (its field's default is None: "the
+#: method's"). validate() fills in those not given, so ``--method sgrs`` alone trains the paper's step
+#: and ``--method anchored-sgrs`` ours; a setting given explicitly (option, --config, preset, a
+#: resumed run's config.json) wins. docs/METHOD.md says why each of ours differs from the paper's.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "anchored-sgrs": _OURS,
+    # the authors' code, detail by detail (../shared/SGRS.md; tests/core/test_paper_parity.py)
+    "sgrs": dict(lr_schedule="constant", tau=PAPER_CODE_TAU, unsup_weight=1.0, rampup_stair=150, dice_form="paper",
+                 teacher_mode="train", gate="none", region_weighting="all-voxels", pseudo_views="both",
+                 pseudo_anchor="off", foreground_fraction=0.0, flips="one-in-plane", volume_draw="permutation"),
+    "mean-teacher": {**_OURS, "unsup_weight": MEAN_TEACHER_UNSUP_WEIGHT},
+    "supervised": _OURS,
+}
 
 MAX_SEED = 2**32 - 1          # numpy's and torch's seeds both take it
 MAX_BASE_FILTERS = 1024       # what a checkpoint may declare (checkpoint._check_meta)
@@ -101,7 +128,7 @@ class Setting:
     def problem(self, value) -> str | None:
         """What ``value`` should be, in words (its type, then its choices); None when it fits."""
         expected = _describe_type(self.hint, value)
-        if expected is None and self.choices and value not in self.choices:
+        if expected is None and self.choices and value is not None and value not in self.choices:
             return _either(self.choices)
         return expected
 
@@ -135,15 +162,16 @@ def _assign_tau(value: float | str) -> dict[str, Any]:
 class TrainConfig:
     """Every setting of a run; saved as RUN/config.json and in each checkpoint."""
 
-    method: str = _setting("sgrs", "method", "sgrs: SGRS-Net; mean-teacher, supervised: the baselines",
-                           choices=METHODS)
+    method: str = _setting(METHODS[0], "method", "anchored-sgrs: Anchored SGRS, our recipe (docs/METHOD.md); sgrs: "
+                           "SGRS-Net as published; mean-teacher, supervised: the baselines. The method chooses the "
+                           "defaults of the settings that depend on it", choices=METHODS)
     iterations: int = _setting(15000, "budget", "training steps")
     patch_size: tuple[int, int, int] | None = _setting(
         None, "budget", "training patch, multiples of 16", metavar=("D", "H", "W"),
         default_text="the paper's 80 112 112, shrunk to the volumes' size")
     base_filters: int = _setting(16, "budget", "V-Net base filters F")
     # None: resolved in validate(). Every method sees the same labeled patches per step
-    # (DEFAULT_LABELED_BATCH); sgrs / mean-teacher add DEFAULT_UNLABELED_BATCH unlabeled ones on top.
+    # (DEFAULT_LABELED_BATCH); the semi-supervised methods add DEFAULT_UNLABELED_BATCH unlabeled ones.
     batch_size: int | None = _setting(
         None, "budget", "patches per step; alone it splits in half (4: the paper's 2 labeled + 2 unlabeled)",
         default_text=f"{DEFAULT_LABELED_BATCH} labeled + {DEFAULT_UNLABELED_BATCH} unlabeled; supervised "
@@ -153,22 +181,20 @@ class TrainConfig:
     seed: int = _setting(1337, "optimiser", "random seed: the same seed and settings train the same weights")
     device: str = _setting("auto", "performance", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     lr: float = _setting(0.01, "optimiser", "SGD learning rate", expert=True)
-    lr_schedule: str = _setting(
-        "poly", "optimiser", "poly: lr (1 - t/T)^0.9 (nnU-Net), so the last checkpoint is a settled one; "
+    lr_schedule: str | None = _setting(
+        None, "optimiser", "poly: lr (1 - t/T)^0.9 (nnU-Net), so the last checkpoint is a settled one; "
         "constant: the paper's", choices=("poly", "constant"), expert=True)
     momentum: float = _setting(0.9, "optimiser", "SGD momentum", flag=None)
     weight_decay: float = _setting(1e-4, "optimiser", "SGD weight decay", flag=None)
-    tau: float = _setting(PAPER_TAU, "method", "entropy threshold of the disregarded region (log10 units), or "
-                          "'auto' to calibrate it on the labeled validation volumes at each validation",
-                          metavar="TAU|auto", default_text=f"{PAPER_TAU}, the paper's", parse=_parse_tau,
-                          assign=_assign_tau)
+    tau: float | None = _setting(None, "method", "entropy threshold of the disregarded region (log10 units), or "
+                                 "'auto' to calibrate it on the labeled validation volumes at each validation",
+                                 metavar="TAU|auto", parse=_parse_tau, assign=_assign_tau)
     tau_auto: bool = _setting(False, "method", "recalibrate tau at each validation (--tau auto)", flag=None)
     tau_error_rate: float = _setting(0.45, "method", "--tau auto: the error rate above which voxels are "
                                      "disregarded", flag=None)
     mix_alpha: float = _setting(0.75, "method", "Beta(alpha, alpha) of the Mix Augmentation's weight", flag=None)
     unsup_weight: float | None = _setting(
-        None, "method", "weight of the unlabeled loss after ramp-up", expert=True,
-        default_text=f"1; mean-teacher {MEAN_TEACHER_UNSUP_WEIGHT}")
+        None, "method", "weight of the unlabeled loss after ramp-up", expert=True)
     rampup_fraction: float = _setting(0.4, "method", "ramp-up length as a share of the iterations (paper: "
                                       "6000/15000)", expert=True)
     ema_decay: float = _setting(0.99, "method", "the teacher's EMA decay", flag=None)
@@ -202,12 +228,14 @@ class TrainConfig:
     sync_bn: bool = _setting(False, "performance", "SyncBatchNorm under torchrun", expert=True)
     workers: int = _setting(0, "performance", "DataLoader worker processes drawing patches (0: in the training "
                             "process, bit-identical runs for a seed; 2-8 keep a GPU busy)")
-    foreground_fraction: float = _setting(0.33, "data", "share of labeled patches centred on foreground", flag=None)
+    foreground_fraction: float | None = _setting(None, "data", "share of labeled patches centred on foreground "
+                                                 "(the paper's: 0, uniform crops)", flag=None)
     dropout: float = _setting(0.5, "method", "the V-Net's dropout", flag=None)
-    gate: str = _setting("teacher-dice", "method", "sgrs: scale the unlabeled loss by the teacher's Dice on the "
-                         "step's labeled patches; none: the paper's", choices=("teacher-dice", "none"), expert=True)
-    region_weighting: str = _setting(
-        "voxels", "method", "sgrs: voxels: every scored voxel weighs the same; terms: a mean of per-region means, "
+    gate: str | None = _setting(None, "method", "teacher-dice: scale the unlabeled loss by the teacher's Dice on "
+                                "the step's labeled patches; none: the paper's", choices=("teacher-dice", "none"),
+                                expert=True)
+    region_weighting: str | None = _setting(
+        None, "method", "voxels: every scored voxel weighs the same; terms: a mean of per-region means, "
         "which gives the small inconsistent region half the weight (our earlier reading of the paper); "
         "all-voxels: the authors' code, each view's CE summed over the regions and divided by all its voxels",
         choices=("voxels", "terms", "all-voxels"), expert=True)
@@ -215,36 +243,36 @@ class TrainConfig:
     # batch. paper: the authors' code (../shared/SGRS.md): supervised Dice of every class incl.
     # background, 1 - sum(pt) / (sum p^2 + sum t^2) (a perfect prediction scores 0.5); region Dice
     # nnU-Net-style per sample, background included, masked to the region
-    dice_form: str = _setting("foreground", "method", "foreground: our soft Dice; paper: the authors' Dice forms",
-                              choices=("foreground", "paper"), flag=None)
+    dice_form: str | None = _setting(None, "method", "foreground: our soft Dice; paper: the authors' Dice forms",
+                                     choices=("foreground", "paper"), flag=None)
     # eval: the teacher predicts with its EMA BatchNorm statistics and no dropout; train: as the
     # authors' code, which never switches it to eval mode (dropout on, the batch's statistics)
-    teacher_mode: str = _setting("eval", "method", "the teacher's mode when it makes pseudo labels: eval, or "
-                                 "train (the paper's code: dropout on, batch statistics)",
-                                 choices=("eval", "train"), flag=None)
+    teacher_mode: str | None = _setting(None, "method", "the teacher's mode when it makes pseudo labels: eval, or "
+                                        "train (the paper's code: dropout on, batch statistics)",
+                                        choices=("eval", "train"), flag=None)
     # the authors ramp with iter // 150 (a staircase of 40 stairs over 6000 steps); 1: continuous
-    rampup_stair: int = _setting(1, "method", "steps per stair of the ramp-up (1: continuous; paper: 150)",
-                                 flag=None)
+    rampup_stair: int | None = _setting(None, "method", "steps per stair of the ramp-up (1: continuous; paper: "
+                                        "150)", flag=None)
     # all: a flip of each axis with probability 1/2; one-in-plane: the authors' RandomRotFlip, which
     # always flips one of the two in-plane axes
-    flips: str = _setting("all", "data", "patch flips: all (each axis, p 0.5) or one-in-plane (the paper's)",
-                          choices=("all", "one-in-plane"), flag=None)
+    flips: str | None = _setting(None, "data", "patch flips: all (each axis, p 0.5) or one-in-plane (the "
+                                 "paper's)", choices=("all", "one-in-plane"), flag=None)
     # random: volumes drawn with replacement; permutation: the authors' batch sampler, which walks
     # through a fresh permutation of each stream's volumes
-    volume_draw: str = _setting("random", "data", "how volumes are drawn: random (with replacement) or "
-                                "permutation (the paper's)", choices=("random", "permutation"), flag=None)
-    # mix (default): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
+    volume_draw: str | None = _setting(None, "data", "how volumes are drawn: random (with replacement) or "
+                                       "permutation (the paper's)", choices=("random", "permutation"), flag=None)
+    # mix (ours): L_u teaches only the mixed view P_mix, never the view P of the patch the pseudo
     # label came from (FixMatch's weak/strong split); both: L_u on P and P_mix (the paper)
-    pseudo_views: str = _setting(
-        "mix", "method", "sgrs: which student views the pseudo labels teach: mix, only the mixed view; both: the "
+    pseudo_views: str | None = _setting(
+        None, "method", "which student views the pseudo labels teach: mix, only the mixed view; both: the "
         "plain and the mixed view (the paper's)", choices=("mix", "both"), expert=True)
-    # labels (default): a second V-Net with its own initialisation (the anchor, LabelAnchor) trains
+    # labels (ours): a second V-Net with its own initialisation (the anchor, LabelAnchor) trains
     # on the labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's
     # and the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher
     # cannot confirm its own mistakes unopposed (benchmarks/out/headroom/RULE_ANCHOR.md). off: the
     # teacher alone (the paper)
-    pseudo_anchor: str = _setting(
-        "labels", "method", "sgrs: labels: a network trained on the labeled patches alone is averaged with the "
+    pseudo_anchor: str | None = _setting(
+        None, "method", "labels: a network trained on the labeled patches alone is averaged with the "
         "teacher into the pseudo labels (1.4-1.5x the step time on a CPU); off: the teacher alone (the paper's)",
         choices=("labels", "off"), expert=True)
 
@@ -257,6 +285,9 @@ class TrainConfig:
             problem = SETTINGS[f.name].problem(value)
             if problem is not None:
                 raise ConfigError(f"{SETTINGS[f.name].label} must be {problem}, got {value!r}")
+        for name, value in METHOD_DEFAULTS[self.method].items():  # the method's, where none was given
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("iterations", "checkpoint_every", "log_every", "val_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -270,8 +301,6 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         self._resolve_batch()
-        if self.unsup_weight is None:
-            self.unsup_weight = MEAN_TEACHER_UNSUP_WEIGHT if self.method == "mean-teacher" else 1.0
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.unsup_weight < 0:
@@ -310,12 +339,17 @@ class TrainConfig:
             self._check_batch_norm(self.patch_size)
         return self
 
+    @property
+    def uses_anchor(self) -> bool:
+        """Whether the run trains the label-only anchor network (steps.LabelAnchor) beside the student."""
+        return self.method in SGRS_METHODS and self.pseudo_anchor == "labels"
+
     def _check_batch_norm(self, patch: tuple[int, int, int]) -> None:
         """Batch normalisation needs 2+ values per channel at the V-Net's deepest level (the patch
         / 16 in each axis, times the patches). The network that sees the labeled patches alone
-        (supervised; sgrs's anchor) fails with one 16^3 patch per step."""
+        (supervised; the anchor) fails with one 16^3 patch per step."""
         deepest = math.prod(p // 16 for p in patch)
-        alone = self.method == "supervised" or (self.method == "sgrs" and self.pseudo_anchor == "labels")
+        alone = self.method == "supervised" or self.uses_anchor
         if alone and self.labeled_batch_size * deepest < 2:
             flag = "--batch-size" if self.method == "supervised" else "--labeled-batch-size"
             other = "" if self.method == "supervised" else " or --pseudo-anchor off"
@@ -323,7 +357,7 @@ class TrainConfig:
                               f"one value per channel at the network's deepest level; use {flag} 2 or more, a patch "
                               f"of 32 in one axis{other}")
         unlabeled = self.batch_size - self.labeled_batch_size
-        if self.method == "sgrs" and self.teacher_mode == "train" and unlabeled * deepest < 2:
+        if self.method in SGRS_METHODS and self.teacher_mode == "train" and unlabeled * deepest < 2:
             # the teacher in train mode normalises the unlabeled patches with their own statistics
             raise ConfigError(f"teacher_mode train with {unlabeled} unlabeled patch of {list(patch)} leaves batch "
                               f"normalisation one value per channel at the teacher's deepest level; use 2 or more "
@@ -333,7 +367,7 @@ class TrainConfig:
         """Fill in the batch sizes left unset (None).
 
         supervised: ``batch_size`` labeled patches (default 4; ``--labeled-batch-size`` alone
-        also sets it). sgrs / mean-teacher: ``labeled_batch_size`` labeled (default 4, the same
+        also sets it). The semi-supervised methods: ``labeled_batch_size`` labeled (default 4, the same
         labeled stream as supervised training) plus ``batch_size - labeled_batch_size``
         unlabeled (default 2 more); ``--batch-size B`` alone splits B in half, as the paper's
         2 + 2. A semi-supervised run therefore never trains on fewer labeled patches per step
@@ -357,9 +391,9 @@ class TrainConfig:
     def from_json(cls, d: Mapping[str, Any]) -> "TrainConfig":
         """The settings saved in a run (config.json, a checkpoint). Keys this version does not
         know (settings removed since, see check_resumable) are dropped, so every earlier run loads."""
-        # a run saved before a loss setting existed was trained with its old behaviour: a resumed
-        # run keeps the loss it started with instead of switching to today's default
-        d = {**{k: v for k, v in _LEGACY_LOSS.items() if k not in d}, **d}
+        # a run saved before a setting existed was trained with its old behaviour: a resumed run
+        # keeps what it started with instead of switching to its method's default of today
+        d = {**{k: v for k, v in _TRAINED_BEFORE_THE_FIELD.items() if k not in d}, **d}
         return cls(**{k: _as_tuple(k, v) for k, v in d.items() if k in SETTINGS})
 
     @classmethod
@@ -406,6 +440,16 @@ def _either(choices: tuple) -> str:
     return " or ".join([", ".join(map(str, choices[:-1])), str(choices[-1])]) if len(choices) > 1 else str(choices[0])
 
 
+def _by_method(name: str) -> str:
+    """How --help states a method-dependent default: the default method's value, then each method
+    that differs (``teacher-dice; sgrs: none``)."""
+    def text(value):
+        return f"{value:.5g}" if isinstance(value, float) else str(value)
+    first = METHOD_DEFAULTS[METHODS[0]][name]
+    others = [f"{m}: {text(METHOD_DEFAULTS[m][name])}" for m in METHODS[1:] if METHOD_DEFAULTS[m][name] != first]
+    return "; ".join([text(first), *others])
+
+
 def _settings() -> dict[str, Setting]:
     hints = typing.get_type_hints(TrainConfig)
     out = {}
@@ -413,6 +457,8 @@ def _settings() -> dict[str, Setting]:
         meta = dict(f.metadata["setting"])
         if meta["flag"] == _FLAG:
             meta["flag"] = "--" + f.name.replace("_", "-")
+        if f.name in METHOD_DEFAULTS[METHODS[0]] and meta.get("default_text") is None:
+            meta["default_text"] = _by_method(f.name)
         out[f.name] = Setting(name=f.name, hint=hints[f.name], default=f.default, **meta)
     return out
 
@@ -428,15 +474,12 @@ def _as_tuple(name: str, value):
 
 #: Named starting points: defaults < preset < config file < explicit options.
 PRESETS: dict[str, dict[str, Any]] = {
-    # the published LA recipe (docs/METHOD.md, "Switches"; docs/REPRODUCE.md)
-    # the published LA recipe, step for step as the authors' code (../shared/SGRS.md, "Details of the
-    # authors' code"; docs/METHOD.md lists what still differs). The patch is (z, y, x) = their
+    # the published LA recipe: SGRS-Net (--method sgrs: the authors' step, METHOD_DEFAULTS) at their
+    # budget, batch and protocol, every labeled volume training (they select on the test set, which
+    # we do not copy; docs/METHOD.md lists what still differs). The patch is (z, y, x) = their
     # 112 x 112 x 80 (x, y, z): h5 benchmark files are read into (z, y, x) (io._read_h5)
-    "paper": dict(iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
-                  labeled_batch_size=2, lr_schedule="constant", gate="none", region_weighting="all-voxels",
-                  pseudo_views="both", pseudo_anchor="off", dice_form="paper", teacher_mode="train",
-                  val_fraction=0.0, foreground_fraction=0.0, flips="one-in-plane", volume_draw="permutation",
-                  rampup_stair=150, tau=PAPER_CODE_TAU),
+    "paper": dict(method="sgrs", iterations=15000, patch_size=(80, 112, 112), base_filters=16, batch_size=4,
+                  labeled_batch_size=2, val_fraction=0.0),
     # measured on 2 CPU cores (benchmarks/preview_benchmark.py): 32^3 and 8 filters train ~3x faster
     # per step than 48^3, and validating every 100 steps keeps validation off the critical path
     "preview": dict(iterations=300, patch_size=(32, 32, 32), base_filters=8, batch_size=4, labeled_batch_size=2,
@@ -448,7 +491,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  device="cpu", checkpoint_every=2, val_every=2, log_every=1),
 }
 PRESET_HELP = {
-    "paper": "the published LA recipe (15000 steps, patch 80 112 112, 16 filters, 2 + 2 patches, the paper's loss)",
+    "paper": "SGRS-Net as published, at the LA recipe's budget (--method sgrs, 15000 steps, patch 80 112 112, 16 "
+             "filters, 2 + 2 patches, no validation split)",
     "preview": "small and fast for a CPU (300 steps, patch 32^3, 8 filters)",
     "plugin": "what the napari panel starts with on a GPU (2000 steps, patch 96^3)",
     "tiny": "a few steps on 16^3 patches, for tests",
@@ -470,8 +514,14 @@ def suggest(word: str, known) -> str | None:
 
 # ----------------------------------------------------------------------------- config files, resume
 
-#: The loss of runs whose config.json predates these fields (the paper's, as trained then).
-_LEGACY_LOSS = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both", "pseudo_anchor": "off"}
+#: What a run whose config.json lacks a method-dependent setting trained with: the code's behaviour
+#: before the setting existed (every run saved since holds each of them). The method's default of
+#: today would be wrong here: a run saved as "sgrs" before 0.2 trained neither the paper's Dice forms
+#: nor its staircase. unsup_weight is not here: a saved run always holds it.
+_TRAINED_BEFORE_THE_FIELD = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both",
+                             "pseudo_anchor": "off", "dice_form": "foreground", "teacher_mode": "eval",
+                             "rampup_stair": 1, "flips": "all", "volume_draw": "random", "lr_schedule": "constant",
+                             "tau": PAPER_TAU, "foreground_fraction": 0.33}
 
 #: Settings removed in 0.2 (CHANGELOG.md) that changed training, each with its name in messages and
 #: the value under which a run trained as it does now. from_json drops them (and the other removed

@@ -1,6 +1,8 @@
 """One training step's loss for each method, chosen by name (``STEPS[config.method]``), as
-nnU-Net chooses its trainer classes: supervised, mean-teacher and sgrs. The variants of sgrs (the
-gate, region weighting, pseudo views, mix, the label anchor) are settings of the sgrs step.
+nnU-Net chooses its trainer classes: supervised, mean-teacher, and sgrs_step for both SGRS methods.
+SGRS-Net as published (``sgrs``) and our recipe (``anchored-sgrs``) differ only in the settings of
+that one step (the gate, region weighting, pseudo views, Dice forms, teacher mode, the label anchor:
+settings.METHOD_DEFAULTS), so each part can be switched on its own.
 
 Every step function has one signature, ``step(student, teacher, x, y, u, step, config, rng, gen,
 rampup_len, num_classes, anchor=None) -> StepOutput``, computes the loss and does no backward:
@@ -60,10 +62,10 @@ def mean_teacher_step(student, teacher, x, y, u, step: int, config, rng: np.rand
 
 def sgrs_step(student, teacher, x, y, u, step: int, config, rng: np.random.Generator,
               gen: torch.Generator | None, rampup_len: float, num_classes: int, anchor=None) -> StepOutput:
-    """SGRS-Net: pseudo labels of the teacher (averaged with ``anchor``'s, a network such as
-    LabelAnchor.ema, when given) teach the student's view of the mixed patch U_mix, weighted by
-    synergy region. Settings: gate, use_mix, use_regions, region_weighting, pseudo_views, tau,
-    dice_form, teacher_mode, rampup_stair."""
+    """SGRS-Net (method sgrs) and Anchored SGRS (anchored-sgrs): pseudo labels of the teacher
+    (averaged with ``anchor``'s, a network such as LabelAnchor.ema, when given) teach the student's
+    views U and U_mix, weighted by synergy region. Settings: gate, use_mix, use_regions,
+    region_weighting, pseudo_views, tau, dice_form, teacher_mode, rampup_stair."""
     if u is None:
         return supervised_step(student, teacher, x, y, u, step, config, rng, gen, rampup_len, num_classes)
     b, bu = x.shape[0], u.shape[0]
@@ -135,7 +137,7 @@ StepFunction = Callable[..., StepOutput]
 
 #: The step of each method (TrainConfig.method), looked up when a trainer is set up.
 STEPS: dict[str, StepFunction] = {"supervised": supervised_step, "mean-teacher": mean_teacher_step,
-                                  "sgrs": sgrs_step}
+                                  "sgrs": sgrs_step, "anchored-sgrs": sgrs_step}
 
 
 class LabelAnchor:

@@ -1,4 +1,5 @@
-"""SGRS-Net training: Mean Teacher on a V-Net with Mix Augmentation and regional pseudo-label losses.
+"""Training: Mean Teacher on a V-Net with Mix Augmentation and regional pseudo-label losses (SGRS-Net
+and Anchored SGRS), and the baselines.
 
 ``train(config, cases, run_dir)`` is the one entry point; the CLI and the napari plugin (which
 runs ``sgrs train`` in a separate process) call it, and it runs a :class:`Trainer`. Progress goes
@@ -404,7 +405,7 @@ class Trainer:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.optimizer = make_optimizer(self.student, config)
-        if config.method == "sgrs" and config.pseudo_anchor == "labels":
+        if config.uses_anchor:
             self.anchor = LabelAnchor(config, self.num_classes, self.device, self.distributed)
 
     def _prepare_forward(self) -> None:

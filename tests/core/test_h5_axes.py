@@ -15,7 +15,7 @@ import pytest
 
 from napari_sgrs.core.data import PatchSampler, make_sample
 from napari_sgrs.core.io import Geometry, read_h5_benchmark, read_volume, write_volume
-from napari_sgrs.core.settings import PRESETS
+from napari_sgrs.core.settings import PRESETS, TrainConfig
 
 # (x, y, z) as stored, and the authors' patch in the same order. LA: 112-144 in-plane, 88 slices
 # (../shared/SGRS.md). Pancreas-CT and BraTS2019: their patch is 96^3; the exact shapes of their
@@ -51,8 +51,9 @@ def test_benchmark_axes_patch_and_rotation(benchmark, tmp_path):
     if benchmark == "LA":
         assert PRESETS["paper"]["patch_size"] == patch
     sample = make_sample(benchmark, image, label, patch, ignore_index=255)
-    sampler = PatchSampler(patch, np.random.default_rng(0), flips=PRESETS["paper"]["flips"],
-                           foreground_fraction=PRESETS["paper"]["foreground_fraction"])
+    paper = TrainConfig.from_preset("paper").validate()
+    sampler = PatchSampler(patch, np.random.default_rng(0), flips=paper.flips,
+                           foreground_fraction=paper.foreground_fraction)
     turned = 0
     for _ in range(12):
         img, lab = sampler.draw(sample, labeled=True)

@@ -1,4 +1,4 @@
-"""``--preset paper`` against the authors' training step, restated here in plain torch from the
+"""``--method sgrs`` (and so ``--preset paper``) against the authors' training step, restated here in plain torch from the
 description in ../shared/SGRS.md ("Details of the authors' code"), not from our modules.
 
 On fixed tensors, a tiny V-Net (16^3, F=2) and the same random streams (noise and dropout drawn in
@@ -203,6 +203,27 @@ def test_step_matches_the_authors(compat):
             assert all(_close(a, b) for a, b in zip(t1c.buffers(), t2c.buffers()) if a.dtype.is_floating_point)
 
 
+def test_method_sgrs_alone_is_the_authors_step():
+    """`sgrs train --method sgrs` and nothing else about the loss (no preset) makes their step: the
+    method's defaults are the paper's. Our default method, anchored-sgrs, does not."""
+    from napari_sgrs.cli import _config_from_args, build_parser
+
+    def cli(*argv):
+        return _config_from_args(build_parser().parse_args(
+            ["train", "--images", "I", "--out", "R", "--patch-size", "16", "16", "16", "--base-filters", "2",
+             "--device", "cpu", *argv]))
+
+    config = cli("--method", "sgrs")
+    s1, _, loss1, g1 = _run(_ours(config), config, False)
+    s2, _, loss2, g2 = _run(_theirs(False), config, False, optimizer=_their_sgd)
+    assert abs(float(loss1.detach()) - float(loss2.detach())) < ATOL
+    assert all(_close(a, b) for a, b in zip(g1, g2))
+    assert all(_close(a, b) for a, b in zip(s1.parameters(), s2.parameters()))
+    ours = cli()
+    assert ours.method == "anchored-sgrs"
+    assert abs(float(_run(_ours(ours), ours, False)[2].detach()) - float(loss2.detach())) > 1e-4
+
+
 def test_the_restatement_tells_the_forms_apart():
     """The parity above would pass trivially if our step and the restatement ignored the details:
     the default recipe's loss, and the preset with one detail put back, differ from theirs."""
@@ -240,9 +261,9 @@ def test_the_regions_are_populated():
 # ----------------------------------------------------------------------------- sampling (f) and the split (e)
 
 def test_preset_trains_every_label_with_uniform_crops():
-    paper = PRESETS["paper"]
-    assert paper["val_fraction"] == 0.0 and paper["foreground_fraction"] == 0.0
-    assert paper["flips"] == "one-in-plane" and paper["volume_draw"] == "permutation"
+    paper = TrainConfig(**PRESETS["paper"]).validate()
+    assert paper.val_fraction == 0.0 and paper.foreground_fraction == 0.0
+    assert paper.flips == "one-in-plane" and paper.volume_draw == "permutation"
 
 
 def test_one_in_plane_flip_and_rotation_leave_the_slice_axis():

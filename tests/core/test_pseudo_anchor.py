@@ -37,8 +37,8 @@ class _Logits(torch.nn.Module):
 
 def _unsup_loss(teacher, anchor=None) -> float:
     """The unlabeled loss of one step with a fixed student: it depends on the pseudo label only."""
-    cfg = TrainConfig(method="sgrs", iterations=10, patch_size=(16, 16, 16), batch_size=4, labeled_batch_size=2,
-                      gate="none").validate()
+    cfg = TrainConfig(method="anchored-sgrs", iterations=10, patch_size=(16, 16, 16), batch_size=4,
+                      labeled_batch_size=2, gate="none").validate()
     g = torch.Generator().manual_seed(0)
     x, u = torch.randn(2, 1, 16, 16, 16, generator=g), torch.randn(2, 1, 16, 16, 16, generator=g)
     y = torch.zeros(2, 16, 16, 16, dtype=torch.long)
@@ -75,7 +75,7 @@ def test_training_with_the_anchor(tiny_cohort, tmp_path, monkeypatch):
         return sgrs_step(*args, **kwargs)
 
     monkeypatch.setattr(T, "LabelAnchor", Recording)
-    monkeypatch.setitem(STEPS, "sgrs", recording_step)
+    monkeypatch.setitem(STEPS, "anchored-sgrs", recording_step)
     cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
     train(tiny_config(iterations=4, pseudo_anchor="labels"), cases, tmp_path / "run")
     (anchor,) = created
@@ -157,10 +157,11 @@ def test_cli_option_resume_and_settings(tiny_cohort, tmp_path, capsys):
     assert TrainConfig.from_json({"method": "sgrs"}).pseudo_anchor == "off"
 
 
-def test_the_paper_preset_has_no_anchor():
+def test_the_paper_has_no_anchor():
     from napari_sgrs.cli import PRESETS
 
-    assert PRESETS["paper"]["pseudo_anchor"] == "off"
+    assert TrainConfig(**PRESETS["paper"]).validate().pseudo_anchor == "off"
+    assert TrainConfig(method="sgrs").validate().pseudo_anchor == "off"
 
 
 def test_the_memory_estimate_counts_the_anchor():

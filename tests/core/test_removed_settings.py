@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from napari_sgrs.cli import main
 from napari_sgrs.core.checkpoint import load_checkpoint, save_checkpoint
@@ -106,3 +108,46 @@ def test_an_old_run_that_used_a_removed_experiment_predicts_but_does_not_resume(
     with pytest.raises(CheckpointError, match=f"last.safetensors: cannot resume: the run was trained with {option},"):
         train(tiny_config(val_fraction=0.0, iterations=6), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr),
               old_run, resume=True)
+
+
+def test_a_0_2_sgrs_run_resumes_and_predicts_as_before(tiny_cohort, tmp_path, capsys):
+    """0.2 named our recipe "sgrs" (now anchored-sgrs, "sgrs" being the paper's method) and saved
+    every setting. Such a run (ours, with that name put back in config.json and every checkpoint)
+    predicts what it predicted, and `sgrs train --resume` continues it with its saved recipe, the
+    anchor included, to the weights of the run that never stopped."""
+    from napari_sgrs.core.events import EventKind
+    from napari_sgrs.core.io import find_cases, read_volume
+    from napari_sgrs.core.runfolder import RunFolder
+    from napari_sgrs.core.train import train
+
+    cases = find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr)
+    config = dict(val_fraction=0.0, iterations=6, checkpoint_every=2)
+    full, old = tmp_path / "full", tmp_path / "old"
+    train(tiny_config(**config), cases, full)
+
+    def stop_at_2(event):
+        if event.kind is EventKind.PROGRESS and event.step == 2:
+            (old / "STOP").touch()
+
+    assert train(tiny_config(**config), cases, old, listeners=[stop_at_2]).step == 2
+    predicted = {}
+    for name in ("ours", "0.2"):
+        if name == "0.2":
+            _as_old_run(old, method="sgrs")
+            assert json.loads((old / "config.json").read_text())["config"]["method"] == "sgrs"
+        code, err = _sgrs(capsys, "predict", "--run", old, "--images", tiny_cohort.images_ts, "--out",
+                          tmp_path / name, "--quiet")
+        assert code == 0, err
+        predicted[name] = {f.name: read_volume(f).array for f in sorted((tmp_path / name).glob("*.nii.gz"))}
+    assert predicted["ours"] and predicted["ours"].keys() == predicted["0.2"].keys()
+    assert all(np.array_equal(predicted["ours"][k], predicted["0.2"][k]) for k in predicted["ours"])
+
+    code, err = _sgrs(capsys, "train", "--images", tiny_cohort.images_tr, "--labels", tiny_cohort.labels_tr,
+                      "--out", old, "--resume", "--quiet")
+    assert code == 0, err
+    resumed, uninterrupted = (load_checkpoint(RunFolder(p).last) for p in (old, full))
+    assert resumed.meta["step"] == 6 and resumed.meta["config"]["method"] == "sgrs"
+    assert any(k.startswith("anchor.") for k in resumed.tensors)
+    for k, v in uninterrupted.tensors.items():
+        if k.startswith(("student.", "teacher.", "anchor.")):
+            assert torch.equal(v, resumed.tensors[k]), k

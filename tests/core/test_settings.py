@@ -26,9 +26,11 @@ from tiny import TINY_ARGS  # noqa: E402
 ROOT = Path(__file__).parents[2]
 
 #: Every setting's default before settings.py (TrainConfig in train.py, with the CLI's rule for
-#: mean-teacher's weight): a default may change only on purpose, here and in the CHANGELOG.
+#: mean-teacher's weight): a default may change only on purpose, here and in the CHANGELOG. Issue
+#: 20 renamed the default method (our recipe) from sgrs to anchored-sgrs; its settings are those of before.
 DEFAULTS_BEFORE = dict(
-    method="sgrs", iterations=15000, patch_size=None, base_filters=16, batch_size=None, labeled_batch_size=None,
+    method="anchored-sgrs", iterations=15000, patch_size=None, base_filters=16, batch_size=None,
+    labeled_batch_size=None,
     seed=1337, device="auto", lr=0.01, lr_schedule="poly", momentum=0.9, weight_decay=1e-4, tau=0.296,
     tau_auto=False, tau_error_rate=0.45, mix_alpha=0.75, unsup_weight=None, rampup_fraction=0.4, ema_decay=0.99,
     use_mix=True, use_regions=True, normalization="zscore", ct_window=(-160.0, 240.0), ignore_index=255,
@@ -79,7 +81,12 @@ def test_the_tables_cover_every_setting():
 
 
 def test_defaults_are_those_of_before_on_every_path():
-    assert {f.name: f.default for f in fields(TrainConfig)} == DEFAULTS_BEFORE
+    by_method = S.METHOD_DEFAULTS[S.METHODS[0]]
+    # a method-dependent setting's default is None ("the method's"), resolved by validate()
+    assert {f.name: f.default for f in fields(TrainConfig)} == {**DEFAULTS_BEFORE, **dict.fromkeys(by_method)}
+    resolved = TrainConfig().validate()
+    assert {name: getattr(resolved, name) for name in FIELDS} == \
+        {**DEFAULTS_BEFORE, "batch_size": 6, "labeled_batch_size": 4, "unsup_weight": 1.0}
     cli = _config()
     assert cli == TrainConfig().validate() == TrainConfig.from_preset(None).validate()
     assert (cli.batch_size, cli.labeled_batch_size, cli.unsup_weight) == (6, 4, 1.0)
@@ -99,8 +106,10 @@ def test_every_setting_has_a_group_help_valid_choices_and_its_own_flag():
     for s in SETTINGS.values():
         assert s.group in S.GROUPS and s.help, s.name
         assert s.flag is None or s.flag.startswith("--"), s.name
-        assert not s.choices or s.default in s.choices, s.name
-        assert s.problem(s.default) is None and s.problem(OTHER[s.name]) is None, s.name
+        defaults = [m[s.name] for m in S.METHOD_DEFAULTS.values()] if s.name in S.METHOD_DEFAULTS["sgrs"] \
+            else [s.default]
+        assert not s.choices or all(d in s.choices for d in defaults), s.name
+        assert all(s.problem(d) is None for d in [s.default, *defaults, OTHER[s.name]]), s.name
     # the CLI's own arguments never share a namespace name with a setting
     cli_only = {a.dest for a in _train_parser()._actions if a.default is not argparse.SUPPRESS}
     assert not cli_only & set(SETTINGS)
@@ -109,7 +118,8 @@ def test_every_setting_has_a_group_help_valid_choices_and_its_own_flag():
 def test_choices_are_checked_in_one_place_with_the_option_named():
     with pytest.raises(ConfigError, match="--gate must be teacher-dice or none, got 'off'"):
         TrainConfig(gate="off").validate()
-    with pytest.raises(ConfigError, match="--method must be sgrs, mean-teacher or supervised, got 'mt'"):
+    with pytest.raises(ConfigError, match="--method must be anchored-sgrs, sgrs, mean-teacher or supervised, "
+                                          "got 'mt'"):
         TrainConfig(method="mt").validate()
     with pytest.raises(ConfigError, match="momentum must be a finite number, got 'x'"):  # no flag: its key
         TrainConfig(momentum="x").validate()
@@ -143,12 +153,70 @@ def test_the_presets_values():
     # the napari panel's starting values when the preset was made (_widget.py's boxes, project.TrainSettings)
     plugin = TrainConfig.from_preset("plugin").validate()
     assert (plugin.method, plugin.iterations, plugin.patch_size, plugin.base_filters, plugin.device, plugin.seed,
-            plugin.ignore_index) == ("sgrs", 2000, (96, 96, 96), 16, "auto", 1337, 255)
+            plugin.ignore_index) == ("anchored-sgrs", 2000, (96, 96, 96), 16, "auto", 1337, 255)
     tiny = TrainConfig.from_preset("tiny", seed=3)
     assert (tiny.iterations, tiny.patch_size, tiny.base_filters, tiny.device, tiny.seed) == \
         (4, (16, 16, 16), 2, "cpu", 3)
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")
+
+
+# ----------------------------------------------------------------------------- the method's defaults
+
+
+def _method_fields(cfg: TrainConfig) -> dict:
+    return {name: getattr(cfg, name) for name in S.METHOD_DEFAULTS["sgrs"]}
+
+
+def test_method_sgrs_alone_is_the_papers_step_and_anchored_sgrs_ours():
+    """`--method sgrs` with no other option: every method-dependent setting as the paper preset has
+    it (the step test_paper_parity.py checks against the authors' code); `--method anchored-sgrs`,
+    and no option at all, our recipe as before issue 20."""
+    paper = TrainConfig.from_preset("paper").validate()
+    sgrs = _config("--method", "sgrs")
+    assert _method_fields(sgrs) == _method_fields(paper)
+    assert (sgrs.dice_form, sgrs.teacher_mode, sgrs.region_weighting, sgrs.gate, sgrs.pseudo_views,
+            sgrs.pseudo_anchor, sgrs.lr_schedule, sgrs.rampup_stair, sgrs.uses_anchor) == \
+        ("paper", "train", "all-voxels", "none", "both", "off", "constant", 150, False)
+    ours = _config("--method", "anchored-sgrs")
+    assert ours == _config() == TrainConfig().validate()
+    assert _method_fields(ours) == {k: DEFAULTS_BEFORE[k] if k != "unsup_weight" else 1.0
+                                    for k in S.METHOD_DEFAULTS["sgrs"]}
+    assert ours.uses_anchor and not TrainConfig(method="supervised").validate().uses_anchor
+    # the same from the Python API and a --config file
+    assert _method_fields(TrainConfig(method="sgrs").validate()) == _method_fields(paper)
+
+
+def test_the_paper_preset_is_method_sgrs_at_the_papers_budget():
+    """One definition of the paper's step: the preset names the method and sets only the budget,
+    the batch and the protocol (every label trains), never a setting the method decides."""
+    assert PRESETS["paper"]["method"] == "sgrs"
+    assert not set(PRESETS["paper"]) & set(S.METHOD_DEFAULTS["sgrs"])
+    paper = _config("--preset", "paper")
+    assert paper == _config("--method", "sgrs", "--iterations", "15000", "--patch-size", "80", "112", "112",
+                            "--batch-size", "4", "--labeled-batch-size", "2", "--val-fraction", "0")
+
+
+def test_a_setting_given_beats_its_methods_default(tmp_path):
+    one = _config("--method", "sgrs", "--pseudo-anchor", "labels")
+    assert one.pseudo_anchor == "labels" and one.uses_anchor and one.dice_form == "paper"
+    # our recipe at the paper's budget
+    ours = _config("--preset", "paper", "--method", "anchored-sgrs")
+    assert (ours.iterations, ours.batch_size, ours.labeled_batch_size, ours.val_fraction) == (15000, 4, 2, 0.0)
+    assert _method_fields(ours) == _method_fields(TrainConfig().validate())
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"method": "sgrs", "gate": "teacher-dice"}))
+    cfg = _config("--config", str(f))
+    assert (cfg.gate, cfg.region_weighting) == ("teacher-dice", "all-voxels")
+
+
+def test_help_states_each_methods_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside hyphenated words
+    text = _train_parser().format_help()
+    assert "(default: anchored-sgrs)" in text
+    assert "(default: 0.296; sgrs: 0.29613)" in text  # --tau
+    assert S.SETTINGS["gate"].default_text == "teacher-dice; sgrs: none"
+    assert S.SETTINGS["unsup_weight"].default_text == "1; mean-teacher: 0.1"
 
 
 # ----------------------------------------------------------------------------- generated options
@@ -325,18 +393,52 @@ def test_resume_takes_a_preset_or_config_file_given_again_over_the_saved_setting
     assert (cfg.iterations, cfg.base_filters) == (60, 4)
 
 
-def test_resume_keeps_the_loss_a_run_started_with(tmp_path):
-    """A run saved before the loss switches existed resumes with the paper's loss it was trained
-    with, whatever today's defaults are."""
-    old = TrainConfig(iterations=50).validate().to_json()
-    for key in ("gate", "region_weighting", "pseudo_views", "pseudo_anchor"):
-        del old[key]
+@pytest.mark.parametrize("method", ["sgrs", "mean-teacher"])
+def test_resume_keeps_the_loss_a_run_started_with(method, tmp_path):
+    """A run saved before a method-dependent setting existed resumes with what it was trained with
+    then, neither today's default nor its method's (an "sgrs" run of 0.1 trained none of the
+    authors' details that --method sgrs now sets)."""
+    old = TrainConfig(method=method, iterations=50).validate().to_json()
+    for key in S.METHOD_DEFAULTS[method]:
+        if key != "unsup_weight":  # every run saved it
+            del old[key]
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": old}))
     cfg = _config("--resume", out=run)
     assert (cfg.gate, cfg.region_weighting, cfg.pseudo_views, cfg.pseudo_anchor, cfg.iterations) == \
         ("none", "terms", "both", "off", 50)
+    assert (cfg.method, cfg.dice_form, cfg.teacher_mode, cfg.rampup_stair, cfg.flips, cfg.volume_draw,
+            cfg.lr_schedule, cfg.tau, cfg.foreground_fraction) == \
+        (method, "foreground", "eval", 1, "all", "random", "constant", 0.296, 0.33)
+
+
+#: config.json's "config" as 0.2 wrote it for a run of its default method, then named "sgrs" (our
+#: recipe; issue 20 renamed it anchored-sgrs and gave "sgrs" to the paper's method). Every field explicit.
+CONFIG_0_2 = {
+    "method": "sgrs", "iterations": 50, "patch_size": [16, 16, 16], "base_filters": 2, "batch_size": 6,
+    "labeled_batch_size": 4, "seed": 1337, "device": "cpu", "lr": 0.01, "lr_schedule": "poly", "momentum": 0.9,
+    "weight_decay": 0.0001, "tau": 0.296, "tau_auto": False, "tau_error_rate": 0.45, "mix_alpha": 0.75,
+    "unsup_weight": 1.0, "rampup_fraction": 0.4, "ema_decay": 0.99, "use_mix": True, "use_regions": True,
+    "normalization": "zscore", "ct_window": [-160.0, 240.0], "ignore_index": 255, "num_classes": None,
+    "val_fraction": 0.2, "val_every": None, "checkpoint_every": 100, "log_every": 10, "reference_compat": False,
+    "amp": "auto", "compile": False, "cudnn_benchmark": True, "sync_bn": False, "workers": 0,
+    "foreground_fraction": 0.33, "dropout": 0.5, "gate": "teacher-dice", "region_weighting": "voxels",
+    "dice_form": "foreground", "teacher_mode": "eval", "rampup_stair": 1, "flips": "all", "volume_draw": "random",
+    "pseudo_views": "mix", "pseudo_anchor": "labels"}
+
+
+def test_a_run_saved_by_0_2_as_sgrs_resumes_with_the_recipe_it_saved(tmp_path):
+    """Its saved settings win over the method's defaults: it keeps the name "sgrs" (the checkpoint
+    must match it on resume) and trains our recipe, anchor included, as it did before the rename."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": CONFIG_0_2, "num_classes": 2}))
+    cfg = _config("--resume", out=run)
+    assert cfg.to_json() == {**CONFIG_0_2, "patch_size": (16, 16, 16), "ct_window": (-160.0, 240.0)}
+    assert cfg.uses_anchor and cfg.method == "sgrs"
+    assert _method_fields(cfg) == _method_fields(TrainConfig(method="anchored-sgrs").validate())
+    assert _config("--resume", "--iterations", "80", out=run).iterations == 80
 
 
 def test_invalid_saved_settings_are_one_line_naming_the_file(tmp_path):

@@ -35,9 +35,12 @@ def test_the_panel_starts_from_the_devices_preset(make_napari_viewer, monkeypatc
     assert (settings.batch_size, settings.val_every) == (p.get("batch_size"), p.get("val_every"))
     if not gpu:
         assert "preview setting" in widget.gpu_label.text()
+    # the methods by name; the default is ours, and the paper preset sets SGRS-Net
+    assert (widget.method_combo.currentText(), settings.method) == ("Anchored SGRS (ours)", "anchored-sgrs")
     widget.choose_preset("paper")
     assert _boxes(widget) == (PRESETS["paper"]["iterations"], PRESETS["paper"]["patch_size"],
                               PRESETS["paper"]["base_filters"])
+    assert (widget.method_combo.currentText(), widget.settings().method) == ("SGRS-Net (paper)", "sgrs")
     widget.shutdown()
 
 

@@ -11,7 +11,7 @@ import pytest
 from napari_sgrs.core.errors import InputError, LockedError
 from napari_sgrs.core.io import Geometry, read_volume, write_volume
 from napari_sgrs.core.runfolder import RunFolder
-from napari_sgrs.core.settings import SETTINGS, TrainConfig, read_config_file
+from napari_sgrs.core.settings import METHOD_DEFAULTS, SETTINGS, TrainConfig, read_config_file
 from napari_sgrs.project.folder import (IGNORE_INDEX, PANEL_SETTINGS, Project, case_name, mark_unpainted_slices,
                                         panel_config, panel_preset, panel_values, provenance_counts,
                                         provenance_for_accept)
@@ -271,10 +271,10 @@ def test_the_panel_starts_sgrs_train_with_a_settings_file_not_options(tiny_cohor
     _sgrs(cmd)
     saved = run.read_config()
     assert {k: saved[k] for k in PANEL_SETTINGS if k not in ("batch_size", "labeled_batch_size")} == \
-        dict(method="sgrs", iterations=2, patch_size=[16, 16, 16], base_filters=2, device="cpu", seed=5,
+        dict(method="anchored-sgrs", iterations=2, patch_size=[16, 16, 16], base_filters=2, device="cpu", seed=5,
              ignore_index=IGNORE_INDEX, checkpoint_every=1, val_every=None)
-    assert (saved["lr"], saved["gate"], saved["pseudo_anchor"]) == (TrainConfig.lr, TrainConfig.gate,
-                                                                     TrainConfig.pseudo_anchor)
+    ours = METHOD_DEFAULTS["anchored-sgrs"]  # the method's, as the engine's defaults
+    assert (saved["lr"], saved["gate"], saved["pseudo_anchor"]) == (TrainConfig.lr, ours["gate"], ours["pseudo_anchor"])
 
     settings.iterations = project.last_step(run.path) + 2     # as the panel's Retrain does
     path = project.write_settings_file(run.path, settings)
