@@ -43,7 +43,7 @@ REVIEW_RECALL = 0.9
 REVIEW_CAP = 0.05
 #: The error score threshold without a validation split: the median of the calibrated thresholds
 #: on the selection cohorts of benchmarks/overlay_benchmark.py (benchmarks/RESULTS.md).
-DEFAULT_THRESHOLD = 0.1
+DEFAULT_THRESHOLD = 0.18
 #: The estimated Dice's half-interval from one validation volume is at least this wide.
 MIN_HALFWIDTH = 0.02
 
