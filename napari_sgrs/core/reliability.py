@@ -128,10 +128,19 @@ class ReviewCalibration:
         d = (meta or {}).get("review")
         if not isinstance(d, dict):
             return cls()
-        try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-        except TypeError:
-            return cls()
+
+        def number(key, low, high, default):
+            v = d.get(key, default)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+            return v if ok or (v is None and default is None) else default
+
+        # a hand-edited or damaged checkpoint falls back to the uncalibrated overlay, never fails
+        return cls(threshold=float(number("threshold", 1e-9, 1.0, DEFAULT_THRESHOLD)),
+                   dice_bias=float(number("dice_bias", -1.0, 1.0, 0.0)),
+                   dice_halfwidth=number("dice_halfwidth", 0.0, 1.0, None),
+                   volumes=int(number("volumes", 0, 10**9, 0)),
+                   val_recall=number("val_recall", 0.0, 1.0, None),
+                   val_flagged=number("val_flagged", 0.0, 1.0, None))
 
     def dice(self, estimate: float) -> tuple[float, float | None, float | None]:
         """(calibrated estimate, low, high); low/high None without a validation split."""

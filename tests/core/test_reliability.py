@@ -77,6 +77,8 @@ def test_calibration_shifts_the_estimate_by_its_validation_error():
     again = ReviewCalibration.from_meta({"review": cal.as_meta()})
     assert again == cal
     assert ReviewCalibration.from_meta({}).dice(0.7) == (0.7, None, None)  # no validation split: no interval
+    for damaged in ({"threshold": "0.3"}, {"threshold": float("nan")}, {"threshold": -1}, {"volumes": True}, []):
+        assert ReviewCalibration.from_meta({"review": damaged}) == ReviewCalibration()
 
 
 class _Known(nn.Module):
