@@ -79,8 +79,8 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
         kwargs.update(colormap=regions_colormap(), opacity=0.35, blending="translucent")
     elif role in ("label", "pseudo"):
         kwargs.update(colormap=labels_colormap())
-        if role == "pseudo":
-            kwargs.update(contour=PSEUDO_CONTOUR, opacity=1.0)
+        if role == "pseudo":  # drawn as an outline: the caller sets ``contour`` (not a constructor argument)
+            kwargs.update(opacity=1.0)
     if not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.uint8)
     return array, kwargs, "labels"

@@ -24,7 +24,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout,
                             QGridLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QListWidget,
-                            QListWidgetItem, QMessageBox, QProgressBar, QPushButton, QScrollArea, QSpinBox,
+                            QListWidgetItem, QMessageBox, QProgressBar, QPushButton, QScrollArea, QSizePolicy, QSpinBox,
                             QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from napari_sgrs.core.codes import IGNORE_INDEX, Region
@@ -36,7 +36,7 @@ from napari_sgrs.project.folder import PANEL_PRESETS, Project, mark_unpainted_sl
 from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, stop_grace_s, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region
 
-from ._layers import (LABEL_COLOURS, LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
+from ._layers import (LABEL_COLOURS, LABEL_SUFFIX, PSEUDO_CONTOUR, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
                       layer_data_from_volume, layer_meta, regions_colormap, regions_for_display, sgrs_meta)
 
 POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
@@ -145,13 +145,18 @@ class SGRSTrainWidget(QWidget):
         lay = QHBoxLayout(box)
         self.project_label = QLabel("no project yet: Start asks where to create it")
         self.project_label.setWordWrap(True)
+        # a long folder path cannot wrap: it is cut at the dock's edge (the tooltip has it whole)
+        # rather than widening the panel past a laptop's screen
+        self.project_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.project_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.new_button = QPushButton("New…")
         self.open_button = QPushButton("Open project…")
         self.new_button.clicked.connect(self._ask_new_project)
         self.open_button.clicked.connect(self._ask_open_project)
         lay.addWidget(self.project_label, 1)
-        lay.addWidget(self.new_button)
-        lay.addWidget(self.open_button)
+        for b in (self.new_button, self.open_button):
+            b.setMinimumWidth(0)
+            lay.addWidget(b)
         root.addWidget(box)
 
         box = QGroupBox("Data: image layers and their labels")
@@ -201,7 +206,9 @@ class SGRSTrainWidget(QWidget):
         self.patch_spins = []
         for _ in range(3):
             spin = QSpinBox()
-            spin.setMinimumWidth(0)
+            # napari's theme gives a spin box wide -/+ buttons: three in a row would not fit a laptop's dock
+            spin.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+            spin.setStyleSheet("QSpinBox { min-width: 30px; }")
             spin.setRange(16, 512)
             spin.setSingleStep(16)
             self.patch_spins.append(spin)
@@ -237,6 +244,7 @@ class SGRSTrainWidget(QWidget):
         self.stop_button.clicked.connect(lambda: self._guard(self.stop_training))
         self.resume_button.clicked.connect(lambda: self._guard(self.resume_training))
         for b in (self.start_button, self.stop_button, self.resume_button):
+            b.setMinimumWidth(0)  # napari's theme asks 120 px a button: three would not fit a laptop's dock
             buttons.addWidget(b)
         form.addRow(buttons)
         self.progress = QProgressBar()
@@ -500,7 +508,7 @@ class SGRSTrainWidget(QWidget):
             self._layout_grid()
         else:
             self._remove_spacers()
-            self.viewer.grid.enabled = False
+            self.grid.enabled = False
             self._apply_visibility()
 
     def _remove_spacers(self) -> None:
@@ -532,9 +540,12 @@ class SGRSTrainWidget(QWidget):
                     metadata={"sgrs": {"case": case, "role": "spacer"}})
                 block.append(spacer)
         ordered = [ly for block in blocks.values() for ly in block]
-        self.viewer.layers.move_multiple([self.viewer.layers.index(ly) for ly in ordered], 0)
-        self.viewer.grid.stride = stride
-        self.viewer.grid.enabled = True
+        for target, layer in enumerate(ordered):  # the layers before ``target`` are in place already
+            current = self.viewer.layers.index(layer)
+            if current != target:
+                self.viewer.layers.move(current, target)
+        self.grid.stride = stride
+        self.grid.enabled = True
         self._apply_visibility()
 
     def _on_ndisplay(self, event=None) -> None:
@@ -543,9 +554,23 @@ class SGRSTrainWidget(QWidget):
             if self._role(layer) == "regions":
                 layer.colormap = regions_colormap(self.viewer.dims.ndisplay)
 
+    @property
+    def grid(self):
+        """napari's grid settings (``viewer.canvas.grid`` from 0.9, ``viewer.grid`` before)."""
+        canvas = getattr(self.viewer, "canvas", None)
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
+
+    @property
+    def canvas_note(self):
+        """napari's text overlay on the canvas (``viewer.canvas.overlays`` from 0.9, ``text_overlay`` before)."""
+        canvas = getattr(self.viewer, "canvas", None)
+        if canvas is not None and hasattr(canvas, "overlays"):
+            return canvas.overlays["text"]
+        return getattr(self.viewer, "text_overlay", None)
+
     def _update_canvas_note(self) -> None:
         """A line on the canvas: which volume is shown, and what the colours over it say."""
-        overlay = getattr(self.viewer, "text_overlay", None)
+        overlay = self.canvas_note
         if overlay is None:
             return
         if self.grid_check.isChecked() or self.current_case is None:
@@ -609,7 +634,8 @@ class SGRSTrainWidget(QWidget):
         # The lock goes with the panel: a viewer closed inside a running Python session (IPython,
         # Jupyter) must not keep its project from being opened again in the next viewer.
         self.destroyed.connect(project.close)
-        self.project_label.setText(str(project.root))
+        self.project_label.setText(f"{project.root.name}\n{project.root.parent}")
+        self.project_label.setToolTip(str(project.root))
         self._update_buttons()
 
     def ensure_project(self) -> Project | None:
@@ -1113,7 +1139,8 @@ class SGRSTrainWidget(QWidget):
             data, kwargs, _ = layer_data_from_volume(pred, "pseudo", name + PSEUDO_SUFFIX)
             kwargs["metadata"] = sgrs_meta(pred.geometry, name, "pseudo", pred.path, pred.format)
             kwargs["visible"] = name == self.current_case
-            self.viewer.add_labels(data, **kwargs)
+            layer = self.viewer.add_labels(data, **kwargs)
+            layer.contour = PSEUDO_CONTOUR
             self.model_predictions[name] = np.asarray(pred.array).copy()
         elif name not in self._dirty:  # never overwrite edits the user has not accepted
             pseudo.data = np.asarray(pred.array).astype(pseudo.data.dtype)
