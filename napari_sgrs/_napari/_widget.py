@@ -112,6 +112,8 @@ class SGRSTrainWidget(QWidget):
         self.autosave_timer.start()
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        # napari's own callbacks run first (a plugin's cannot precede them), so the switch to 3D
+        # warns once that outlines are not drawn in 3D; the outline is then off until back in 2D
         self.viewer.dims.events.ndisplay.connect(self._on_ndisplay)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self.viewer.layers.events.inserted.connect(self._watch_layer)
@@ -549,10 +551,14 @@ class SGRSTrainWidget(QWidget):
         self._apply_visibility()
 
     def _on_ndisplay(self, event=None) -> None:
-        """Regions in 3D leave out the consistent bulk (see ``regions_colormap``)."""
+        """In 3D regions leave out the consistent bulk (see ``regions_colormap``) and a pseudo
+        label is a surface (napari has no outline in 3D); back in 2D, the outline again."""
+        ndisplay = self.viewer.dims.ndisplay
         for layer in self._case_layers():
             if self._role(layer) == "regions":
-                layer.colormap = regions_colormap(self.viewer.dims.ndisplay)
+                layer.colormap = regions_colormap(ndisplay)
+            elif self._role(layer) == "pseudo":
+                layer.contour = PSEUDO_CONTOUR if ndisplay == 2 else 0
 
     @property
     def grid(self):
@@ -1140,7 +1146,7 @@ class SGRSTrainWidget(QWidget):
             kwargs["metadata"] = sgrs_meta(pred.geometry, name, "pseudo", pred.path, pred.format)
             kwargs["visible"] = name == self.current_case
             layer = self.viewer.add_labels(data, **kwargs)
-            layer.contour = PSEUDO_CONTOUR
+            layer.contour = PSEUDO_CONTOUR if self.viewer.dims.ndisplay == 2 else 0
             self.model_predictions[name] = np.asarray(pred.array).copy()
         elif name not in self._dirty:  # never overwrite edits the user has not accepted
             pseudo.data = np.asarray(pred.array).astype(pseudo.data.dtype)
