@@ -101,6 +101,7 @@ class SGRSTrainWidget(QWidget):
         self._step_s: float | None = None    # the run's measured seconds a step (progress events)
         self._long_run_warned = False
         self._stopped_event: Event | None = None
+        self._exported = ""  # what the last export wrote, for the next-step line
         self._build_ui()
 
         self.poll_timer = QTimer(self)
@@ -474,7 +475,7 @@ class SGRSTrainWidget(QWidget):
             self.viewer.layers.selection.active = target
         if focus and case in self.regions and not self.grid_check.isChecked():
             self.focus_on_region(case)
-        self._update_next_step()
+        self._update_buttons()  # Accept follows the case shown; the next-step line too
 
     def _case_layers(self) -> list:
         """The layers that belong to a case: images and labels (a user's points or shapes stay as they are)."""
@@ -581,19 +582,14 @@ class SGRSTrainWidget(QWidget):
             return
         if self.grid_check.isChecked() or self.current_case is None:
             overlay.visible = self.grid_check.isChecked()
-            overlay.text = "all volumes side by side: untick 'all side by side' to see one at a time"
+            overlay.text = "all volumes side by side"
             return
         case = self.current_case
-        parts = [case]
         if self.layer_for(case, "pseudo") is not None:
-            parts.append(f"yellow outline: pseudo label (step {self._predict_step})")
-        elif self.layer_for(case, "label") is not None:
-            parts.append("label")
+            what = f"pseudo label, step {self._predict_step}"
         else:
-            parts.append("no label")
-        if self.layer_for(case, "regions") is not None:
-            parts.append("red-orange: inconsistent, review first · grey: uncertain · green: consistent")
-        overlay.text = "  ·  ".join(parts)
+            what = "label" if self.layer_for(case, "label") is not None else "no label"
+        overlay.text = f"{case}  ·  {what}"
         overlay.font_size = 11
         overlay.color = "white"
         overlay.position = "top_left"
@@ -1169,6 +1165,7 @@ class SGRSTrainWidget(QWidget):
             layer.data = shown
 
     def _after_predictions(self) -> None:
+        self._exported = ""
         self.queue.update({n: r for n, r in self.regions.items() if not self.project.label_path(n).exists()})
         self._refresh_queue_list()
         if self.current_case is None and self.queue.items:
@@ -1203,8 +1200,9 @@ class SGRSTrainWidget(QWidget):
         return "Tick the volumes to use, pick their label layers, then press Start (Training, below)."
 
     def _update_next_step(self) -> None:
-        if hasattr(self, "next_step_label"):
-            self.next_step_label.setText(self.next_step_text())
+        if hasattr(self, "next_step_label"):  # the header is built before the rest of the panel
+            # the last export is named until the next accept or pseudo labels
+            self.next_step_label.setText(" ".join(t for t in (self._exported, self.next_step_text()) if t))
 
     def _refresh_queue_list(self) -> None:
         self.queue_list.clear()
@@ -1238,6 +1236,7 @@ class SGRSTrainWidget(QWidget):
         prov = self.project.accept(case, np.asarray(layer.data), geometry_of(layer), self.model_predictions.get(case))
         self._dirty.discard(case)
         self._journaled.pop(case, None)
+        self._exported = ""
         layer.name = case + LABEL_SUFFIX
         layer.metadata = {**layer.metadata, "sgrs": {**layer_meta(layer), "role": "label"}}
         regions = self.layer_for(case, "regions")
@@ -1270,7 +1269,10 @@ class SGRSTrainWidget(QWidget):
             names = [n for n in project.case_names()
                      if project.label_path(n).exists() or project.prediction_files(n).get("label")]
         written = project.export(names, Path(out_dir) if out_dir else None)
-        show_info(f"exported {len(names)} volume(s) to {Path(written[0]).parent if written else out_dir}")
+        where = Path(written[0]).parent if written else out_dir
+        show_info(f"exported {len(names)} volume(s) to {where}")
+        self._exported = f"Exported {len(names)} volume{'s' if len(names) != 1 else ''} to {where}."
+        self._update_next_step()
         return written
 
     # ------------------------------------------------------------------ autosave journal
