@@ -76,7 +76,7 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
     if role == "image":
         return array, kwargs, "image"
     if role == "regions":
-        kwargs.update(colormap=regions_colormap(), opacity=0.35, blending="translucent")
+        kwargs.update(colormap=regions_colormap(), opacity=REGIONS_OPACITY, blending="translucent")
     elif role in ("label", "pseudo"):
         kwargs.update(colormap=labels_colormap())
         if role == "pseudo":  # drawn as an outline: the caller sets ``contour`` (not a constructor argument)
@@ -86,6 +86,8 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
     return array, kwargs, "labels"
 
 
+#: The regions layer lies over the image in 2D: faint enough to read the image through it.
+REGIONS_OPACITY = 0.35
 #: Label classes 1, 2, ... of a label or pseudo label: Okabe-Ito colours away from the three region
 #: colours, yellow first (the binary case): of the Okabe-Ito set it stays furthest from grey, green
 #: and vermillion under protan, deutan and tritan simulation (tests/napari/test_overlay.py).

@@ -36,11 +36,14 @@ from napari_sgrs.project.folder import PANEL_PRESETS, Project, mark_unpainted_sl
 from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, stop_grace_s, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region
 
-from ._layers import (LABEL_COLOURS, LABEL_SUFFIX, PSEUDO_CONTOUR, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
-                      layer_data_from_volume, layer_meta, regions_colormap, regions_for_display, sgrs_meta)
+from ._layers import (LABEL_COLOURS, LABEL_SUFFIX, PSEUDO_CONTOUR, PSEUDO_SUFFIX, REGIONS_OPACITY, REGIONS_SUFFIX,
+                      case_of, geometry_of, layer_data_from_volume, layer_meta, regions_colormap,
+                      regions_for_display, sgrs_meta)
 
 POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
 AUTOSAVE_MS = 3000     # label edits since the last Accept are journaled this often
+REGIONS_OPACITY_3D = 0.8  # regions are surfaces in 3D, seen through the pseudo label: stronger than in 2D
+PSEUDO_OPACITY_3D = 0.4  # a pseudo label's surface in 3D: the regions inside it show through
 PANEL_WIDTH = 380      # px the panel asks its dock for (it fits down to its minimum width)
 LONG_RUN_S = 3600.0    # a run projected to take longer gets a warning naming a smaller setting
 NO_VALIDATION_NOTE = ("no validation split (fewer than 3 labeled volumes): the plot shows the training loss "
@@ -365,7 +368,7 @@ class SGRSTrainWidget(QWidget):
         self.next_button.setEnabled(bool(self.queue.items))
         self.accept_button.setEnabled(self.current_case is not None
                                       and self.layer_for(self.current_case, "pseudo") is not None)
-        self.export_button.setEnabled(self.project is not None)
+        self.export_button.setEnabled(has_run or (self.project is not None and bool(self.project.labeled_cases())))
         self._update_next_step()
 
     # ------------------------------------------------------------------ layers <-> cases
@@ -470,12 +473,17 @@ class SGRSTrainWidget(QWidget):
         image), and select its pseudo label. In the grid every case stays shown."""
         self.current_case = case
         self._apply_visibility()
-        target = self.layer_for(case, "pseudo") or self.layer_for(case, "label")
-        if target is not None:
-            self.viewer.layers.selection.active = target
+        self._select_shown()
         if focus and case in self.regions and not self.grid_check.isChecked():
             self.focus_on_region(case)
         self._update_buttons()  # Accept follows the case shown; the next-step line too
+
+    def _select_shown(self) -> None:
+        """Make the shown case's pseudo label (or label) the active layer: the one the brush paints."""
+        case = self.current_case
+        target = (self.layer_for(case, "pseudo") or self.layer_for(case, "label")) if case else None
+        if target is not None:
+            self.viewer.layers.selection.active = target
 
     def _case_layers(self) -> list:
         """The layers that belong to a case: images and labels (a user's points or shapes stay as they are)."""
@@ -512,6 +520,7 @@ class SGRSTrainWidget(QWidget):
         else:
             self._remove_spacers()
             self.grid.enabled = False
+            QTimer.singleShot(0, self.viewer.reset_view)
             self._apply_visibility()
 
     def _remove_spacers(self) -> None:
@@ -548,18 +557,26 @@ class SGRSTrainWidget(QWidget):
             if current != target:
                 self.viewer.layers.move(current, target)
         self.grid.stride = stride
-        self.grid.enabled = True
+        if not self.grid.enabled:
+            self.grid.enabled = True
+            # one view's zoom would crop every view of the grid; after the canvas has made its views
+            QTimer.singleShot(0, self.viewer.reset_view)
         self._apply_visibility()
+        self._select_shown()  # a spacer, added last, would be the active layer
 
     def _on_ndisplay(self, event=None) -> None:
         """In 3D regions leave out the consistent bulk (see ``regions_colormap``) and a pseudo
-        label is a surface (napari has no outline in 3D); back in 2D, the outline again."""
+        label is a translucent surface (napari has no outline in 3D); back in 2D, the outline again."""
         ndisplay = self.viewer.dims.ndisplay
         for layer in self._case_layers():
             if self._role(layer) == "regions":
                 layer.colormap = regions_colormap(ndisplay)
+                # in 2D they lie over the image; in 3D they are surfaces seen through the pseudo label
+                layer.opacity = REGIONS_OPACITY if ndisplay == 2 else REGIONS_OPACITY_3D
             elif self._role(layer) == "pseudo":
                 layer.contour = PSEUDO_CONTOUR if ndisplay == 2 else 0
+                # an opaque surface would hide the regions to review inside it
+                layer.opacity = 1.0 if ndisplay == 2 else PSEUDO_OPACITY_3D
 
     @property
     def grid(self):
@@ -786,6 +803,8 @@ class SGRSTrainWidget(QWidget):
                 self._add(layer_data_from_volume(case.read_label(), "label", case.name + LABEL_SUFFIX))
             names.append(case.name)
         self.refresh_table()
+        if self.current_case is not None:  # napari selected the last layer added, likely hidden: select the shown case's
+            self.show_case(self.current_case)
         return names
 
     # ------------------------------------------------------------------ training

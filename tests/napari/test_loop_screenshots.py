@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 from cvd import MACHADO_2009, simulate_image
 from qtpy.QtWidgets import QApplication
 
@@ -92,7 +91,7 @@ def test_the_loop_in_screenshots(make_napari_viewer, qtbot, tmp_path, cohort):
 
         # 4. correct: a stroke of foreground across the region Next centred on, on the slice shown
         focus = largest_region(widget.regions[worst])
-        z, y, x = (int(round(c)) for c in focus.center)
+        z, y, x = (round(c) for c in focus.center)
         pseudo.selected_label = 1
         pseudo.brush_size = 3
         before = np.array(pseudo.data)

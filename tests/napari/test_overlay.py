@@ -71,7 +71,10 @@ def test_in_3d_only_the_regions_to_review_are_drawn():
     """napari draws the first voxel with a colour along each ray in 3D: consistent must be
     transparent there, the regions to review not."""
     two, three = regions_colormap(2), regions_colormap(3)
-    alpha = lambda cmap, r: float(cmap.map(np.array([int(r)]))[0][3])  # noqa: E731
+
+    def alpha(cmap, r):
+        return float(cmap.map(np.array([int(r)]))[0][3])
+
     assert 0 < alpha(two, Region.CONSISTENT) < 0.5
     assert alpha(three, Region.CONSISTENT) == 0
     for region in (Region.INCONSISTENT, Region.DISREGARDED):
