@@ -52,7 +52,7 @@ NO_LABEL = "(unlabeled)"
 #: The data table's columns, by index: a new column goes at the end, with its own constant.
 TABLE_COLUMNS = ["use", "image", "label layer"]
 COL_USE, COL_IMAGE, COL_LABEL = range(3)
-PSEUDO_LEGEND = "the model's segmentation, drawn as an outline: paint to correct it"
+PSEUDO_LEGEND = "the model's segmentation, an outline (a surface in 3D): paint to correct it"
 CASE_KINDS = ("image", "labels")  # the layer types that belong to a case and are shown one case at a time
 
 PARTIAL_HELP = (f"Partly labeled volumes: voxels with value {IGNORE_INDEX} are unannotated and "
