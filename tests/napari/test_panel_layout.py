@@ -54,15 +54,16 @@ def docked(make_napari_viewer, tmp_path):
 def test_the_panel_fits_a_1280x800_screen_without_horizontal_scrolling(docked, qtbot, cohort):
     viewer, widget = docked
     widget.load_folder(cohort.images_tr, cohort.labels_tr)
+    # one label dropdown per row, at once: a replaced row's widgets, which Qt deletes only back in
+    # its event loop, are not drawn under the new ones meanwhile (a second arrow in each row)
+    combos = [c for c in widget.table.findChildren(QComboBox) if c.isVisible()]
+    assert len(combos) == widget.table.rowCount() == len(cohort.train_names)
     _settle(qtbot)
     content = widget.scroll.widget()
     assert content.minimumSizeHint().width() <= widget.scroll.viewport().width()
     assert not widget.scroll.horizontalScrollBar().isVisible()
     # the canvas keeps most of the screen: the panel takes under a third of 1280 px
     assert widget.width() <= 1280 // 3 and viewer.window._qt_viewer.canvas.native.width() >= 500
-    # one label dropdown per row: replaced rows' widgets are gone at once, not drawn under the new ones
-    combos = [c for c in widget.table.findChildren(QComboBox) if c.isVisible()]
-    assert len(combos) == widget.table.rowCount() == len(cohort.train_names)
     # the review actions and the next step are on top, visible without scrolling
     for button in (widget.next_button, widget.accept_button, widget.retrain_button, widget.export_button):
         assert button.isVisible() and not widget.scroll.isAncestorOf(button)
@@ -82,6 +83,11 @@ def test_one_case_at_a_time_from_loading_to_review(docked, qtbot, cohort):
     widget.load_folder(cohort.images_tr, cohort.labels_tr)
     assert _shown_cases(widget) == {first}  # loading several cases shows the first alone
     assert widget.layer_for(first, "label").visible
+    # a volume opened from napari's menu (its reader adds the layer) starts hidden too
+    extra = read_volume(cohort.images_tr / f"{first}.nii.gz").array
+    viewer.add_image(extra, name="another case")
+    assert not viewer.layers["another case"].visible and _shown_cases(widget) == {first}
+    viewer.layers.remove("another case")
     widget._show_table_row(1)  # a click on the table's second row
     assert _shown_cases(widget) == {second}
     assert widget.canvas_note.visible and widget.canvas_note.text.startswith(second)
@@ -139,3 +145,21 @@ def test_grid_shows_every_case_side_by_side_each_with_its_own_layers(docked, qtb
     widget.grid_check.setChecked(False)
     assert not widget.grid.enabled and len(_shown_cases(widget)) == 1
     assert not [ly for ly in viewer.layers if widget._role(ly) == "spacer"]
+
+
+def test_after_accept_next_opens_the_case_after_the_accepted_one():
+    """The review queue behind Next and the next-step line: accepting the case under review
+    must not skip the one after it."""
+    from napari_sgrs.project.review import ReviewQueue
+
+    maps = {}
+    for name, n_inconsistent in (("a", 3), ("b", 2), ("c", 1)):
+        regions = np.full((4, 4, 4), int(Region.CONSISTENT), np.uint8)
+        regions.flat[:n_inconsistent] = Region.INCONSISTENT
+        maps[name] = regions
+    queue = ReviewQueue(maps)
+    assert queue.peek().name == "a" and queue.next().name == "a"
+    queue.remove("a")  # accepted
+    assert queue.peek().name == "b" and queue.next().name == "b"
+    queue.remove("c")  # another one, after the cursor, accepted from the list
+    assert queue.next().name == "b" and queue.peek().name == "b"
