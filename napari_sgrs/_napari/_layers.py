@@ -78,14 +78,16 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
     if role == "regions":
         kwargs.update(colormap=regions_colormap(), opacity=REGIONS_OPACITY, blending="translucent")
     elif role in ("label", "pseudo"):
-        kwargs.update(colormap=labels_colormap())
-        if role == "pseudo":  # drawn as an outline: the caller sets ``contour`` (not a constructor argument)
-            kwargs.update(opacity=1.0)
+        # a pseudo label is drawn as an outline, fully opaque: the caller sets ``contour`` (napari
+        # takes it after construction only)
+        kwargs.update(colormap=labels_colormap(), opacity=1.0 if role == "pseudo" else LABEL_OPACITY)
     if not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.uint8)
     return array, kwargs, "labels"
 
 
+#: A label is drawn filled; the image shows through it.
+LABEL_OPACITY = 0.7
 #: The regions layer lies over the image in 2D: faint enough to read the image through it.
 REGIONS_OPACITY = 0.35
 #: Label classes 1, 2, ... of a label or pseudo label: Okabe-Ito colours away from the three region

@@ -36,8 +36,8 @@ from napari_sgrs.project.folder import PANEL_PRESETS, Project, mark_unpainted_sl
 from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, stop_grace_s, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region
 
-from ._layers import (LABEL_COLOURS, LABEL_SUFFIX, PSEUDO_CONTOUR, PSEUDO_SUFFIX, REGIONS_OPACITY, REGIONS_SUFFIX,
-                      case_of, geometry_of, layer_data_from_volume, layer_meta, regions_colormap,
+from ._layers import (LABEL_COLOURS, LABEL_OPACITY, LABEL_SUFFIX, PSEUDO_CONTOUR, PSEUDO_SUFFIX, REGIONS_OPACITY,
+                      REGIONS_SUFFIX, case_of, geometry_of, layer_data_from_volume, layer_meta, regions_colormap,
                       regions_for_display, sgrs_meta)
 
 POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
@@ -277,7 +277,8 @@ class SGRSTrainWidget(QWidget):
         self.queue_list.setMinimumHeight(90)
         self.queue_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.queue_list.setWordWrap(True)
-        self.queue_list.itemClicked.connect(lambda item: self.show_case(item.data(Qt.ItemDataRole.UserRole), focus=True))
+        self.queue_list.itemClicked.connect(
+            lambda item: self.show_case(item.data(Qt.ItemDataRole.UserRole), focus=True))
         note = QLabel("worst first (share of inconsistent + disregarded voxels); click one to show it:")
         note.setWordWrap(True)
         lay.addWidget(note)
@@ -803,7 +804,7 @@ class SGRSTrainWidget(QWidget):
                 self._add(layer_data_from_volume(case.read_label(), "label", case.name + LABEL_SUFFIX))
             names.append(case.name)
         self.refresh_table()
-        if self.current_case is not None:  # napari selected the last layer added, likely hidden: select the shown case's
+        if self.current_case is not None:  # napari made the last layer added, likely hidden, the active one
             self.show_case(self.current_case)
         return names
 
@@ -1208,7 +1209,8 @@ class SGRSTrainWidget(QWidget):
             if self.current_case in names and upcoming.name != self.current_case:
                 return (f"Reviewing {self.current_case} ({names.index(self.current_case) + 1} of {len(items)}): "
                         f"paint corrections, then Accept. Next opens {upcoming.name}.")
-            return f"Review: {len(items)} volume{'s' if len(items) != 1 else ''}, worst first. Next opens {upcoming.name}."
+            plural = "s" if len(items) != 1 else ""
+            return f"Review: {len(items)} volume{plural}, worst first. Next opens {upcoming.name}."
         if training:
             return "Training: pseudo labels of the unlabeled volumes appear here at the first checkpoint."
         accepted = self.project is not None and self.project.last_checkpoint() is not None
@@ -1258,6 +1260,8 @@ class SGRSTrainWidget(QWidget):
         self._exported = ""
         layer.name = case + LABEL_SUFFIX
         layer.metadata = {**layer.metadata, "sgrs": {**layer_meta(layer), "role": "label"}}
+        # now a training label: drawn filled, as the labels opened from disk are
+        layer.contour, layer.opacity = 0, LABEL_OPACITY
         regions = self.layer_for(case, "regions")
         if regions is not None:
             self.viewer.layers.remove(regions)

@@ -16,7 +16,7 @@ import numpy as np
 from cvd import MACHADO_2009, simulate_image
 from qtpy.QtWidgets import QApplication
 
-from napari_sgrs._napari._layers import LABEL_COLOURS
+from napari_sgrs._napari._layers import LABEL_COLOURS, case_of
 from napari_sgrs._napari._widget import SGRSTrainWidget
 from napari_sgrs.project.folder import Project
 from napari_sgrs.project.review import largest_region
@@ -75,6 +75,8 @@ def test_the_loop_in_screenshots(make_napari_viewer, qtbot, tmp_path, cohort):
         unlabeled = cohort.unlabeled_names
         qtbot.waitUntil(lambda: len(widget.queue.items) == len(unlabeled) and not widget.busy, timeout=WAIT_MS)
         worst = widget.queue.items[0].name
+        shown = {case_of(ly) for ly in widget._case_layers() if ly.visible}
+        assert shown == {widget.current_case}  # the new pseudo labels of other cases arrive hidden
         assert widget.next_step_label.text().startswith(f"Review: {len(unlabeled)} volumes, worst first. "
                                                         f"Next opens {worst}.")
         _shoot(viewer, qtbot, "2-train.png")
