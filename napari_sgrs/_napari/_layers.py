@@ -76,21 +76,62 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
     if role == "image":
         return array, kwargs, "image"
     if role == "regions":
-        kwargs.update(colormap=regions_colormap(), opacity=0.35, blending="translucent")
+        kwargs.update(colormap=regions_colormap(), opacity=REGIONS_OPACITY, blending="translucent")
+    elif role in ("label", "pseudo"):
+        # a pseudo label is drawn as an outline, fully opaque: the caller sets ``contour`` (napari
+        # takes it after construction only)
+        kwargs.update(colormap=labels_colormap(), opacity=1.0 if role == "pseudo" else LABEL_OPACITY)
     if not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.uint8)
     return array, kwargs, "labels"
 
 
-def regions_colormap():
-    """Fixed Okabe-Ito colours for synergy regions; 0 (none) is transparent, and consistent voxels
-    (most of a volume) are drawn faintly so the image and the regions to review stay visible."""
+#: A label is drawn filled; the image shows through it.
+LABEL_OPACITY = 0.7
+#: The regions layer lies over the image in 2D: faint enough to read the image through it.
+REGIONS_OPACITY = 0.35
+#: Label classes 1, 2, ... of a label or pseudo label: Okabe-Ito colours away from the three region
+#: colours, yellow first (the binary case): of the Okabe-Ito set it stays furthest from grey, green
+#: and vermillion under protan, deutan and tritan simulation (tests/napari/test_overlay.py).
+LABEL_COLOURS = ("#F0E442", "#56B4E9", "#CC79A7", "#0072B2", "#E69F00")
+#: A pseudo label is drawn as its outline (pixels) in 2D, so the regions and the image under it
+#: stay visible; napari fills it in 3D, where an outline has no meaning.
+PSEUDO_CONTOUR = 1
+
+
+def labels_colormap():
+    """Label classes in :data:`LABEL_COLOURS` (cycled past the fifth class); 0 is transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {i: LABEL_COLOURS[(i - 1) % len(LABEL_COLOURS)] for i in range(1, 256)}
+    colors[0] = "transparent"
+    colors[None] = LABEL_COLOURS[0]
+    return DirectLabelColormap(color_dict=colors)
+
+
+def regions_colormap(ndisplay: int = 2):
+    """Fixed Okabe-Ito colours for synergy regions; 0 (none) is transparent.
+
+    In 2D consistent voxels (most of the body) are drawn faintly, so the image and the regions
+    to review stay visible. In 3D napari draws the first non-transparent voxel along each ray, so
+    a consistent region there would be one green block hiding everything: it is left out, and
+    the 3D view shows the surfaces of what to review (inconsistent, disregarded) only.
+    """
     from napari.utils.colormaps import DirectLabelColormap
 
     colors = {int(region): region.colour for region in Region}
     colors[None] = "transparent"  # values outside the codes
-    colors[int(Region.CONSISTENT)] = Region.CONSISTENT.colour + "40"  # 25 % alpha
+    colors[int(Region.CONSISTENT)] = Region.CONSISTENT.colour + "40" if ndisplay == 2 else "transparent"
     return DirectLabelColormap(color_dict=colors)
+
+
+def regions_for_display(regions: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """The regions layer's data: "consistent" only inside the predicted foreground, so the
+    background the model is sure of is not tinted. Display only: the region map on disk (and the
+    review ranking, which counts inconsistent and disregarded voxels) keeps every code."""
+    shown = np.array(regions, copy=True)
+    shown[(shown == Region.CONSISTENT) & (np.asarray(prediction) == 0)] = Region.NONE
+    return shown
 
 
 def layer_meta(layer_or_meta: Any) -> dict:

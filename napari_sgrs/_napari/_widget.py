@@ -23,9 +23,9 @@ import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout,
-                            QGroupBox, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
-                            QMessageBox, QProgressBar, QPushButton, QScrollArea, QSpinBox, QTableWidget,
-                            QVBoxLayout, QWidget)
+                            QGridLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QListWidget,
+                            QListWidgetItem, QMessageBox, QProgressBar, QPushButton, QScrollArea, QSizePolicy, QSpinBox,
+                            QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from napari_sgrs.core.codes import IGNORE_INDEX, Region
 from napari_sgrs.core.errors import SGRSError
@@ -36,15 +36,24 @@ from napari_sgrs.project.folder import PANEL_PRESETS, Project, mark_unpainted_sl
 from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, stop_grace_s, train_command
 from napari_sgrs.project.review import ReviewQueue, largest_region
 
-from ._layers import (LABEL_SUFFIX, PSEUDO_SUFFIX, REGIONS_SUFFIX, case_of, geometry_of,
-                      layer_data_from_volume, layer_meta, sgrs_meta)
+from ._layers import (LABEL_COLOURS, LABEL_OPACITY, LABEL_SUFFIX, PSEUDO_CONTOUR, PSEUDO_SUFFIX, REGIONS_OPACITY,
+                      REGIONS_SUFFIX, case_of, geometry_of, layer_data_from_volume, layer_meta, regions_colormap,
+                      regions_for_display, sgrs_meta)
 
 POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
 AUTOSAVE_MS = 3000     # label edits since the last Accept are journaled this often
+REGIONS_OPACITY_3D = 0.8  # regions are surfaces in 3D, seen through the pseudo label: stronger than in 2D
+PSEUDO_OPACITY_3D = 0.4  # a pseudo label's surface in 3D: the regions inside it show through
+PANEL_WIDTH = 380      # px the panel asks its dock for (it fits down to its minimum width)
 LONG_RUN_S = 3600.0    # a run projected to take longer gets a warning naming a smaller setting
 NO_VALIDATION_NOTE = ("no validation split (fewer than 3 labeled volumes): the plot shows the training loss "
                       "and the region shares, no validation Dice")
 NO_LABEL = "(unlabeled)"
+#: The data table's columns, by index: a new column goes at the end, with its own constant.
+TABLE_COLUMNS = ["use", "image", "label layer"]
+COL_USE, COL_IMAGE, COL_LABEL = range(3)
+PSEUDO_LEGEND = "the model's segmentation, an outline (a surface in 3D): paint to correct it"
+CASE_KINDS = ("image", "labels")  # the layer types that belong to a case and are shown one case at a time
 
 PARTIAL_HELP = (f"Partly labeled volumes: voxels with value {IGNORE_INDEX} are unannotated and "
                 "ignored by training (not taken as background). Label a few slices and tick the "
@@ -95,6 +104,7 @@ class SGRSTrainWidget(QWidget):
         self._step_s: float | None = None    # the run's measured seconds a step (progress events)
         self._long_run_warned = False
         self._stopped_event: Event | None = None
+        self._exported = ""  # what the last export wrote, for the next-step line
         self._build_ui()
 
         self.poll_timer = QTimer(self)
@@ -104,12 +114,19 @@ class SGRSTrainWidget(QWidget):
         self.autosave_timer.setInterval(AUTOSAVE_MS)
         self.autosave_timer.timeout.connect(self.autosave)
         self.autosave_timer.start()
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        # napari's own callbacks run first (a plugin's cannot precede them), so the switch to 3D
+        # warns once that outlines are not drawn in 3D; the outline is then off until back in 2D
+        self.viewer.dims.events.ndisplay.connect(self._on_ndisplay)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self.viewer.layers.events.inserted.connect(self._watch_layer)
         for layer in self.viewer.layers:
             self._watch_layer(layer=layer)
         self.refresh_table()
+        images = self._layers("image")
+        if images:  # layers opened before the panel: one case at a time from the start
+            self.show_case(case_of(images[0]))
         if project is not None:
             self.set_project(project)
         self._update_buttons()
@@ -117,35 +134,52 @@ class SGRSTrainWidget(QWidget):
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
         # Everything sits in a scroll area so the plot and lists keep a usable size in a short dock.
+        # What to do next, the review actions and the legend stay on top, outside the scrolling part:
+        # after training they are the whole task, and the legend explains the canvas at any scroll.
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self._build_header())
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         content = QWidget()
         scroll.setWidget(content)
-        outer.addWidget(scroll)
+        outer.addWidget(scroll, 1)
+        self.scroll = scroll
         root = QVBoxLayout(content)
 
         box = QGroupBox("Project")
         lay = QHBoxLayout(box)
         self.project_label = QLabel("no project yet: Start asks where to create it")
         self.project_label.setWordWrap(True)
+        # a long folder path cannot wrap: it is cut at the dock's edge (the tooltip has it whole)
+        # rather than widening the panel past a laptop's screen
+        self.project_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.project_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.new_button = QPushButton("New…")
         self.open_button = QPushButton("Open project…")
         self.new_button.clicked.connect(self._ask_new_project)
         self.open_button.clicked.connect(self._ask_open_project)
         lay.addWidget(self.project_label, 1)
-        lay.addWidget(self.new_button)
-        lay.addWidget(self.open_button)
+        for b in (self.new_button, self.open_button):
+            b.setMinimumWidth(0)
+            lay.addWidget(b)
         root.addWidget(box)
 
         box = QGroupBox("Data: image layers and their labels")
         lay = QVBoxLayout(box)
-        self.table = QTableWidget(0, 3)
-        self.table.setHorizontalHeaderLabels(["use", "image", "label layer"])
+        self.table = QTableWidget(0, len(TABLE_COLUMNS))
+        self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)  # the columns share the width there is
+        header.setSectionResizeMode(COL_USE, QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setMinimumHeight(120)
+        self.table.setToolTip("click a row to show that volume alone")
+        self.table.cellClicked.connect(lambda row, _col: self._show_table_row(row))
         lay.addWidget(self.table)
         row = QHBoxLayout()
         self.folder_button = QPushButton("Load folder…")
@@ -153,6 +187,11 @@ class SGRSTrainWidget(QWidget):
         self.folder_button.clicked.connect(self._ask_load_folder)
         row.addWidget(self.folder_button)
         row.addStretch(1)
+        self.grid_check = QCheckBox("all side by side")
+        self.grid_check.setToolTip("a grid of every volume, each with its label or pseudo label and regions "
+                                   "(off: one volume at a time)")
+        self.grid_check.toggled.connect(self.set_grid)
+        row.addWidget(self.grid_check)
         lay.addLayout(row)
         self.partial_check = QCheckBox(f"unpainted slices are unannotated ({IGNORE_INDEX})")
         self.partial_check.setToolTip(PARTIAL_HELP)
@@ -174,6 +213,9 @@ class SGRSTrainWidget(QWidget):
         self.patch_spins = []
         for _ in range(3):
             spin = QSpinBox()
+            # napari's theme gives a spin box wide -/+ buttons: three in a row would not fit a laptop's dock
+            spin.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+            spin.setStyleSheet("QSpinBox { min-width: 30px; }")
             spin.setRange(16, 512)
             spin.setSingleStep(16)
             self.patch_spins.append(spin)
@@ -209,6 +251,7 @@ class SGRSTrainWidget(QWidget):
         self.stop_button.clicked.connect(lambda: self._guard(self.stop_training))
         self.resume_button.clicked.connect(lambda: self._guard(self.resume_training))
         for b in (self.start_button, self.stop_button, self.resume_button):
+            b.setMinimumWidth(0)  # napari's theme asks 120 px a button: three would not fit a laptop's dock
             buttons.addWidget(b)
         form.addRow(buttons)
         self.progress = QProgressBar()
@@ -230,38 +273,84 @@ class SGRSTrainWidget(QWidget):
 
         box = QGroupBox("Review pseudo labels")
         lay = QVBoxLayout(box)
-        legend = QHBoxLayout()
-        for region in Region.shown():
-            swatch = QLabel(f"■ {region.key}")
-            swatch.setStyleSheet(f"color: {region.colour}; font-weight: bold;")
-            swatch.setToolTip(region.legend)
-            swatch.setObjectName(f"legend_{region.key}")
-            legend.addWidget(swatch)
-        lay.addLayout(legend)
         self.queue_list = QListWidget()
         self.queue_list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.queue_list.setMinimumHeight(90)
-        self.queue_list.itemDoubleClicked.connect(lambda item: self.show_case(item.data(Qt.ItemDataRole.UserRole), focus=True))
-        lay.addWidget(QLabel("worst first (share of inconsistent + disregarded voxels):"))
+        self.queue_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.queue_list.setWordWrap(True)
+        self.queue_list.itemClicked.connect(
+            lambda item: self.show_case(item.data(Qt.ItemDataRole.UserRole), focus=True))
+        note = QLabel("worst first (share of inconsistent + disregarded voxels); click one to show it:")
+        note.setWordWrap(True)
+        lay.addWidget(note)
         lay.addWidget(self.queue_list)
+        self.export_selected_check = QCheckBox("export only the cases selected above")
+        lay.addWidget(self.export_selected_check)
+        root.addWidget(box)
+        root.addStretch(1)
+        # Wide enough for the content at its smallest (texts wrap, the table's columns share the
+        # width), so the scroll area only ever scrolls vertically; and no wider, so the panel fits
+        # beside a usable canvas on a 1280 px screen (tests/napari/test_panel_layout.py).
+        self.setMinimumWidth(content.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4)
+
+    def sizeHint(self):  # noqa: N802 - Qt name
+        """The width napari docks the panel at: enough for every box without wrapping much, and
+        narrow enough to leave the canvas most of a 1280 px screen (the minimum is smaller still)."""
+        hint = super().sizeHint()
+        hint.setWidth(max(self.minimumWidth(), PANEL_WIDTH))
+        return hint
+
+    def _build_header(self) -> QWidget:
+        """The next step in one line, the review actions, and the legend of the canvas."""
+        header = QWidget()
+        lay = QVBoxLayout(header)
+        lay.setContentsMargins(6, 4, 6, 4)
+        lay.setSpacing(3)
+        self.next_step_label = QLabel("")
+        self.next_step_label.setWordWrap(True)
+        self.next_step_label.setStyleSheet("font-weight: bold;")
+        lay.addWidget(self.next_step_label)
         row = QHBoxLayout()
         self.next_button = QPushButton("Next")
+        self.next_button.setToolTip("show the next volume to review, worst first, at its largest inconsistent region")
         self.accept_button = QPushButton("Accept")
+        self.accept_button.setToolTip("save the shown pseudo label, with your corrections, as a training label")
         self.retrain_button = QPushButton("Retrain")
+        self.retrain_button.setToolTip("continue training from the last checkpoint with the accepted labels")
         self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip("write every label and pseudo label, with provenance, to a folder")
         self.next_button.clicked.connect(lambda: self._guard(self.next_case))
         self.accept_button.clicked.connect(lambda: self._guard(self.accept_current))
         self.retrain_button.clicked.connect(lambda: self._guard(self.retrain))
         self.export_button.clicked.connect(lambda: self._guard(self._ask_export))
         for b in (self.next_button, self.accept_button, self.retrain_button, self.export_button):
+            b.setMinimumWidth(0)
             row.addWidget(b)
         lay.addLayout(row)
-        self.export_selected_check = QCheckBox("export only the cases selected above")
-        lay.addWidget(self.export_selected_check)
-        root.addWidget(box)
-        root.addStretch(1)
-        # Wide enough for the content, so the scroll area only ever scrolls vertically.
-        self.setMinimumWidth(content.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4)
+        lay.addWidget(self._build_legend())
+        return header
+
+    def _build_legend(self) -> QWidget:
+        """One line per thing drawn over the image: its colour, its name, what it says."""
+        legend = QWidget()
+        grid = QGridLayout(legend)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setHorizontalSpacing(6)
+        grid.setVerticalSpacing(1)
+        entries = [(f"legend_{r.key}", r.colour, r.key, r.legend) for r in Region.shown()]
+        entries.append(("legend_pseudo", LABEL_COLOURS[0], "pseudo label", PSEUDO_LEGEND))
+        for row, (object_name, colour, key, text) in enumerate(entries):
+            swatch = QLabel(f"■ {key}")
+            swatch.setStyleSheet(f"color: {colour}; font-weight: bold;")
+            swatch.setObjectName(object_name)
+            swatch.setToolTip(text)
+            what = QLabel(text)
+            what.setWordWrap(True)
+            what.setStyleSheet("font-size: 11px;")
+            grid.addWidget(swatch, row, 0, Qt.AlignmentFlag.AlignTop)
+            grid.addWidget(what, row, 1)
+        grid.setColumnStretch(1, 1)
+        return legend
 
     def _guard(self, fn, *args):
         """Run a button's action; a user error becomes a notification with its one-line message."""
@@ -278,6 +367,11 @@ class SGRSTrainWidget(QWidget):
         self.stop_button.setEnabled(training)
         self.resume_button.setEnabled(not training and has_run)
         self.retrain_button.setEnabled(not training and has_run)
+        self.next_button.setEnabled(bool(self.queue.items))
+        self.accept_button.setEnabled(self.current_case is not None
+                                      and self.layer_for(self.current_case, "pseudo") is not None)
+        self.export_button.setEnabled(has_run or (self.project is not None and bool(self.project.labeled_cases())))
+        self._update_next_step()
 
     # ------------------------------------------------------------------ layers <-> cases
     def _layers(self, kind: str) -> list:
@@ -302,20 +396,30 @@ class SGRSTrainWidget(QWidget):
 
     def _on_layers_changed(self, event=None) -> None:
         self.refresh_table()
+        if self.current_case is not None and not any(case_of(ly) == self.current_case for ly in self._case_layers()):
+            images = self._layers("image")  # the shown case's layers were deleted: show another
+            self.current_case = None
+            if images:
+                self.show_case(case_of(images[0]))
 
     def refresh_table(self) -> None:
         """One row per image layer; the label combo pre-selects the matching Labels layer."""
         images = [ly for ly in self._layers("image")]
         labels = [ly for ly in self._layers("labels") if self._role(ly) == "label"]
         previous = self.table_selection()
+        self._clear_table()
         self.table.setRowCount(len(images))
         for row, image in enumerate(images):
             use = QCheckBox()
             use.setChecked(previous.get(image.name, (True, None))[0])
-            self.table.setCellWidget(row, 0, use)
-            name = QLabel(image.name)
-            self.table.setCellWidget(row, 1, name)
+            self.table.setCellWidget(row, COL_USE, use)
+            name = QTableWidgetItem(image.name)
+            name.setToolTip(image.name)
+            self.table.setItem(row, COL_IMAGE, name)
             combo = QComboBox()
+            # a long layer name is elided, never widening the table past its dock
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(6)
             combo.addItems([NO_LABEL] + [ly.name for ly in labels])
             chosen = self._label_choice.get(image.name)
             if chosen is None or (chosen != NO_LABEL and chosen not in [ly.name for ly in labels]):
@@ -324,34 +428,191 @@ class SGRSTrainWidget(QWidget):
             combo.setCurrentText(chosen)
             # only a choice the user made sticks; the rest follows the layers as they come and go
             combo.activated.connect(lambda _i, n=image.name, c=combo: self._label_choice.__setitem__(n, c.currentText()))
-            self.table.setCellWidget(row, 2, combo)
-        self.table.resizeColumnsToContents()
+            self.table.setCellWidget(row, COL_LABEL, combo)
+        self._update_next_step()
+
+    def _clear_table(self) -> None:
+        """Drop the old rows' widgets now: Qt deletes a replaced cell widget only once control is
+        back in the event loop, and until then it is drawn over the new row (a second arrow)."""
+        for row in range(self.table.rowCount()):
+            for col in range(self.table.columnCount()):
+                widget = self.table.cellWidget(row, col)
+                if widget is not None:
+                    self.table.removeCellWidget(row, col)
+                    widget.hide()
+                    widget.deleteLater()
+        self.table.setRowCount(0)
+
+    def _row_name(self, row: int) -> str | None:
+        item = self.table.item(row, COL_IMAGE)
+        return item.text() if item is not None else None
 
     def table_selection(self) -> dict[str, tuple[bool, str | None]]:
         out = {}
         for row in range(self.table.rowCount()):
-            use, name, combo = (self.table.cellWidget(row, c) for c in range(3))
-            if name is not None:
-                out[name.text()] = (use.isChecked(), combo.currentText())
+            name, use, combo = self._row_name(row), self.table.cellWidget(row, COL_USE), \
+                self.table.cellWidget(row, COL_LABEL)
+            if name is not None and use is not None and combo is not None:
+                out[name] = (use.isChecked(), combo.currentText())
         return out
+
+    def _show_table_row(self, row: int) -> None:
+        name = self._row_name(row)
+        layer = next((ly for ly in self._layers("image") if ly.name == name), None)
+        if layer is not None:
+            self.show_case(case_of(layer), focus=True)
 
     def set_label_for(self, image_name: str, label_name: str | None) -> None:
         """Choose the Labels layer of an image row (None: unlabeled)."""
         self._label_choice[image_name] = label_name or NO_LABEL
         for row in range(self.table.rowCount()):
-            if self.table.cellWidget(row, 1).text() == image_name:
-                self.table.cellWidget(row, 2).setCurrentText(label_name or NO_LABEL)
+            if self._row_name(row) == image_name:
+                self.table.cellWidget(row, COL_LABEL).setCurrentText(label_name or NO_LABEL)
 
     def show_case(self, case: str, focus: bool = False) -> None:
-        """Show only ``case``'s layers (cases share world coordinates) and select its pseudo label."""
+        """Show only ``case``'s image, label or pseudo label and regions, hide every other case's
+        (cases share world coordinates: drawn together, one's label would sit on another's
+        image), and select its pseudo label. In the grid every case stays shown."""
         self.current_case = case
-        for layer in self.viewer.layers:
-            layer.visible = case_of(layer) == case
-        target = self.layer_for(case, "pseudo") or self.layer_for(case, "label")
+        self._apply_visibility()
+        self._select_shown()
+        if focus and case in self.regions and not self.grid_check.isChecked():
+            self.focus_on_region(case)
+        self._update_buttons()  # Accept follows the case shown; the next-step line too
+
+    def _select_shown(self) -> None:
+        """Make the shown case's pseudo label (or label) the active layer: the one the brush paints."""
+        case = self.current_case
+        target = (self.layer_for(case, "pseudo") or self.layer_for(case, "label")) if case else None
         if target is not None:
             self.viewer.layers.selection.active = target
-        if focus and case in self.regions:
-            self.focus_on_region(case)
+
+    def _case_layers(self) -> list:
+        """The layers that belong to a case: images and labels (a user's points or shapes stay as they are)."""
+        return [ly for ly in self.viewer.layers if ly._type_string in CASE_KINDS and self._role(ly) != "spacer"]
+
+    def _apply_visibility(self) -> None:
+        grid = self.grid_check.isChecked()
+        for layer in self._case_layers():
+            layer.visible = grid or case_of(layer) == self.current_case
+        self._update_canvas_note()
+
+    def _on_layer_inserted(self, event) -> None:
+        """A new layer of another case than the one shown starts hidden (loading several images,
+        pseudo labels arriving); the first case to arrive is the one shown."""
+        layer = event.value
+        if layer._type_string not in CASE_KINDS or self._role(layer) == "spacer":
+            return
+        if self.current_case is None:
+            self.current_case = case_of(layer)
+        if self.grid_check.isChecked():
+            QTimer.singleShot(0, self._layout_grid)  # not while napari is still inserting it
+        else:
+            layer.visible = case_of(layer) == self.current_case
+        self._update_canvas_note()
+
+    def set_grid(self, on: bool) -> None:
+        """Show every case side by side (napari's grid, one view per case: its image under its
+        regions and its label or pseudo label), or one case at a time (off, the default)."""
+        if self.grid_check.isChecked() != bool(on):
+            self.grid_check.setChecked(bool(on))  # toggled: comes back here
+            return
+        if on:
+            self._layout_grid()
+        else:
+            self._remove_spacers()
+            self.grid.enabled = False
+            QTimer.singleShot(0, self.viewer.reset_view)
+            self._apply_visibility()
+
+    def _remove_spacers(self) -> None:
+        for layer in [ly for ly in self.viewer.layers if self._role(ly) == "spacer"]:
+            self.viewer.layers.remove(layer)
+
+    def _layout_grid(self) -> None:
+        """napari's grid puts ``stride`` consecutive layers in one view. Cases have 1 to 3 layers
+        (image; label or pseudo label; regions), so each case's layers are moved together, image
+        first, and a case with fewer is padded with hidden empty "spacer" layers (a hidden layer
+        takes its place in a view but draws nothing)."""
+        if not self.grid_check.isChecked():
+            return
+        self._remove_spacers()
+        order = {"image": 0, "regions": 1, "label": 2, "pseudo": 2}
+        blocks: dict[str, list] = {}
+        for layer in self._case_layers():
+            blocks.setdefault(case_of(layer), []).append(layer)
+        if not blocks:
+            return
+        stride = max(len(b) for b in blocks.values())
+        for case, block in blocks.items():
+            block.sort(key=lambda ly: order.get(self._role(ly), 3))
+            anchor = block[0]
+            for _ in range(stride - len(block)):
+                spacer = self.viewer.add_labels(
+                    np.zeros((1,) * anchor.ndim, np.uint8), name=f"{case} (grid spacer)", visible=False,
+                    scale=anchor.scale, translate=anchor.translate,
+                    metadata={"sgrs": {"case": case, "role": "spacer"}})
+                block.append(spacer)
+        ordered = [ly for block in blocks.values() for ly in block]
+        for target, layer in enumerate(ordered):  # the layers before ``target`` are in place already
+            current = self.viewer.layers.index(layer)
+            if current != target:
+                self.viewer.layers.move(current, target)
+        self.grid.stride = stride
+        if not self.grid.enabled:
+            self.grid.enabled = True
+            # one view's zoom would crop every view of the grid; after the canvas has made its views
+            QTimer.singleShot(0, self.viewer.reset_view)
+        self._apply_visibility()
+        self._select_shown()  # a spacer, added last, would be the active layer
+
+    def _on_ndisplay(self, event=None) -> None:
+        """In 3D regions leave out the consistent bulk (see ``regions_colormap``) and a pseudo
+        label is a translucent surface (napari has no outline in 3D); back in 2D, the outline again."""
+        ndisplay = self.viewer.dims.ndisplay
+        for layer in self._case_layers():
+            if self._role(layer) == "regions":
+                layer.colormap = regions_colormap(ndisplay)
+                # in 2D they lie over the image; in 3D they are surfaces seen through the pseudo label
+                layer.opacity = REGIONS_OPACITY if ndisplay == 2 else REGIONS_OPACITY_3D
+            elif self._role(layer) == "pseudo":
+                layer.contour = PSEUDO_CONTOUR if ndisplay == 2 else 0
+                # an opaque surface would hide the regions to review inside it
+                layer.opacity = 1.0 if ndisplay == 2 else PSEUDO_OPACITY_3D
+
+    @property
+    def grid(self):
+        """napari's grid settings (``viewer.canvas.grid`` from 0.9, ``viewer.grid`` before)."""
+        canvas = getattr(self.viewer, "canvas", None)
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
+
+    @property
+    def canvas_note(self):
+        """napari's text overlay on the canvas (``viewer.canvas.overlays`` from 0.9, ``text_overlay`` before)."""
+        canvas = getattr(self.viewer, "canvas", None)
+        if canvas is not None and hasattr(canvas, "overlays"):
+            return canvas.overlays["text"]
+        return getattr(self.viewer, "text_overlay", None)
+
+    def _update_canvas_note(self) -> None:
+        """A line on the canvas: which volume is shown, and what the colours over it say."""
+        overlay = self.canvas_note
+        if overlay is None:
+            return
+        if self.grid_check.isChecked() or self.current_case is None:
+            overlay.visible = self.grid_check.isChecked()
+            overlay.text = "all volumes side by side"
+            return
+        case = self.current_case
+        if self.layer_for(case, "pseudo") is not None:
+            what = f"pseudo label, step {self._predict_step}"
+        else:
+            what = "label" if self.layer_for(case, "label") is not None else "no label"
+        overlay.text = f"{case}  ·  {what}"
+        overlay.font_size = 11
+        overlay.color = "white"
+        overlay.position = "top_left"
+        overlay.visible = True
 
     def focus_on_region(self, case: str) -> tuple[float, ...] | None:
         """Move the viewer to the largest inconsistent region of ``case``; returns its world centre."""
@@ -394,7 +655,8 @@ class SGRSTrainWidget(QWidget):
         # The lock goes with the panel: a viewer closed inside a running Python session (IPython,
         # Jupyter) must not keep its project from being opened again in the next viewer.
         self.destroyed.connect(project.close)
-        self.project_label.setText(str(project.root))
+        self.project_label.setText(f"{project.root.name}\n{project.root.parent}")
+        self.project_label.setToolTip(str(project.root))
         self._update_buttons()
 
     def ensure_project(self) -> Project | None:
@@ -543,6 +805,8 @@ class SGRSTrainWidget(QWidget):
                 self._add(layer_data_from_volume(case.read_label(), "label", case.name + LABEL_SUFFIX))
             names.append(case.name)
         self.refresh_table()
+        if self.current_case is not None:  # napari made the last layer added, likely hidden, the active one
+            self.show_case(self.current_case)
         return names
 
     # ------------------------------------------------------------------ training
@@ -870,8 +1134,9 @@ class SGRSTrainWidget(QWidget):
         """
         steps = []
         for name, (pred, regions) in loaded.items():
+            # regions first, so the pseudo label's outline is drawn above them
+            steps.append(lambda n=name, r=regions, p=pred: self._show_regions(n, r, p))
             steps.append(lambda n=name, p=pred: self._show_pseudo(n, p))
-            steps.append(lambda n=name, r=regions: self._show_regions(n, r))
         steps.append(self._after_predictions)
         self._ui_steps.extend(steps)
         QTimer.singleShot(0, self._drain_ui_steps)
@@ -897,29 +1162,32 @@ class SGRSTrainWidget(QWidget):
         if pseudo is None:
             data, kwargs, _ = layer_data_from_volume(pred, "pseudo", name + PSEUDO_SUFFIX)
             kwargs["metadata"] = sgrs_meta(pred.geometry, name, "pseudo", pred.path, pred.format)
-            kwargs["opacity"] = 0.6
             kwargs["visible"] = name == self.current_case
-            self.viewer.add_labels(data, **kwargs)
+            layer = self.viewer.add_labels(data, **kwargs)
+            layer.contour = PSEUDO_CONTOUR if self.viewer.dims.ndisplay == 2 else 0
             self.model_predictions[name] = np.asarray(pred.array).copy()
         elif name not in self._dirty:  # never overwrite edits the user has not accepted
             pseudo.data = np.asarray(pred.array).astype(pseudo.data.dtype)
             self.model_predictions[name] = np.asarray(pred.array).copy()
 
-    def _show_regions(self, name: str, regions) -> None:
+    def _show_regions(self, name: str, regions, pred) -> None:
         if self.project.label_path(name).exists():
             return
         self.regions[name] = np.asarray(regions.array)
+        shown = regions_for_display(regions.array, pred.array)
         layer = self.layer_for(name, "regions")
         if layer is None:
-            data, kwargs, _ = layer_data_from_volume(regions, "regions", name + REGIONS_SUFFIX)
+            _, kwargs, _ = layer_data_from_volume(regions, "regions", name + REGIONS_SUFFIX)
             kwargs["metadata"] = sgrs_meta(regions.geometry, name, "regions", regions.path, regions.format)
             kwargs["visible"] = name == self.current_case
-            layer = self.viewer.add_labels(data, **kwargs)
+            kwargs["colormap"] = regions_colormap(self.viewer.dims.ndisplay)
+            layer = self.viewer.add_labels(shown, **kwargs)
             layer.editable = False
         else:
-            layer.data = np.asarray(regions.array)
+            layer.data = shown
 
     def _after_predictions(self) -> None:
+        self._exported = ""
         self.queue.update({n: r for n, r in self.regions.items() if not self.project.label_path(n).exists()})
         self._refresh_queue_list()
         if self.current_case is None and self.queue.items:
@@ -928,6 +1196,36 @@ class SGRSTrainWidget(QWidget):
             self.show_case(self.current_case)
         self.status_label.setText(self.status_label.text().split(" · pseudo labels")[0]
                                   + f" · pseudo labels from step {self._predict_step}")
+        if self.grid_check.isChecked():
+            self._layout_grid()
+        self._update_next_step()
+        self._update_buttons()
+
+    def next_step_text(self) -> str:
+        """The one line on top of the panel: what to do now."""
+        training = self.train_job is not None and self.train_job.running
+        items = self.queue.items
+        if items:
+            upcoming = self.queue.peek()
+            names = [it.name for it in items]
+            if self.current_case in names and upcoming.name != self.current_case:
+                return (f"Reviewing {self.current_case} ({names.index(self.current_case) + 1} of {len(items)}): "
+                        f"paint corrections, then Accept. Next opens {upcoming.name}.")
+            plural = "s" if len(items) != 1 else ""
+            return f"Review: {len(items)} volume{plural}, worst first. Next opens {upcoming.name}."
+        if training:
+            return "Training: pseudo labels of the unlabeled volumes appear here at the first checkpoint."
+        accepted = self.project is not None and self.project.last_checkpoint() is not None
+        if accepted:
+            return "Nothing left to review: Retrain with the accepted labels, or Export."
+        if not self._layers("image"):
+            return "Open images and labels (Load folder… below, or File > Open), then press Start."
+        return "Tick the volumes to use, pick their label layers, then press Start (Training, below)."
+
+    def _update_next_step(self) -> None:
+        if hasattr(self, "next_step_label"):  # the header is built before the rest of the panel
+            # the last export is named until the next accept or pseudo labels
+            self.next_step_label.setText(" ".join(t for t in (self._exported, self.next_step_text()) if t))
 
     def _refresh_queue_list(self) -> None:
         self.queue_list.clear()
@@ -943,10 +1241,10 @@ class SGRSTrainWidget(QWidget):
         if item is None:
             show_info("no pseudo labels to review yet")
             return None
-        self.show_case(item.name, focus=True)
         for row in range(self.queue_list.count()):
             if self.queue_list.item(row).data(Qt.ItemDataRole.UserRole) == item.name:
                 self.queue_list.setCurrentRow(row)
+        self.show_case(item.name, focus=True)
         return item.name
 
     def accept_current(self, case: str | None = None) -> Path:
@@ -961,8 +1259,11 @@ class SGRSTrainWidget(QWidget):
         prov = self.project.accept(case, np.asarray(layer.data), geometry_of(layer), self.model_predictions.get(case))
         self._dirty.discard(case)
         self._journaled.pop(case, None)
+        self._exported = ""
         layer.name = case + LABEL_SUFFIX
         layer.metadata = {**layer.metadata, "sgrs": {**layer_meta(layer), "role": "label"}}
+        # now a training label: drawn filled, as the labels opened from disk are
+        layer.contour, layer.opacity = 0, LABEL_OPACITY
         regions = self.layer_for(case, "regions")
         if regions is not None:
             self.viewer.layers.remove(regions)
@@ -970,6 +1271,9 @@ class SGRSTrainWidget(QWidget):
         self.queue.remove(case)
         self._refresh_queue_list()
         self.refresh_table()
+        self._update_canvas_note()
+        if self.grid_check.isChecked():
+            self._layout_grid()
         human = int(np.count_nonzero(prov == 2))
         show_info(f"accepted {case}: saved as a training label ({human} voxels drawn by you); press Retrain")
         self._update_buttons()
@@ -990,7 +1294,10 @@ class SGRSTrainWidget(QWidget):
             names = [n for n in project.case_names()
                      if project.label_path(n).exists() or project.prediction_files(n).get("label")]
         written = project.export(names, Path(out_dir) if out_dir else None)
-        show_info(f"exported {len(names)} volume(s) to {Path(written[0]).parent if written else out_dir}")
+        where = Path(written[0]).parent if written else out_dir
+        show_info(f"exported {len(names)} volume(s) to {where}")
+        self._exported = f"Exported {len(names)} volume{'s' if len(names) != 1 else ''} to {where}."
+        self._update_next_step()
         return written
 
     # ------------------------------------------------------------------ autosave journal

@@ -106,8 +106,17 @@ class ReviewQueue:
         self._cursor = -1
 
     def remove(self, name: str) -> None:
-        self.items = [it for it in self.items if it.name != name]
-        self._cursor = min(self._cursor, len(self.items) - 1)
+        """Drop ``name`` (accepted); :meth:`next` still goes on to the item after it."""
+        index = next((i for i, it in enumerate(self.items) if it.name == name), None)
+        if index is None:
+            return
+        del self.items[index]
+        if index <= self._cursor:
+            self._cursor -= 1
+
+    def peek(self) -> ReviewItem | None:
+        """The item :meth:`next` returns, without moving on."""
+        return self.items[(self._cursor + 1) % len(self.items)] if self.items else None
 
     def next(self) -> ReviewItem | None:
         if not self.items:
