@@ -497,6 +497,24 @@ def report(results: list[dict]) -> list[str]:
     return lines
 
 
+def candidates_table(results: list[dict]) -> list[str]:
+    """Every candidate at equal flagged count, by cohort: recall at 0.5/1/2/5 % and the Dice after
+    correcting the flagged 5 % (mean over the cohort's models)."""
+    cohorts = sorted({r["cohort"] for r in results})
+    names = list(results[0]["volumes"][0]["cands"])
+    lines = ["| candidate (passes) | " + " | ".join(f"{c}: recall 0.5/1/2/5 %, Dice after 5 %" for c in cohorts)
+             + " |", "|---|" + "---|" * len(cohorts)]
+    for name in names:
+        cells = []
+        for c in cohorts:
+            runs = [r for r in results if r["cohort"] == c]
+            rec = [np.mean([_pool(r["volumes"], name, str(sh)) for r in runs]) for sh in SHARES]
+            after = np.mean([np.mean([v["cands"][name]["dice_after"]["0.05"] for v in r["volumes"]]) for r in runs])
+            cells.append("/".join(f"{x:.2f}" for x in rec) + f", {after:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def single_table(results: list[dict]) -> list[str]:
     """The 0.2 overlay (one fixed partner, lambda 0.75, the paper's tau) at its own count."""
     lines = ["| cohort | model | 0.2 map: flagged | recall (precision) | band at same count | Dice after correcting "
@@ -512,6 +530,17 @@ def single_table(results: list[dict]) -> list[str]:
                      f"({g['caught'] / max(g['flagged'], 1):.2f}) | {g['band_caught'] / w:.2f} | "
                      f"{np.mean([v['single']['dice_after'] for v in vols]):.3f} |")
     return lines
+
+
+def _calibration_now(stored: dict):
+    """The calibration today's rules make from the validation residual a raw file stored (its runs
+    had one validation volume, whose residual is the stored dice_bias of the first rules)."""
+    from napari_sgrs.core.reliability import MIN_HALFWIDTH, MIN_VOLUMES_TO_SHIFT, ReviewCalibration
+
+    n, resid = stored["volumes"], stored["dice_bias"]
+    bias = resid if n >= MIN_VOLUMES_TO_SHIFT else 0.0
+    return ReviewCalibration(threshold=stored["threshold"], dice_bias=bias, volumes=n,
+                             dice_halfwidth=max(MIN_HALFWIDTH, abs(resid - bias)) if n else None)
 
 
 def queue_table(results: list[dict], seed: int = 0) -> list[str]:
@@ -532,12 +561,13 @@ def queue_table(results: list[dict], seed: int = 0) -> list[str]:
                                         [v["dice"] for v in vols]).statistic
             if np.isfinite(rho_model):
                 within.append(rho_model)
+            cal = _calibration_now(v0["product"]["calibration"]) if (v0 := vols[0]) else None
             for v in vols:
-                rv = v["product"]["review"]
-                est.append(rv["estimated_dice"])
+                est_now, low, high = cal.dice(v["product"]["review"]["estimated_raw"])
+                est.append(est_now)
                 true.append(v["dice"])
-                if rv["dice_low"] is not None:
-                    inside.append(rv["dice_low"] <= v["dice"] <= rv["dice_high"])
+                if low is not None:
+                    inside.append(low <= v["dice"] <= high)
             flagged = np.array([v["product"]["flagged"] for v in vols], float)
             caught = np.array([v["product"]["caught"] for v in vols], float)
 
@@ -547,6 +577,8 @@ def queue_table(results: list[dict], seed: int = 0) -> list[str]:
 
             auc["queue"].append(area(np.argsort([v["product"]["review"]["estimated_dice"] for v in vols])))
             auc["random"].append(np.mean([area(rng.permutation(len(vols))) for _ in range(200)]))
+            if any("hist" not in v["product"] for v in vols):  # (raw files of the first runs)
+                continue
             hist_all = np.sum([v["product"]["hist"]["all"] for v in vols], 0)[::-1]
             hist_wrong = np.sum([v["product"]["hist"]["wrong"] for v in vols], 0)[::-1]
             f = np.concatenate([[0], np.cumsum(hist_all)])
@@ -600,7 +632,7 @@ def summarise(raw: list[Path], out: Path) -> int:
     for title, group in (("Selection cohorts", sel), ("Reported cohorts", rep)):
         if group and "product" in group[0]["volumes"][0]:
             text += [f"## {title}: the default overlay", ""] + report(group) + [""] + queue_table(group) + [""]
-            text += single_table(group) + [""]
+            text += single_table(group) + [""] + candidates_table(group) + [""]
             curves(group, out / f"recall_{title.split()[0].lower()}.png")
     (out / "summary.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))

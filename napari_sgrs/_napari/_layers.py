@@ -25,6 +25,7 @@ META_KEY = "sgrs"
 LABEL_SUFFIX = " label"
 PSEUDO_SUFFIX = " pseudo label"
 REGIONS_SUFFIX = " regions"
+RELIABILITY_SUFFIX = " reliability"
 
 
 def looks_like_label(path: str | Path | None, array: np.ndarray) -> bool:
@@ -75,6 +76,9 @@ def layer_data_from_volume(volume: Any, role: str | None = None, name: str | Non
               "metadata": sgrs_meta(volume.geometry, case, role, path, getattr(volume, "format", None))}
     if role == "image":
         return array, kwargs, "image"
+    if role == "reliability":  # 0-1: dark where the label is likely wrong
+        kwargs.update(colormap="viridis", contrast_limits=(0.0, 1.0), opacity=0.6, blending="translucent")
+        return array.astype(np.float32), kwargs, "image"
     if role == "regions":
         kwargs.update(colormap=regions_colormap(), opacity=REGIONS_OPACITY, blending="translucent")
     elif role in ("label", "pseudo"):
@@ -91,9 +95,9 @@ LABEL_OPACITY = 0.7
 #: The regions layer lies over the image in 2D: faint enough to read the image through it.
 REGIONS_OPACITY = 0.35
 #: Label classes 1, 2, ... of a label or pseudo label: Okabe-Ito colours away from the three region
-#: colours, yellow first (the binary case): of the Okabe-Ito set it stays furthest from grey, green
+#: colours, yellow first (the binary case): of the Okabe-Ito set it stays furthest from purple, green
 #: and vermillion under protan, deutan and tritan simulation (tests/napari/test_overlay.py).
-LABEL_COLOURS = ("#F0E442", "#56B4E9", "#CC79A7", "#0072B2", "#E69F00")
+LABEL_COLOURS = ("#F0E442", "#56B4E9", "#0072B2", "#E69F00", "#999999")
 #: A pseudo label is drawn as its outline (pixels) in 2D, so the regions and the image under it
 #: stay visible; napari fills it in 3D, where an outline has no meaning.
 PSEUDO_CONTOUR = 1

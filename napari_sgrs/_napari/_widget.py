@@ -37,8 +37,8 @@ from napari_sgrs.project.jobs import Job, TrainerProcess, predict_command, stop_
 from napari_sgrs.project.review import ReviewQueue, largest_region
 
 from ._layers import (LABEL_COLOURS, LABEL_OPACITY, LABEL_SUFFIX, PSEUDO_CONTOUR, PSEUDO_SUFFIX, REGIONS_OPACITY,
-                      REGIONS_SUFFIX, case_of, geometry_of, layer_data_from_volume, layer_meta, regions_colormap,
-                      regions_for_display, sgrs_meta)
+                      REGIONS_SUFFIX, RELIABILITY_SUFFIX, case_of, geometry_of, layer_data_from_volume, layer_meta,
+                      regions_colormap, regions_for_display, sgrs_meta)
 
 POLL_MS = 250          # how often the panel reads events.jsonl and checks the processes
 AUTOSAVE_MS = 3000     # label edits since the last Accept are journaled this often
@@ -91,6 +91,7 @@ class SGRSTrainWidget(QWidget):
         self._load_future: Future | None = None
         self.model_predictions: dict[str, np.ndarray] = {}  # case -> the prediction shown for editing
         self.regions: dict[str, np.ndarray] = {}
+        self.estimates: dict[str, dict] = {}  # each case's line of the latest review.json
         self.queue = ReviewQueue()
         self.current_case: str | None = None
         self._dirty: set[str] = set()        # cases with edits not yet accepted
@@ -280,10 +281,16 @@ class SGRSTrainWidget(QWidget):
         self.queue_list.setWordWrap(True)
         self.queue_list.itemClicked.connect(
             lambda item: self.show_case(item.data(Qt.ItemDataRole.UserRole), focus=True))
-        note = QLabel("worst first (share of inconsistent + disregarded voxels); click one to show it:")
+        note = QLabel("worst first (lowest estimated Dice, with its interval; flagged: share of the volume "
+                      "in the disregarded or inconsistent region); click one to show it:")
         note.setWordWrap(True)
         lay.addWidget(note)
         lay.addWidget(self.queue_list)
+        self.reliability_check = QCheckBox("reliability layer")
+        self.reliability_check.setToolTip("for the case shown: the test views' probability (0-1) of its label; "
+                                          "dark where the label is likely wrong")
+        self.reliability_check.toggled.connect(lambda _on: self._guard(self._sync_reliability))
+        lay.addWidget(self.reliability_check)
         self.export_selected_check = QCheckBox("export only the cases selected above")
         lay.addWidget(self.export_selected_check)
         root.addWidget(box)
@@ -312,7 +319,8 @@ class SGRSTrainWidget(QWidget):
         lay.addWidget(self.next_step_label)
         row = QHBoxLayout()
         self.next_button = QPushButton("Next")
-        self.next_button.setToolTip("show the next volume to review, worst first, at its largest inconsistent region")
+        self.next_button.setToolTip("show the next volume to review, worst first, at its largest cluster of flagged "
+                                    "(purple or orange) voxels")
         self.accept_button = QPushButton("Accept")
         self.accept_button.setToolTip("save the shown pseudo label, with your corrections, as a training label")
         self.retrain_button = QPushButton("Retrain")
@@ -328,6 +336,10 @@ class SGRSTrainWidget(QWidget):
             row.addWidget(b)
         lay.addLayout(row)
         lay.addWidget(self._build_legend())
+        self.trust_label = QLabel("")  # how far to trust the colours: the run's own validation figures
+        self.trust_label.setWordWrap(True)
+        self.trust_label.setStyleSheet("font-size: 11px;")
+        lay.addWidget(self.trust_label)
         return header
 
     def _build_legend(self) -> QWidget:
@@ -474,11 +486,47 @@ class SGRSTrainWidget(QWidget):
         (cases share world coordinates: drawn together, one's label would sit on another's
         image), and select its pseudo label. In the grid every case stays shown."""
         self.current_case = case
+        self._sync_reliability()
         self._apply_visibility()
         self._select_shown()
         if focus and case in self.regions and not self.grid_check.isChecked():
             self.focus_on_region(case)
         self._update_buttons()  # Accept follows the case shown; the next-step line too
+
+    def _sync_reliability(self) -> None:
+        """The optional reliability layer: only the shown case's, only while its box is ticked."""
+        case, on = self.current_case, self.reliability_check.isChecked()
+        for layer in [ly for ly in self.viewer.layers if self._role(ly) == "reliability"]:
+            if not on or case_of(layer) != case:
+                self.viewer.layers.remove(layer)
+        if not on or case is None or self.project is None or self.layer_for(case, "reliability") is not None:
+            return
+        path = self.project.prediction_files(case).get("reliability")
+        if path is None:
+            return
+        from napari_sgrs.core.io import read_volume  # (the engine's reader is imported where used)
+
+        vol = read_volume(path)
+        data, kwargs, _ = layer_data_from_volume(vol, "reliability", case + RELIABILITY_SUFFIX)
+        kwargs["metadata"] = sgrs_meta(vol.geometry, case, "reliability", vol.path, vol.format)
+        self.viewer.add_image(data, **kwargs)
+        self._select_shown()
+
+    def trust_text(self) -> str:
+        """How far to trust the colours, in one line: the run's validation figures."""
+        cal = next((e["calibration"] for e in self.estimates.values() if isinstance(e.get("calibration"), dict)), None)
+        if cal is None:
+            return ""
+        if not cal.get("volumes"):
+            return ("No validation split: purple + orange are sized by our benchmarks' default, not on your "
+                    "data, and the estimated Dice has no interval.")
+        n = cal["volumes"]
+        return (f"On your {n} validation volume{'s' if n != 1 else ''}, purple + orange flagged "
+                f"{100 * cal.get('val_flagged', 0):.1f} % of the voxels and held {100 * cal.get('val_recall', 0):.0f} % "
+                f"of the model's wrong ones.")
+
+    def _update_trust_line(self) -> None:
+        self.trust_label.setText(self.trust_text())
 
     def _select_shown(self) -> None:
         """Make the shown case's pseudo label (or label) the active layer: the one the brush paints."""
@@ -1133,7 +1181,9 @@ class SGRSTrainWidget(QWidget):
         each layer is its own step, one per event-loop turn: the viewer answers between them.
         """
         steps = []
-        for name, (pred, regions) in loaded.items():
+        for name, (pred, regions, *review) in loaded.items():
+            if review and review[0] is not None:
+                self.estimates[name] = review[0]
             # regions first, so the pseudo label's outline is drawn above them
             steps.append(lambda n=name, r=regions, p=pred: self._show_regions(n, r, p))
             steps.append(lambda n=name, p=pred: self._show_pseudo(n, p))
@@ -1188,8 +1238,10 @@ class SGRSTrainWidget(QWidget):
 
     def _after_predictions(self) -> None:
         self._exported = ""
-        self.queue.update({n: r for n, r in self.regions.items() if not self.project.label_path(n).exists()})
+        self.queue.update({n: r for n, r in self.regions.items() if not self.project.label_path(n).exists()},
+                          self.estimates)
         self._refresh_queue_list()
+        self._update_trust_line()
         if self.current_case is None and self.queue.items:
             self.show_case(self.queue.items[0].name)
         elif self.current_case is not None:
@@ -1230,13 +1282,13 @@ class SGRSTrainWidget(QWidget):
     def _refresh_queue_list(self) -> None:
         self.queue_list.clear()
         for it in self.queue.items:
-            item = QListWidgetItem(f"{it.name}   {100 * it.score:.1f}%  (inconsistent {100 * it.inconsistent:.1f}%)")
+            item = QListWidgetItem(it.describe())
             item.setData(Qt.ItemDataRole.UserRole, it.name)
             self.queue_list.addItem(item)
 
     # ------------------------------------------------------------------ review / correction
     def next_case(self) -> str | None:
-        """Show the next worst unlabeled case at its largest inconsistent region."""
+        """Show the next worst unlabeled case at its largest cluster of flagged voxels."""
         item = self.queue.next()
         if item is None:
             show_info("no pseudo labels to review yet")
@@ -1347,14 +1399,25 @@ class SGRSTrainWidget(QWidget):
 
 
 def _read_predictions(out_dir: Path, names: list[str]) -> dict[str, tuple]:
-    """Worker thread: read ``OUT/<case>.nii.gz`` and ``OUT/regions/<case>.nii.gz`` for each case."""
+    """Worker thread: read ``OUT/<case>.nii.gz`` and ``OUT/regions/<case>.nii.gz`` for each case,
+    with its line of ``OUT/review.json`` (estimated Dice, flagged share; None where absent)."""
     from napari_sgrs.core.io import read_volume
+    from napari_sgrs.core.outputs import read_json
+    from napari_sgrs.core.predict import REVIEW_FILE
 
+    review, calibration = {}, {}
+    if (out_dir / REVIEW_FILE).exists():
+        doc = read_json(out_dir / REVIEW_FILE, 16 << 20, "a review queue", "predict again")
+        if isinstance(doc, dict):
+            review = {v.get("name"): v for v in doc.get("volumes", []) if isinstance(v, dict)}
+            calibration = doc.get("calibration") if isinstance(doc.get("calibration"), dict) else {}
     out = {}
     for name in names:
         pred_path, regions_path = out_dir / f"{name}.nii.gz", out_dir / "regions" / f"{name}.nii.gz"
         if pred_path.exists() and regions_path.exists():
-            out[name] = (read_volume(pred_path), read_volume(regions_path))
+            line = review.get(name)
+            out[name] = (read_volume(pred_path), read_volume(regions_path),
+                         None if line is None else {**line, "calibration": calibration})
     return out
 
 

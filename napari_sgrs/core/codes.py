@@ -35,7 +35,8 @@ class Region(IntEnum):
 
     @property
     def colour(self) -> str:
-        """Okabe-Ito colours (colour-blind safe); disregarded is grey so it reads as "no opinion"."""
+        """Okabe-Ito colours (colour-blind safe); disregarded is reddish purple, not grey, so it shows
+        on a greyscale image."""
         return _REGION_COLOURS[self]
 
     @property
@@ -49,7 +50,7 @@ class Region(IntEnum):
         return cls.DISREGARDED, cls.CONSISTENT, cls.INCONSISTENT
 
 
-_REGION_COLOURS = {Region.NONE: "transparent", Region.DISREGARDED: "#999999",
+_REGION_COLOURS = {Region.NONE: "transparent", Region.DISREGARDED: "#CC79A7",
                    Region.CONSISTENT: "#009E73", Region.INCONSISTENT: "#D55E00"}
 _REGION_LEGENDS = {
     Region.NONE: "no region: outside the prediction",

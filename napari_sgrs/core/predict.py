@@ -32,6 +32,7 @@ from .io import Case, find_cases, read_h5_benchmark, read_volume, write_volume
 from .memory import check_inference_memory
 from .outputs import WrittenFiles, atomic_write_bytes, check_not_input
 from .postprocess import resolve_largest_component
+from .reliability import ReviewCalibration
 from .runfolder import RunFolder
 
 #: Input formats whose predictions keep the input's file name; every other input (.nhdr, .mhd,
@@ -139,7 +140,7 @@ def predict_folder(run: str | os.PathLike, out: str | os.PathLike, *, images: st
             review.append({"name": case.name, "file": output_name(case), **line})
     review.sort(key=lambda r: (r["estimated_dice"], -r["flagged_share"], r["name"]))
     if review_file:
-        calibration = predictor.meta.get("review") or {}
+        calibration = ReviewCalibration.from_meta(predictor.meta).as_meta()  # volumes 0: no validation split
         doc = {"volumes": review, "calibration": calibration,
                "note": "estimated Dice: expected under the model's own probabilities, shifted by its error on the "
                        "validation split; flagged_share: share of the volume in the disregarded or inconsistent region"}

@@ -528,13 +528,13 @@ class Project:
         return None if not p else self.root / p["dir"]
 
     def prediction_files(self, name: str) -> dict[str, Path]:
-        """Paths of the latest pseudo label / probability / regions of ``name`` that exist."""
+        """Paths of the latest pseudo label / probability / regions / reliability of ``name`` that exist."""
         base = self.prediction_dir
         if base is None:
             return {}
         fname = f"{name}{LABEL_SUFFIX}"
         out = {"label": base / fname, "probability": base / "probability" / fname,
-               "regions": base / "regions" / fname}
+               "regions": base / "regions" / fname, "reliability": base / "reliability" / fname}
         return {k: v for k, v in out.items() if v.exists()}
 
     # --- autosave journal

@@ -90,6 +90,20 @@ def test_the_loop_in_screenshots(make_napari_viewer, qtbot, tmp_path, cohort):
 
         for kind in MACHADO_2009:
             iio.imwrite(screenshot_dir() / f"3-review-{kind}.png", simulate_image(image, kind))
+        # the queue says each volume's estimated Dice and flagged share, the header how far to trust
+        # the colours; the reliability layer is there on request, for the case shown only
+        assert all(it.estimated_dice is not None for it in widget.queue.items)
+        assert "est. Dice" in widget.queue_list.item(0).text() and "flagged" in widget.queue_list.item(0).text()
+        assert widget.trust_label.text().startswith("No validation split")  # 2 labeled volumes: no split
+        widget.reliability_check.setChecked(True)
+        reliability = widget.layer_for(worst, "reliability")
+        assert reliability is not None and reliability.visible
+        assert 0 <= reliability.data.min() <= reliability.data.max() <= 1
+        assert [case_of(ly) for ly in viewer.layers if widget._role(ly) == "reliability"] == [worst]
+        _shoot(viewer, qtbot, "3-review-reliability.png")
+        widget.reliability_check.setChecked(False)
+        assert widget.layer_for(worst, "reliability") is None
+        widget.show_case(worst, focus=True)
 
         # 4. correct: a stroke of foreground across the region Next centred on, on the slice shown
         focus = largest_region(widget.regions[worst])

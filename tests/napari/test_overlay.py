@@ -16,10 +16,11 @@ from napari_sgrs.core.codes import Region
 
 #: CIE76 Delta E. The pseudo label must stand apart from every region colour for every viewer:
 #: 25 is "clearly another colour" (a just-noticeable difference is about 2.3). The three region
-#: colours are Okabe-Ito and fixed (core/codes.py); their closest pair, grey and green seen with
-#: deuteranopia, is 11.9 apart, and consistent is drawn faint besides.
+#: colours are Okabe-Ito and fixed (core/codes.py); their closest pair, with reddish purple for
+#: disregarded (grey was 11.9 from green under deuteranopia, and invisible on a greyscale image),
+#: is about 18 apart, and consistent is drawn faint besides.
 PSEUDO_MIN_DE = 25.0
-REGION_MIN_DE = 10.0
+REGION_MIN_DE = 15.0
 VIEWERS = ["normal", *MACHADO_2009]
 
 
