@@ -30,7 +30,8 @@ from .errors import CheckpointError, ConfigError, InputError, InputWarning
 from .network import build_model
 from .postprocess import keep_largest_component, resolve_largest_component
 from .runfolder import RunFolder
-from .reliability import REVIEW_FLIPS, ReviewCalibration, error_score, outvoted, review_regions, volume_review
+from .reliability import (REVIEW_FLIPS, ReviewCalibration, error_score, outvoted, review_regions, volume_review,
+                          volume_threshold)
 from .sgrs import PAPER_TAU
 
 
@@ -226,12 +227,13 @@ class Predictor:
             views = prob_views.cpu().numpy()
             score = error_score(views, out.label)
             calibration = ReviewCalibration.from_meta(self.meta)
-            out.regions = review_regions(score, calibration.threshold, outvoted(views, out.label))
-            out.reliability = (1.0 - score).astype(np.float32)
             valid = None if missing is None else ~missing
-            out.review = volume_review(views, out.label, calibration, valid)
+            threshold = volume_threshold(score, calibration, valid)
+            out.regions = review_regions(score, threshold, outvoted(views, out.label))
+            out.reliability = (1.0 - score).astype(np.float32)
             if missing is not None:
                 out.regions[missing] = Region.NONE
+            out.review = volume_review(views, out.label, out.regions, calibration, threshold, valid)
         if keep_probabilities:
             out.probabilities = prob.cpu().numpy()
         return out

@@ -32,7 +32,7 @@ import torch
 from .codes import Region
 
 __all__ = ["REVIEW_CAP", "REVIEW_FLIPS", "REVIEW_RECALL", "ReviewCalibration", "calibrate", "error_score",
-           "estimated_dice", "outvoted", "review_regions", "review_threshold", "volume_review"]
+           "estimated_dice", "outvoted", "review_regions", "review_threshold", "volume_review", "volume_threshold"]
 
 #: The test views besides the plain window: a flip of each spatial axis of (n, C, D, H, W) windows.
 REVIEW_FLIPS: tuple[tuple[int, ...], ...] = ((2,), (3,), (4,))
@@ -43,7 +43,7 @@ REVIEW_RECALL = 0.9
 REVIEW_CAP = 0.05
 #: The error score threshold without a validation split: the median of the calibrated thresholds
 #: on the selection cohorts of benchmarks/overlay_benchmark.py (benchmarks/RESULTS.md).
-DEFAULT_THRESHOLD = 0.18
+DEFAULT_THRESHOLD = 0.15
 #: The estimated Dice's half-interval is at least this wide: the 80th percentile of |estimate - true
 #: Dice| on the selection cohorts' test volumes (benchmarks/overlay_benchmark.py).
 MIN_HALFWIDTH = 0.11
@@ -187,16 +187,25 @@ def _dice(label: np.ndarray, truth: np.ndarray, valid: np.ndarray, k: int) -> fl
     return float(np.mean(out)) if out else 1.0
 
 
-def volume_review(prob: np.ndarray, label: np.ndarray, calibration: ReviewCalibration,
-                  valid: np.ndarray | None = None) -> dict:
-    """One volume's line in the review queue: estimated Dice with its interval and the flagged share."""
+def volume_threshold(score: np.ndarray, calibration: ReviewCalibration, valid: np.ndarray | None = None) -> float:
+    """The run's threshold, raised where it would flag more than :data:`REVIEW_CAP` of this volume
+    (an uncertain model, or no validation split): a reviewer is never sent to the whole volume."""
+    scores = score if valid is None else score[valid]
+    if scores.size == 0:
+        return calibration.threshold
+    return max(calibration.threshold, float(np.quantile(scores, 1.0 - REVIEW_CAP)))
+
+
+def volume_review(prob: np.ndarray, label: np.ndarray, regions: np.ndarray, calibration: ReviewCalibration,
+                  threshold: float, valid: np.ndarray | None = None) -> dict:
+    """One volume's line in the review queue: estimated Dice with its interval, the flagged share
+    (of ``regions``) and the threshold this volume was flagged at."""
     raw = estimated_dice(prob, label, valid)
     est, low, high = calibration.dice(raw)
-    s = error_score(prob, label)
-    n = s.size if valid is None else int(valid.sum())
-    flagged = s >= min(calibration.threshold, 0.5)
+    flagged = np.isin(regions, (Region.DISREGARDED, Region.INCONSISTENT))
     if valid is not None:
         flagged &= valid
+    n = regions.size if valid is None else int(valid.sum())
     return {"estimated_dice": est, "dice_low": low, "dice_high": high, "estimated_raw": raw,
-            "flagged_share": float(flagged.sum() / max(n, 1)), "calibrated": calibration.volumes > 0,
-            "validation_volumes": calibration.volumes}
+            "flagged_share": float(flagged.sum() / max(n, 1)), "threshold": threshold,
+            "calibrated": calibration.volumes > 0, "validation_volumes": calibration.volumes}

@@ -20,7 +20,7 @@ from .codes import Region
 from .events import EventKind, EventWriter
 from .infer import Predictor
 from .metrics import case_metrics
-from .reliability import ReviewCalibration, calibrate, review_regions
+from .reliability import ReviewCalibration, calibrate, review_regions, volume_threshold
 
 #: The regions of Prediction.regions that validation scores, with their names in events.
 SCORED_REGIONS = tuple((int(region), region.key) for region in Region.shown())
@@ -48,7 +48,8 @@ def validate(student: torch.nn.Module, val: list, meta: dict, device: torch.devi
         calibration = review_calibration(preds, meta["num_classes"])
         meta["review"] = calibration.as_meta()
         for pred, label, valid in preds:  # the regions under the calibration just made
-            pred.regions = review_regions(1.0 - pred.reliability, calibration.threshold,
+            score = 1.0 - pred.reliability
+            pred.regions = review_regions(score, volume_threshold(score, calibration),
                                           pred.regions == Region.INCONSISTENT)
             _count_region_accuracy(accuracy, pred, label, valid)
         dice = float(np.mean(dices))

@@ -75,13 +75,13 @@ def test_region_map_uses_the_region_codes():
     codes = set(np.unique(pred.regions).tolist())
     assert codes <= {Region.DISREGARDED, Region.CONSISTENT, Region.INCONSISTENT}
     assert Region.NONE not in codes  # the three regions partition the volume
-    # the regions follow the reliability map: below 0.5 inconsistent, up to the threshold disregarded
-    from napari_sgrs.core.reliability import DEFAULT_THRESHOLD
-
+    # the regions follow the reliability map: below 0.5 inconsistent (binary), from the volume's
+    # threshold (the default, raised to flag at most REVIEW_CAP of a volume) disregarded
+    t = pred.review["threshold"]
     score = 1.0 - pred.reliability
     assert (pred.regions[score > 0.5] == Region.INCONSISTENT).all()
-    assert (pred.regions[(score >= DEFAULT_THRESHOLD) & (score <= 0.5)] == Region.DISREGARDED).all()
-    assert (pred.regions[score < DEFAULT_THRESHOLD] == Region.CONSISTENT).all()
+    assert (pred.regions[(score >= t) & (score <= 0.5)] == Region.DISREGARDED).all()
+    assert (pred.regions[score < t] == Region.CONSISTENT).all()
     assert pred.reliability.dtype == np.float32 and 0.0 <= pred.reliability.min() <= pred.reliability.max() <= 1.0
 
 
