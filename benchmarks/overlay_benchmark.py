@@ -561,9 +561,12 @@ def queue_table(results: list[dict], seed: int = 0) -> list[str]:
                                         [v["dice"] for v in vols]).statistic
             if np.isfinite(rho_model):
                 within.append(rho_model)
-            cal = _calibration_now(v0["product"]["calibration"]) if (v0 := vols[0]) else None
+            cal = _calibration_now(vols[0]["product"]["calibration"])
             for v in vols:
-                est_now, low, high = cal.dice(v["product"]["review"]["estimated_raw"])
+                rv = v["product"]["review"]
+                # raw files of today's rules carry the interval; the first ones are re-derived
+                est_now, low, high = ((rv["estimated_dice"], rv["dice_low"], rv["dice_high"]) if "threshold" in rv
+                                      else cal.dice(rv["estimated_raw"]))
                 est.append(est_now)
                 true.append(v["dice"])
                 if low is not None:
