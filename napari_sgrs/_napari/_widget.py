@@ -313,9 +313,7 @@ class SGRSTrainWidget(QWidget):
         lay = QVBoxLayout(header)
         lay.setContentsMargins(6, 4, 6, 4)
         lay.setSpacing(3)
-        self.next_step_label = QLabel("")
-        self.next_step_label.setWordWrap(True)
-        self.next_step_label.setStyleSheet("font-weight: bold;")
+        self.next_step_label = _wrapped("", "font-weight: bold;")
         lay.addWidget(self.next_step_label)
         row = QHBoxLayout()
         self.next_button = QPushButton("Next")
@@ -336,9 +334,7 @@ class SGRSTrainWidget(QWidget):
             row.addWidget(b)
         lay.addLayout(row)
         lay.addWidget(self._build_legend())
-        self.trust_label = QLabel("")  # how far to trust the colours: the run's own validation figures
-        self.trust_label.setWordWrap(True)
-        self.trust_label.setStyleSheet("font-size: 11px;")
+        self.trust_label = _wrapped("")  # how far to trust the colours: the run's own validation figures
         lay.addWidget(self.trust_label)
         return header
 
@@ -356,9 +352,7 @@ class SGRSTrainWidget(QWidget):
             swatch.setStyleSheet(f"color: {colour}; font-weight: bold;")
             swatch.setObjectName(object_name)
             swatch.setToolTip(text)
-            what = QLabel(text)
-            what.setWordWrap(True)
-            what.setStyleSheet("font-size: 11px;")
+            what = _wrapped(text)
             grid.addWidget(swatch, row, 0, Qt.AlignmentFlag.AlignTop)
             grid.addWidget(what, row, 1)
         grid.setColumnStretch(1, 1)
@@ -1396,6 +1390,14 @@ class SGRSTrainWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt name
         self.autosave()
         super().closeEvent(event)
+
+
+def _wrapped(text: str, style: str = "font-size: 11px;") -> QLabel:
+    """A label whose text wraps to the panel's width (small print by default)."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setStyleSheet(style)
+    return label
 
 
 def _read_predictions(out_dir: Path, names: list[str]) -> dict[str, tuple]:
