@@ -3,8 +3,8 @@
     python -m napari_sgrs._napari.demo_app                      # a person drives it
     xvfb-run -a python -m napari_sgrs._napari.demo_app --headless-screenshot shot.png
 
-With ``--headless-screenshot`` the same loop runs without a person: a short CPU training in
-the background, pseudo labels and synergy regions for the unlabeled volumes, "Next" to the
+With ``--headless-screenshot`` the same loop runs without a person: a CPU training with the
+panel's ``preview`` setting (settings.PRESETS) in the background, pseudo labels and synergy regions for the unlabeled volumes, "Next" to the
 worst volume, then a screenshot of the whole viewer window (and, with ``--panel-screenshot``,
 of the panel alone). Exit code 0 on success, 1 if the loop did not finish in ``--timeout``.
 """
@@ -50,11 +50,18 @@ def run_headless(args) -> int:
     project_dir = Path(args.project or tempfile.mkdtemp(prefix="sgrs-demo-project-"))
     viewer, widget = build_viewer(project_dir, args.shape, args.cases, args.labeled)
     viewer.window._qt_window.resize(1500, 1000)
-    widget.iterations_spin.setValue(args.iterations)
-    for spin in widget.patch_spins:
-        spin.setValue(min(32, args.shape // 16 * 16))
-    widget.filters_spin.setValue(args.base_filters)
     widget.device_combo.setCurrentText(args.device)
+    # the panel's own CPU setting (settings.PRESETS["preview"]), whatever this machine has
+    widget.choose_preset("preview")
+    if args.iterations is not None:
+        widget.iterations_spin.setValue(args.iterations)
+    if args.base_filters is not None:
+        widget.filters_spin.setValue(args.base_filters)
+    for spin in widget.patch_spins:  # a patch no larger than a small demo volume, in multiples of 16
+        spin.setValue(min(spin.value(), args.shape // 16 * 16))
+    s = widget.settings()
+    print(f"training in the panel: {s.iterations} steps, patch {'x'.join(map(str, s.patch_size))}, "
+          f"{s.base_filters} filters on {args.device} (the preview setting); project {project_dir}", flush=True)
     widget.start_training()
     app = QApplication.instance()
     deadline = time.monotonic() + args.timeout
@@ -105,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, default=48, help="demo volume edge (voxels)")
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--labeled", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=60)
-    parser.add_argument("--base-filters", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=None, help="default: the preview setting's")
+    parser.add_argument("--base-filters", type=int, default=None, help="default: the preview setting's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
