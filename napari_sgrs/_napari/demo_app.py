@@ -40,6 +40,8 @@ def build_viewer(project_dir: Path | None, shape: int, n_cases: int, n_labeled: 
         (viewer.add_image if kind == "image" else viewer.add_labels)(data, **kwargs)
     project = Project.create(project_dir) if project_dir is not None else None
     widget = SGRSTrainWidget(viewer, project=project)
+    # the demo trains with the panel's CPU setting (settings.PRESETS["preview"]), GPU or not: minutes
+    widget.choose_preset("preview")
     viewer.window.add_dock_widget(widget, name="SGRS: train", area="right")
     return viewer, widget
 
@@ -51,8 +53,6 @@ def run_headless(args) -> int:
     viewer, widget = build_viewer(project_dir, args.shape, args.cases, args.labeled)
     viewer.window._qt_window.resize(1500, 1000)
     widget.device_combo.setCurrentText(args.device)
-    # the panel's own CPU setting (settings.PRESETS["preview"]), whatever this machine has
-    widget.choose_preset("preview")
     if args.iterations is not None:
         widget.iterations_spin.setValue(args.iterations)
     if args.base_filters is not None:
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="default: the preview setting's")
     parser.add_argument("--base-filters", type=int, default=None, help="default: the preview setting's")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds the headless loop may take (about 2 min on 2 quiet CPU cores)")
     args = parser.parse_args(argv)
     prefer_qt6()
     if args.headless_screenshot:
