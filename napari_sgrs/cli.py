@@ -364,8 +364,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nHeld-out demo test volumes (last checkpoint):")
     print(report.format_table())
     print(f"\nin {root}: data/ (the demo cohort), run/ (checkpoints, log), pred_test/ and evaluation.json "
-          f"(the table above), pseudo/ (pseudo labels, with probability/ and regions/, of the unlabeled volumes; "
-          f"open them in napari over data/imagesTr)")
+          f"(the table above), pseudo/ (a label for every training volume; probability/ and regions/ for the "
+          f"unlabeled ones; open them in napari over data/imagesTr)")
     return 0
 
 
