@@ -13,18 +13,11 @@ $(STAMP): setup.cfg pyproject.toml scripts/install_torch.sh
 	$(PY) -m pip install -e ".[testing]"
 	touch $(STAMP)
 
-# napari with the demo data and the SGRS panel. With no display it installs Xvfb and Mesa when it
-# can (scripts/system_deps.sh), runs the same loop headless and saves a screenshot; where it
-# cannot, it runs the engine demo (the preview setting) instead.
+# napari with the demo data and the SGRS panel, trained with the panel's CPU setting (preview). With
+# no display the loop runs by itself under Xvfb and saves demo/screenshot.png and demo/panel.png;
+# where Xvfb cannot be installed, the engine demo runs instead (scripts/demo.sh says which).
 demo: setup
-	@if [ -n "$$DISPLAY" ]; then $(PY) -m napari_sgrs._napari.demo_app; \
-	elif bash scripts/system_deps.sh install; then \
-	  echo "no display: running the napari loop headless under Xvfb (under a minute on 2 CPU cores)"; \
-	  bash scripts/with_display.sh $(PY) -m napari_sgrs._napari.demo_app --headless-screenshot demo/screenshot.png \
-	    && echo "done: open $(CURDIR)/demo/screenshot.png to see the pseudo labels and synergy regions"; \
-	else echo "no display and no Xvfb: running the engine demo instead (demo data, 300 preview-sized steps," \
-	          "pseudo labels with regions, evaluation; about 2 minutes on 2 CPU cores)"; \
-	  $(VENV)/bin/sgrs demo demo; fi
+	@bash scripts/demo.sh $(PY) demo
 
 # The engine alone: demo data -> train -> predict with regions -> evaluate.
 demo-headless: setup

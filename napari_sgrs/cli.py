@@ -328,11 +328,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .core.metrics import evaluate_folders
     from .core.outputs import check_json_output
     from .core.runfolder import RunFolder
-    from .core.train import TrainConfig, train
+    from .core.train import TrainConfig, split_validation, train
 
     root = Path(args.dir)
-    cfg = TrainConfig(method=args.method, iterations=args.iterations, patch_size=(32, 32, 32), base_filters=8,
-                      seed=args.seed, device=args.device).validate()
+    # the panel's CPU setting (settings.PRESETS["preview"]), so the two demos train alike
+    steps = {} if args.iterations is None else {"iterations": args.iterations}
+    cfg = TrainConfig.from_preset("preview", method=args.method, seed=args.seed, device=args.device,
+                                  **steps).validate()
     run = RunFolder(root / "run")
     # an earlier demo's run and report are replaced; anything else of that name is left alone
     if run.path.exists() and not run.is_run():
@@ -347,8 +349,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if run.path.exists():
         with run.lock(what="sgrs demo"):
             run.clear()
-    print(f"training {S.METHOD_LABELS[cfg.method]} for {cfg.iterations} steps on {len(cohort.labeled_names)} labeled + "
-          f"{len(cohort.unlabeled_names)} unlabeled demo volumes ...")
+    # what the trainer will do with the labeled volumes: the same split, so the line says what trains
+    fit, val = split_validation(list(cohort.labeled_names), cfg.val_fraction, cfg.seed)
+    print(f"training {S.METHOD_LABELS[cfg.method]} for {cfg.iterations} steps (the preview setting: patch "
+          f"{'x'.join(map(str, cfg.patch_size))}, {cfg.base_filters} filters) on {len(cohort.labeled_names)} labeled "
+          f"({len(fit)} train, {len(val)} validation) + {len(cohort.unlabeled_names)} unlabeled demo volumes ...")
     train(cfg, find_cases(cohort.images_tr, cohort.labels_tr), run.path, progress_bar=True)
     # Parsed, not built by hand: every predict option gets its command-line default.
     ns = build_parser().parse_args(["predict", "--run", str(run.path), "--images", str(cohort.images_ts),
@@ -360,7 +365,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = evaluate_folders(root / "pred_test", cohort.labels_ts, json_path=root / "evaluation.json")
     print("\nHeld-out demo test volumes (last checkpoint):")
     print(report.format_table())
-    print(f"\npseudo labels and synergy regions of the unlabeled volumes: {root / 'pseudo'}")
+    print(f"\nin {root}: data/ (the demo cohort), run/ (checkpoints, log), pred_test/ and evaluation.json "
+          f"(the table above), pseudo/ (a label for every training volume; probability/ and regions/ for the "
+          f"unlabeled ones; open them in napari over data/imagesTr)")
     return 0
 
 
@@ -447,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="headless demo: demo data, short training, regions, evaluation")
     p.add_argument("dir", type=Path, nargs="?", default=Path("demo"))
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"training steps (default: the preview setting's, {PRESETS['preview']['iterations']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--method", choices=S.METHODS, default=S.SETTINGS["method"].default,

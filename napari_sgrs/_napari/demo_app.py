@@ -3,8 +3,8 @@
     python -m napari_sgrs._napari.demo_app                      # a person drives it
     xvfb-run -a python -m napari_sgrs._napari.demo_app --headless-screenshot shot.png
 
-With ``--headless-screenshot`` the same loop runs without a person: a short CPU training in
-the background, pseudo labels and synergy regions for the unlabeled volumes, "Next" to the
+With ``--headless-screenshot`` the same loop runs without a person: a CPU training with the
+panel's ``preview`` setting (settings.PRESETS) in the background, pseudo labels and synergy regions for the unlabeled volumes, "Next" to the
 worst volume, then a screenshot of the whole viewer window (and, with ``--panel-screenshot``,
 of the panel alone). Exit code 0 on success, 1 if the loop did not finish in ``--timeout``.
 """
@@ -40,6 +40,8 @@ def build_viewer(project_dir: Path | None, shape: int, n_cases: int, n_labeled: 
         (viewer.add_image if kind == "image" else viewer.add_labels)(data, **kwargs)
     project = Project.create(project_dir) if project_dir is not None else None
     widget = SGRSTrainWidget(viewer, project=project)
+    # the demo trains with the panel's CPU setting (settings.PRESETS["preview"]), GPU or not: minutes
+    widget.choose_preset("preview")
     viewer.window.add_dock_widget(widget, name="SGRS: train", area="right")
     return viewer, widget
 
@@ -50,11 +52,16 @@ def run_headless(args) -> int:
     project_dir = Path(args.project or tempfile.mkdtemp(prefix="sgrs-demo-project-"))
     viewer, widget = build_viewer(project_dir, args.shape, args.cases, args.labeled)
     viewer.window._qt_window.resize(1500, 1000)
-    widget.iterations_spin.setValue(args.iterations)
-    for spin in widget.patch_spins:
-        spin.setValue(min(32, args.shape // 16 * 16))
-    widget.filters_spin.setValue(args.base_filters)
     widget.device_combo.setCurrentText(args.device)
+    if args.iterations is not None:
+        widget.iterations_spin.setValue(args.iterations)
+    if args.base_filters is not None:
+        widget.filters_spin.setValue(args.base_filters)
+    for spin in widget.patch_spins:  # a patch no larger than a small demo volume, in multiples of 16
+        spin.setValue(min(spin.value(), args.shape // 16 * 16))
+    s = widget.settings()
+    print(f"training in the panel: {s.iterations} steps, patch {'x'.join(map(str, s.patch_size))}, "
+          f"{s.base_filters} filters on {args.device} (the preview setting); project {project_dir}", flush=True)
     widget.start_training()
     app = QApplication.instance()
     deadline = time.monotonic() + args.timeout
@@ -105,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, default=48, help="demo volume edge (voxels)")
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--labeled", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=60)
-    parser.add_argument("--base-filters", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=None, help="default: the preview setting's")
+    parser.add_argument("--base-filters", type=int, default=None, help="default: the preview setting's")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds the headless loop may take (about 2 min on 2 quiet CPU cores)")
     args = parser.parse_args(argv)
     prefer_qt6()
     if args.headless_screenshot:

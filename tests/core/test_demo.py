@@ -227,3 +227,21 @@ def test_hidden_label_regenerates_every_case_label(tmp_path):
     assert not (c.labels_tr / f"{c.unlabeled_names[0]}.nii.gz").exists()
     with pytest.raises(ConfigError, match="blob_999"):
         c.hidden_label("blob_999")
+
+
+# --- sgrs demo: the engine demo trains what it says, with the panel's CPU setting -----------------
+
+def test_sgrs_demo_says_what_trains_and_uses_the_preview_setting(tmp_path, capsys):
+    from napari_sgrs.cli import main
+    from napari_sgrs.core.settings import PRESETS
+
+    assert main(["demo", str(tmp_path / "demo"), "--iterations", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "demo" / "run" / "config.json").read_text())
+    # the announced split is the trainer's own: 4 labeled demo volumes, one held out for validation
+    assert (len(saved["train_cases"]), len(saved["val_cases"])) == (3, 1)
+    assert "on 4 labeled (3 train, 1 validation) + 4 unlabeled demo volumes" in out
+    preview = {k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS["preview"].items() if k != "iterations"}
+    assert {k: saved["config"][k] for k in preview} == preview and saved["config"]["iterations"] == 2
+    for folder in ("data/", "run/", "pseudo/", "evaluation.json"):  # where the results are, said at the end
+        assert folder in out.splitlines()[-1]
