@@ -1,8 +1,12 @@
-"""Tests of napari_sgrs.core.demo: determinism, layout, geometry, label content, difficulty."""
+"""Tests of napari_sgrs.core.demo (determinism, layout, geometry, label content, difficulty), of `sgrs demo`
+(the preview setting, what it says trains) and of `make demo`'s script (which demo runs, where results land)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +249,55 @@ def test_sgrs_demo_says_what_trains_and_uses_the_preview_setting(tmp_path, capsy
     assert {k: saved["config"][k] for k in preview} == preview and saved["config"]["iterations"] == 2
     for folder in ("data/", "run/", "pseudo/", "evaluation.json"):  # where the results are, said at the end
         assert folder in out.splitlines()[-1]
+
+
+# --- make demo (scripts/demo.sh): which demo runs, and where it says the results are --------------
+
+def _demo_script(tmp_path, xvfb: bool):
+    """scripts/demo.sh in a copy whose system_deps.sh answers ``xvfb``, with stand-ins for the
+    venv's sgrs and for xvfb-run that print the command they were given."""
+    import shutil
+    import stat
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(root / "scripts" / "demo.sh", tmp_path / "scripts" / "demo.sh")
+    stubs = {"scripts/system_deps.sh": f"exit {0 if xvfb else 2}", "venv/bin/sgrs": 'echo "sgrs $*"',
+             "bin/xvfb-run": 'echo "xvfb-run $*"'}
+    for name, body in stubs.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+    def run():
+        env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+        env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+        return subprocess.run(["bash", "scripts/demo.sh", "venv/bin/python", "demo"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+    return run
+
+
+def test_make_demo_without_xvfb_runs_the_engine_demo_and_says_so(tmp_path):
+    done = _demo_script(tmp_path, xvfb=False)()
+    assert done.returncode == 0
+    assert "no Xvfb" in done.stdout and "preview setting" in done.stdout and "results in demo/" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "sgrs demo demo"  # the preview-sized engine demo (above)
+
+
+def test_make_demo_under_xvfb_runs_the_panel_loop_and_names_its_screenshot(tmp_path):
+    run = _demo_script(tmp_path, xvfb=True)
+    (tmp_path / "demo" / "napari-project").mkdir(parents=True)
+    (tmp_path / "demo" / "napari-project" / "thesis.txt").write_text("not a project")
+    refused = run()
+    assert refused.returncode == 2 and "is not a napari-sgrs project" in refused.stderr
+    assert (tmp_path / "demo" / "napari-project" / "thesis.txt").exists()  # left alone
+
+    (tmp_path / "demo" / "napari-project" / "thesis.txt").unlink()
+    (tmp_path / "demo" / "napari-project" / "project.json").write_text("{}")  # an earlier demo's project
+    done = run()
+    assert done.returncode == 0
+    assert ("-m napari_sgrs._napari.demo_app --headless-screenshot demo/screenshot.png --panel-screenshot "
+            "demo/panel.png --project demo/napari-project") in done.stdout
+    assert "open demo/screenshot.png" in done.stdout
+    assert not (tmp_path / "demo" / "napari-project").exists()  # replaced by the new run (xvfb-run stubbed here)
