@@ -40,6 +40,7 @@ from napari_sgrs.core.data import normalise, pad_to
 from napari_sgrs.core.infer import Predictor, sliding_window
 from napari_sgrs.core.io import find_cases, read_volume
 from napari_sgrs.core.reliability import error_score, estimated_dice
+from napari_sgrs.core.runfolder import RunFolder
 
 def binary_equivalent_tau(tau: float) -> float:
     """The error score s_tau at which a binary prediction's log10 entropy equals ``tau``.
@@ -125,7 +126,6 @@ def load_networks(run: Path):
     """The student Predictor plus teacher and anchor networks (those the checkpoint has)."""
     from napari_sgrs.core.checkpoint import load_checkpoint
     from napari_sgrs.core.network import build_model
-    from napari_sgrs.core.runfolder import RunFolder
 
     pred = Predictor.from_run(run, device="cpu", checkpoint="last")
     ckpt = load_checkpoint(RunFolder(run).checkpoint("last"))
@@ -297,7 +297,7 @@ def dice(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray, k: int) -> float:
 
 def evaluate(run: Path, cohort: Path) -> dict:
     pred, others = load_networks(run)
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = json.loads(RunFolder(run).config.read_text())
     k = pred.num_classes
     s_tau = binary_equivalent_tau(pred.tau)
     lab_cases = find_cases(cohort / "imagesTr", cohort / "labelsTr")
@@ -657,7 +657,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     results = []
     for run in args.runs:
-        if not (run / "config.json").exists():
+        if not RunFolder(run).config.exists():
             continue
         cohort = args.cohorts / run.name.rsplit("-", 1)[0]
         results.append(evaluate(run, cohort))

@@ -90,4 +90,7 @@ def test_ci_leaves_the_system_packages_to_make():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "apt-get" not in ci and "make test" in ci and "git clone" in ci
     makefile = (ROOT / "Makefile").read_text()
-    assert "scripts/with_display.sh" in makefile and "scripts/system_deps.sh install" in makefile
+    # make test and make demo reach system_deps.sh through their scripts
+    assert "scripts/with_display.sh" in makefile and "scripts/demo.sh" in makefile
+    for script in ("with_display.sh", "demo.sh"):
+        assert 'system_deps.sh" install' in (ROOT / "scripts" / script).read_text()

@@ -173,8 +173,9 @@ def test_predict_folder_is_what_sgrs_predict_writes(tiny_cohort, tiny_run, tmp_p
                          regions=True, device="cpu")
     files = sorted(p.relative_to(tmp_path / "api") for p in (tmp_path / "api").rglob("*.nii.gz"))
     assert files == sorted(p.relative_to(tmp_path / "cli") for p in (tmp_path / "cli").rglob("*.nii.gz"))
-    # regions for the unlabeled volumes only
-    assert len(files) == len(tiny_cohort.labeled_names) + 3 * len(tiny_cohort.unlabeled_names)
+    # probability, regions and reliability for the unlabeled volumes only, and their review queue
+    assert len(files) == len(tiny_cohort.labeled_names) + 4 * len(tiny_cohort.unlabeled_names)
+    assert (tmp_path / "api" / "review.json").is_file() and (tmp_path / "cli" / "review.json").is_file()
     assert sorted(got.files) == sorted(tiny_cohort.train_names)
     for f in files:
         np.testing.assert_array_equal(read_volume(tmp_path / "api" / f).array, read_volume(tmp_path / "cli" / f).array)
@@ -187,7 +188,7 @@ def test_predict_folder_of_given_cases_writes_those_and_never_into_their_folder(
     unlabeled = [c for c in find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr) if c.label is None]
     got = predict_folder(tiny_run, tmp_path / "pseudo", cases=unlabeled, regions=True, device="cpu")
     assert sorted(got.files) == sorted(c.name for c in unlabeled) == sorted(tiny_cohort.unlabeled_names)
-    assert all(len(paths) == 3 and all(p.is_file() for p in paths) for paths in got.files.values())
+    assert all(len(paths) == 4 and all(p.is_file() for p in paths) for paths in got.files.values())
     assert read_volume(got.label(unlabeled[0].name)).array.shape == read_volume(unlabeled[0].image).array.shape
     with pytest.raises(InputError, match="is inside the input image folder"):
         predict_folder(tiny_run, tiny_cohort.images_tr / "pred", cases=unlabeled, device="cpu")
