@@ -338,8 +338,9 @@ def evaluate(run: Path, cohort: Path) -> dict:
     val_preds = []
     for case in [c for c in lab_cases if c.name in val_names]:
         img, ref = read_volume(case.image).array, read_volume(case.label).array.astype(np.int64)
-        val_preds.append((pred.predict(img, regions=True), ref, ref != IGNORE_INDEX))
-    calibration = review_calibration(val_preds, k)
+        p_val, valid_val = pred.predict(img, regions=True), ref != IGNORE_INDEX
+        val_preds.append((p_val, ref, valid_val, dice(p_val.label, ref, valid_val, k)))
+    calibration = review_calibration(val_preds)
     pred.meta["review"] = calibration.as_meta()
     vols = []
     for case in find_cases(cohort / "imagesTs", cohort / "labelsTs"):
@@ -358,7 +359,7 @@ def evaluate(run: Path, cohort: Path) -> dict:
                "dice": dice(label, ref, valid, k), "cands": {}}
         product = pred.predict(img.array, regions=True)
         assert (product.label == label).all()
-        own = np.isin(product.regions, (Region.DISREGARDED, Region.INCONSISTENT)) & valid
+        own = np.isin(product.regions, Region.flagged()) & valid
         n_own = int(own.sum())
         band_caught, band_flagged = recall_at(-p["plain"].max(0), wrong, valid, n_own)
         row["product"] = {"flagged": n_own, "caught": int((own & wrong).sum()),

@@ -49,6 +49,11 @@ class Region(IntEnum):
         """The regions a legend lists (NONE is drawn transparent)."""
         return cls.DISREGARDED, cls.CONSISTENT, cls.INCONSISTENT
 
+    @classmethod
+    def flagged(cls) -> tuple["Region", ...]:
+        """The regions a reviewer is sent to: the overlay's likely errors."""
+        return cls.DISREGARDED, cls.INCONSISTENT
+
 
 _REGION_COLOURS = {Region.NONE: "transparent", Region.DISREGARDED: "#CC79A7",
                    Region.CONSISTENT: "#009E73", Region.INCONSISTENT: "#D55E00"}

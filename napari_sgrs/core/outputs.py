@@ -79,7 +79,7 @@ _TEMP_PATTERN = r"^\.{name}\.[a-z0-9_]{{8}}\.tmp$"
 
 def remove_stale_temp_files(folder: Path, names: Iterable[str]) -> list[Path]:
     """Delete the temp files that :func:`atomic_write_bytes` left in ``folder`` for one of
-    ``names`` when its writer was killed (``.<name>.XXXXXXXX.tmp``, regular files only); any
+    ``names`` when its writer was killed (``.<name>.<8 random characters>.tmp``, regular files only); any
     other file, whatever its name, stays. A live writer's temp file has the same form: call it
     only while holding the folder's lock."""
     patterns = [re.compile(_TEMP_PATTERN.format(name=re.escape(n))) for n in names]

@@ -158,16 +158,16 @@ class ReviewCalibration:
 
 def calibrate(volumes: Sequence[tuple]) -> ReviewCalibration:
     """Calibration from validation volumes, each (reliability map, raw estimated Dice, shown label,
-    true label, valid mask, class count)."""
+    true label, valid mask, the shown label's true Dice)."""
     if not volumes:
         return ReviewCalibration()
     scores, wrongs, valids, resid = [], [], [], []
-    for reliability, raw, label, truth, valid, k in volumes:
+    for reliability, raw, label, truth, valid, true_dice in volumes:
         wrong = (label != truth) & valid
         scores.append(1.0 - np.asarray(reliability).ravel())
         wrongs.append(wrong.ravel())
         valids.append(np.asarray(valid).ravel())
-        resid.append(_dice(label, truth, valid, k) - raw)
+        resid.append(true_dice - raw)
     score, wrong, valid = np.concatenate(scores), np.concatenate(wrongs), np.concatenate(valids)
     t = review_threshold(score, wrong, valid)
     flagged = (score >= min(t, 0.5)) & valid  # outvoted voxels have p(label) < 0.5: among these
@@ -176,15 +176,6 @@ def calibrate(volumes: Sequence[tuple]) -> ReviewCalibration:
     return ReviewCalibration(threshold=t, dice_bias=bias, dice_halfwidth=max(MIN_HALFWIDTH, float(spread)),
                              volumes=len(volumes), val_recall=float((flagged & wrong).sum() / max(wrong.sum(), 1)),
                              val_flagged=float(flagged.sum() / max(valid.sum(), 1)))
-
-
-def _dice(label: np.ndarray, truth: np.ndarray, valid: np.ndarray, k: int) -> float:
-    out = []
-    for c in range(1, k):
-        a, b = (label == c) & valid, (truth == c) & valid
-        n = int(a.sum() + b.sum())
-        out.append(2.0 * int((a & b).sum()) / n if n else 1.0)
-    return float(np.mean(out)) if out else 1.0
 
 
 def volume_threshold(score: np.ndarray, calibration: ReviewCalibration, valid: np.ndarray | None = None) -> float:
@@ -202,7 +193,7 @@ def volume_review(prob: np.ndarray, label: np.ndarray, regions: np.ndarray, cali
     (of ``regions``) and the threshold this volume was flagged at."""
     raw = estimated_dice(prob, label, valid)
     est, low, high = calibration.dice(raw)
-    flagged = np.isin(regions, (Region.DISREGARDED, Region.INCONSISTENT))
+    flagged = np.isin(regions, Region.flagged())
     if valid is not None:
         flagged &= valid
     n = regions.size if valid is None else int(valid.sum())

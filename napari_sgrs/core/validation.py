@@ -39,15 +39,15 @@ def validate(student: torch.nn.Module, val: list, meta: dict, device: torch.devi
         for case in val:
             pred = predictor.predict(case.image, regions=True, keep_probabilities=config.tau_auto)
             valid = case.label != meta["config"]["ignore_index"]
-            preds.append((pred, case.label, valid))
             if config.tau_auto:
                 probs.append(torch.from_numpy(pred.probabilities).flatten(1))
                 labels.append(torch.from_numpy(case.label).flatten())
                 valids.append(torch.from_numpy(valid).flatten())
             dices.append(_case_dice(pred.label, case, valid, meta["num_classes"]))
-        calibration = review_calibration(preds, meta["num_classes"])
+            preds.append((pred, case.label, valid, dices[-1]))
+        calibration = review_calibration(preds)
         meta["review"] = calibration.as_meta()
-        for pred, label, valid in preds:  # the regions under the calibration just made
+        for pred, label, valid, _ in preds:  # the regions under the calibration just made
             score = 1.0 - pred.reliability
             pred.regions = review_regions(score, volume_threshold(score, calibration),
                                           pred.regions == Region.INCONSISTENT)
@@ -66,11 +66,11 @@ def validate(student: torch.nn.Module, val: list, meta: dict, device: torch.devi
         student.train()
 
 
-def review_calibration(predictions: list, num_classes: int) -> ReviewCalibration:
+def review_calibration(predictions: list) -> ReviewCalibration:
     """Calibrate the review overlay on validation predictions: (Prediction made with regions=True,
-    true label, valid mask) for each volume."""
-    return calibrate([(pred.reliability, pred.review["estimated_raw"], pred.label, label, valid, num_classes)
-                      for pred, label, valid in predictions])
+    true label, valid mask, its Dice as validation scores it) for each volume."""
+    return calibrate([(pred.reliability, pred.review["estimated_raw"], pred.label, label, valid, true_dice)
+                      for pred, label, valid, true_dice in predictions])
 
 
 def _case_dice(label: np.ndarray, case, valid: np.ndarray, num_classes: int) -> float:

@@ -17,10 +17,6 @@ from ..core.codes import Region
 from ..core.postprocess import largest_component
 
 
-#: The codes a reviewer is sent to: the voxels the overlay flags.
-FLAGGED = (Region.DISREGARDED, Region.INCONSISTENT)
-
-
 @dataclass
 class ReviewItem:
     """One unlabeled case in the review queue. Shares are fractions of all voxels."""
@@ -78,7 +74,7 @@ def largest_region(regions: np.ndarray) -> RegionFocus | None:
     """The largest 26-connected cluster of flagged (disregarded or inconsistent) voxels, None if
     there is none; its ``region`` is inconsistent when it holds an inconsistent voxel."""
     regions = np.asarray(regions)
-    mask = np.isin(regions, FLAGGED)
+    mask = np.isin(regions, Region.flagged())
     if mask.any():
         component = largest_component(mask)
         value = Region.INCONSISTENT if (regions[component] == Region.INCONSISTENT).any() else Region.DISREGARDED

@@ -68,9 +68,9 @@ def test_calibration_shifts_the_estimate_by_its_validation_error():
     reliability = np.full(label.shape, 0.97, np.float32)
     reliability[1] = 0.6  # the wrong slice is the unsure one
     raw = 0.95
-    one = (reliability, raw, label, truth, np.ones(label.shape, bool), 2)
-    cal = calibrate([one])
     true_dice = 2 * 48 / (64 + 48)
+    one = (reliability, raw, label, truth, np.ones(label.shape, bool), true_dice)
+    cal = calibrate([one])
     # one volume does not shift the estimate; its error widens the interval to reach its true Dice
     assert cal.volumes == 1 and cal.dice_bias == 0.0
     est, low, high = cal.dice(raw)
