@@ -130,14 +130,11 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 u_noisy = S.add_noise(u, generator=gen)
                 x_noisy = S.add_noise(x, generator=gen)
-                gated = cfg.gate == "teacher-dice"
-                with torch.no_grad():  # with the gate the teacher also sees the labeled patches (steps.sgrs_step)
-                    t_out = teacher(torch.cat([u_noisy, x_noisy], 0) if gated else u_noisy)
-                    t_probs = torch.softmax(t_out[:u.shape[0]].float(), 1)
+                with torch.no_grad():
+                    t_probs = torch.softmax(teacher(u_noisy).float(), 1)
                     if anchor:
                         t_probs = 0.5 * (t_probs + torch.softmax(anchor.ema(u_noisy).float(), 1))
                     pseudo = S.hard_label(t_probs)
-                    gate = S.teacher_reliability(torch.softmax(t_out[u.shape[0]:].float(), 1), y, 255) if gated else 1.0
                 _sync(device); phases["teacher_forward"] += time.perf_counter() - t
                 t = time.perf_counter()
                 lam = S.sample_mix_lambda(u.shape[0], 0.75, rng)
@@ -151,7 +148,7 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     reg = S.synergy_regions(torch.softmax(lu_l, 1), torch.softmax(mx_l, 1))
                 taught = lu_l.detach() if cfg.pseudo_views == "mix" else lu_l  # as steps.sgrs_step
-                loss = ls + gate * S.regional_loss(taught, mx_l, pseudo, reg, weighting=cfg.region_weighting)
+                loss = ls + S.regional_loss(taught, mx_l, pseudo, reg, weighting=cfg.region_weighting)
                 _sync(device); phases["regions_losses"] += time.perf_counter() - t
                 phases["student_forward_backward"] += fwd
         t = time.perf_counter()
@@ -178,7 +175,7 @@ def main(argv=None) -> int:
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         # the process does nothing but these steps, so its high-water mark is the training peak
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "gate": cfg.gate, "region_weighting": cfg.region_weighting, "pseudo_views": cfg.pseudo_views,
+        "region_weighting": cfg.region_weighting, "pseudo_views": cfg.pseudo_views,
         "pseudo_anchor": cfg.pseudo_anchor if args.method != "supervised" else None,
         "cudnn_benchmark": cfg.cudnn_benchmark,
     }

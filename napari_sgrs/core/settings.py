@@ -35,7 +35,10 @@ METHOD_LABELS = {"anchored-sgrs": "Anchored SGRS (ours)", "sgrs": "SGRS-Net (pap
                  "supervised": "Supervised (labels only)"}
 #: The methods whose step is steps.sgrs_step: they differ only in their settings (METHOD_DEFAULTS).
 SGRS_METHODS = ("anchored-sgrs", "sgrs")
-DEFAULT_LABELED_BATCH = 4    # labeled patches per step, for every method
+#: The paper's 2 labeled + 2 unlabeled patches per step. The labeled share is the same for every
+#: method, so supervised training sees the labeled stream the semi-supervised methods see. (4 + 2
+#: until the controls of #20: its step was 1.5-1.7x the published one; docs/experiments/2026-11-30-controls.md)
+DEFAULT_LABELED_BATCH = 2    # labeled patches per step, for every method
 DEFAULT_UNLABELED_BATCH = 2  # unlabeled patches per step added by the semi-supervised methods
 #: The paper's threshold on the entropy (log10 units) of a binary prediction.
 PAPER_TAU = 0.296
@@ -47,7 +50,7 @@ MEAN_TEACHER_UNSUP_WEIGHT = 0.1
 
 #: Our engine's choices, shared by anchored-sgrs and the baselines it is compared with.
 _OURS = dict(lr_schedule="poly", tau=PAPER_TAU, unsup_weight=1.0, rampup_stair=1, dice_form="foreground",
-             teacher_mode="eval", gate="teacher-dice", region_weighting="voxels", pseudo_views="mix",
+             teacher_mode="eval", region_weighting="voxels", pseudo_views="mix",
              pseudo_anchor="labels", foreground_fraction=0.33, flips="all", volume_draw="random")
 #: The default of each setting that depends on the method (its field's default is None: "the
 #: method's"). validate() fills in those not given, so ``--method sgrs`` alone trains the paper's step
@@ -57,7 +60,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "anchored-sgrs": _OURS,
     # the authors' code, detail by detail (../shared/SGRS.md; tests/core/test_paper_parity.py)
     "sgrs": dict(lr_schedule="constant", tau=PAPER_CODE_TAU, unsup_weight=1.0, rampup_stair=150, dice_form="paper",
-                 teacher_mode="train", gate="none", region_weighting="all-voxels", pseudo_views="both",
+                 teacher_mode="train", region_weighting="all-voxels", pseudo_views="both",
                  pseudo_anchor="off", foreground_fraction=0.0, flips="one-in-plane", volume_draw="permutation"),
     "mean-teacher": {**_OURS, "unsup_weight": MEAN_TEACHER_UNSUP_WEIGHT},
     "supervised": _OURS,
@@ -231,9 +234,6 @@ class TrainConfig:
     foreground_fraction: float | None = _setting(None, "data", "share of labeled patches centred on foreground "
                                                  "(the paper's: 0, uniform crops)", flag=None)
     dropout: float = _setting(0.5, "method", "the V-Net's dropout", flag=None)
-    gate: str | None = _setting(None, "method", "teacher-dice: scale the unlabeled loss by the teacher's Dice on "
-                                "the step's labeled patches; none: the paper's", choices=("teacher-dice", "none"),
-                                expert=True)
     region_weighting: str | None = _setting(
         None, "method", "voxels: every scored voxel weighs the same; terms: a mean of per-region means, "
         "which gives the small inconsistent region half the weight (our earlier reading of the paper); "
@@ -366,8 +366,8 @@ class TrainConfig:
     def _resolve_batch(self) -> None:
         """Fill in the batch sizes left unset (None).
 
-        supervised: ``batch_size`` labeled patches (default 4; ``--labeled-batch-size`` alone
-        also sets it). The semi-supervised methods: ``labeled_batch_size`` labeled (default 4, the same
+        supervised: ``batch_size`` labeled patches (default 2; ``--labeled-batch-size`` alone
+        also sets it). The semi-supervised methods: ``labeled_batch_size`` labeled (default 2, the same
         labeled stream as supervised training) plus ``batch_size - labeled_batch_size``
         unlabeled (default 2 more); ``--batch-size B`` alone splits B in half, as the paper's
         2 + 2. A semi-supervised run therefore never trains on fewer labeled patches per step
@@ -442,7 +442,7 @@ def _either(choices: tuple) -> str:
 
 def _by_method(name: str) -> str:
     """How --help states a method-dependent default: the default method's value, then each method
-    that differs (``teacher-dice; sgrs: none``)."""
+    that differs (``poly; sgrs: constant``)."""
     def text(value):
         return f"{value:.5g}" if isinstance(value, float) else str(value)
     first = METHOD_DEFAULTS[METHODS[0]][name]
@@ -518,7 +518,7 @@ def suggest(word: str, known) -> str | None:
 #: before the setting existed (every run saved since holds each of them). The method's default of
 #: today would be wrong here: a run saved as "sgrs" before 0.2 trained neither the paper's Dice forms
 #: nor its staircase. unsup_weight is not here: a saved run always holds it.
-_TRAINED_BEFORE_THE_FIELD = {"gate": "none", "region_weighting": "terms", "pseudo_views": "both",
+_TRAINED_BEFORE_THE_FIELD = {"region_weighting": "terms", "pseudo_views": "both",
                              "pseudo_anchor": "off", "dice_form": "foreground", "teacher_mode": "eval",
                              "rampup_stair": 1, "flips": "all", "volume_draw": "random", "lr_schedule": "constant",
                              "tau": PAPER_TAU, "foreground_fraction": 0.33}
@@ -528,7 +528,10 @@ _TRAINED_BEFORE_THE_FIELD = {"gate": "none", "region_weighting": "terms", "pseud
 #: keys, REMOVED_NO_EFFECT), so every earlier run still predicts; one that used another value
 #: does not resume (check_resumable).
 _REMOVED_SETTINGS = {"pseudo_islands": ("--pseudo-islands", "keep"), "pseudo_cap": ("--pseudo-cap", "off"),
-                     "bn_streams": ("bn_streams", False)}
+                     "bn_streams": ("bn_streams", False),
+                     # the teacher-Dice gate on L_u: no measured effect at the cost of a teacher forward
+                     # over the labeled patches (docs/experiments/2026-11-30-controls.md)
+                     "gate": ("--gate", "none")}
 #: Settings removed in 0.2 that never changed training, with their options.
 REMOVED_NO_EFFECT = {"channels_last": "--channels-last", "select": "--select"}
 #: Every option of ``sgrs train`` removed in 0.2 (the CLI says so for each instead of guessing).

@@ -273,22 +273,6 @@ def _foreground_dice_terms(prob2, pseudo, regions, b: int, inconsistent_smooth: 
     ]
 
 
-def teacher_reliability(prob: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> float:
-    """The teacher's soft Dice on the labeled patches of the step, in [0, 1]: the gate on L_u.
-
-    prob (B, K, ...) the teacher's probabilities for the (noisy) labeled patches, target (B, ...).
-    Over the foreground classes present in ``target``; 0.0 when no labeled voxel is foreground, so a
-    batch that cannot show the teacher finds the target never opens the gate (a teacher that
-    predicts background everywhere would otherwise score a perfect "Dice" on an empty batch).
-    """
-    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target))  # ignored voxels become background
-    if not bool((safe > 0).any()):
-        return 0.0
-    loss = masked_soft_dice(prob.float(), safe, valid, skip_empty=True)
-    return float(min(max(1.0 - float(loss), 0.0), 1.0))
-
-
 def sigmoid_rampup(step: int, length: float) -> float:
     """exp(-5 (1 - clip(step / length, 0, 1))^2), the Mean Teacher ramp-up (1.0 when length <= 0)."""
     if length <= 0:

@@ -1,7 +1,7 @@
 """One training step's loss for each method, chosen by name (``STEPS[config.method]``), as
 nnU-Net chooses its trainer classes: supervised, mean-teacher, and sgrs_step for both SGRS methods.
 SGRS-Net as published (``sgrs``) and our recipe (``anchored-sgrs``) differ only in the settings of
-that one step (the gate, region weighting, pseudo views, Dice forms, teacher mode, the label anchor:
+that one step (region weighting, pseudo views, Dice forms, teacher mode, the label anchor:
 settings.METHOD_DEFAULTS), so each part can be switched on its own.
 
 Every step function has one signature, ``step(student, teacher, x, y, u, step, config, rng, gen,
@@ -64,21 +64,19 @@ def sgrs_step(student, teacher, x, y, u, step: int, config, rng: np.random.Gener
               gen: torch.Generator | None, rampup_len: float, num_classes: int, anchor=None) -> StepOutput:
     """SGRS-Net (method sgrs) and Anchored SGRS (anchored-sgrs): pseudo labels of the teacher
     (averaged with ``anchor``'s, a network such as LabelAnchor.ema, when given) teach the student's
-    views U and U_mix, weighted by synergy region. Settings: gate, use_mix, use_regions,
+    views U and U_mix, weighted by synergy region. Settings: use_mix, use_regions,
     region_weighting, pseudo_views, tau, dice_form, teacher_mode, rampup_stair."""
     if u is None:
         return supervised_step(student, teacher, x, y, u, step, config, rng, gen, rampup_len, num_classes)
     b, bu = x.shape[0], u.shape[0]
     weight = _unsup_weight(config, step, rampup_len)
     u_noisy = S.add_noise(u, generator=gen)
-    gated = config.gate == "teacher-dice"
-    # the noisy labeled patches feed the mix and the gate only: no noise drawn when neither is on
-    x_noisy = S.add_noise(x, generator=gen) if gated or config.use_mix else None
+    # the noisy labeled patches feed the mix only: no noise drawn without it
+    x_noisy = S.add_noise(x, generator=gen) if config.use_mix else None
     # teacher_mode train: the authors' teacher, never put in eval mode (dropout on, batch statistics)
     teacher.train(config.teacher_mode == "train")
-    teacher_logits, reliability = _teacher_view(teacher, u_noisy, x_noisy if gated else None, y, config.ignore_index)
-    if reliability is not None:
-        weight *= reliability
+    with torch.no_grad():
+        teacher_logits = teacher(u_noisy)
     pseudo = _pseudo_label(teacher_logits, anchor, u_noisy)
     u_mix = _mixed_view(u_noisy, x_noisy, b, config, rng)
     logits = student(torch.cat([x, u, u_mix], 0))  # one forward over the three streams
@@ -99,18 +97,6 @@ def _unsup_weight(config, step: int, rampup_len: float) -> float:
     """The unlabeled loss's weight at ``step``: the sigmoid ramp-up, read at the start of the
     step's stair (``rampup_stair`` 150: the authors' iter // 150; 1: continuous)."""
     return config.unsup_weight * S.sigmoid_rampup(step - step % config.rampup_stair, rampup_len)
-
-
-def _teacher_view(teacher, u_noisy, x_noisy, y, ignore_index: int):
-    """The teacher's logits on the noisy unlabeled patches, and how far to trust them: with the
-    gate (``x_noisy`` given) the teacher also sees the noisy labeled patches in the same forward,
-    and its Dice there scales the unlabeled loss; without it, None."""
-    with torch.no_grad():
-        if x_noisy is None:
-            return teacher(u_noisy), None
-        bu = u_noisy.shape[0]
-        t_out = teacher(torch.cat([u_noisy, x_noisy], 0))
-        return t_out[:bu], S.teacher_reliability(torch.softmax(t_out[bu:].float(), 1), y, ignore_index)
 
 
 def _pseudo_label(teacher_logits, anchor, u_noisy):

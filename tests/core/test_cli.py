@@ -218,16 +218,13 @@ def test_loss_defaults_flags_and_the_paper_preset():
     --preset paper giving the paper's whole recipe (SGRS-Net, --method sgrs)."""
     ours = _train_config([])
     assert ours.method == "anchored-sgrs"
-    assert (ours.pseudo_views, ours.gate, ours.region_weighting, ours.lr_schedule) == \
-        ("mix", "teacher-dice", "voxels", "poly")
-    assert (ours.batch_size, ours.labeled_batch_size) == (6, 4)
+    assert (ours.pseudo_views, ours.region_weighting, ours.lr_schedule) == ("mix", "voxels", "poly")
+    assert (ours.batch_size, ours.labeled_batch_size) == (4, 2)  # the paper's 2 + 2
     assert _train_config(["--pseudo-views", "both"]).pseudo_views == "both"
-    assert _train_config(["--gate", "none"]).gate == "none"
     assert _train_config(["--region-weighting", "terms"]).region_weighting == "terms"
     paper = _train_config(["--preset", "paper"])
     assert paper.method == "sgrs"
-    assert (paper.pseudo_views, paper.gate, paper.region_weighting, paper.lr_schedule) == \
-        ("both", "none", "all-voxels", "constant")
+    assert (paper.pseudo_views, paper.region_weighting, paper.lr_schedule) == ("both", "all-voxels", "constant")
     assert (paper.batch_size, paper.labeled_batch_size, paper.iterations) == (4, 2, 15000)
     assert _train_config(["--preset", "paper", "--pseudo-views", "mix"]).pseudo_views == "mix"
 
@@ -262,14 +259,14 @@ def test_resume_keeps_the_loss_a_run_started_with(tmp_path):
     from napari_sgrs.core.train import TrainConfig
 
     old = TrainConfig(iterations=50).validate().to_json()
-    for key in ("gate", "region_weighting", "pseudo_views"):
+    for key in ("region_weighting", "pseudo_views"):
         del old[key]
     (tmp_path / "config.json").write_text(json.dumps({"config": old}))
     cfg = _train_config(["--resume"], out=tmp_path)
-    assert (cfg.gate, cfg.region_weighting, cfg.pseudo_views, cfg.iterations) == ("none", "terms", "both", 50)
+    assert (cfg.region_weighting, cfg.pseudo_views, cfg.iterations) == ("terms", "both", 50)
 
-    saved = TrainConfig(pseudo_views="both", gate="teacher-dice").validate().to_json()
+    saved = TrainConfig(pseudo_views="both", region_weighting="terms").validate().to_json()
     (tmp_path / "config.json").write_text(json.dumps({"config": saved}))
     cfg = _train_config(["--resume"], out=tmp_path)
-    assert (cfg.pseudo_views, cfg.gate, cfg.region_weighting) == ("both", "teacher-dice", "voxels")
+    assert (cfg.pseudo_views, cfg.region_weighting) == ("both", "terms")
     assert _train_config(["--resume", "--pseudo-views", "mix"], out=tmp_path).pseudo_views == "mix"  # given again: wins

@@ -38,7 +38,7 @@ class _Logits(torch.nn.Module):
 def _unsup_loss(teacher, anchor=None) -> float:
     """The unlabeled loss of one step with a fixed student: it depends on the pseudo label only."""
     cfg = TrainConfig(method="anchored-sgrs", iterations=10, patch_size=(16, 16, 16), batch_size=4,
-                      labeled_batch_size=2, gate="none").validate()
+                      labeled_batch_size=2).validate()
     g = torch.Generator().manual_seed(0)
     x, u = torch.randn(2, 1, 16, 16, 16, generator=g), torch.randn(2, 1, 16, 16, 16, generator=g)
     y = torch.zeros(2, 16, 16, 16, dtype=torch.long)

@@ -17,7 +17,7 @@ import pytest
 
 from napari_sgrs.cli import _config_from_args, build_parser, main
 from napari_sgrs.core import settings as S
-from napari_sgrs.core.errors import ConfigError, InputError
+from napari_sgrs.core.errors import CheckpointError, ConfigError, InputError
 from napari_sgrs.core.settings import PRESETS, SETTINGS, TrainConfig, read_config_file, resume_config
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -36,7 +36,7 @@ DEFAULTS_BEFORE = dict(
     use_mix=True, use_regions=True, normalization="zscore", ct_window=(-160.0, 240.0), ignore_index=255,
     num_classes=None, val_fraction=0.2, val_every=None, checkpoint_every=100, log_every=10, reference_compat=False,
     amp="auto", compile=False, cudnn_benchmark=True, sync_bn=False, workers=0, foreground_fraction=0.33,
-    dropout=0.5, gate="teacher-dice", region_weighting="voxels", pseudo_views="mix", pseudo_anchor="labels",
+    dropout=0.5, region_weighting="voxels", pseudo_views="mix", pseudo_anchor="labels",
     # issue 20: the authors' step as settings, off by default (the default recipe is unchanged)
     dice_form="foreground", teacher_mode="eval", rampup_stair=1, flips="all", volume_draw="random")
 
@@ -48,7 +48,7 @@ OTHER = dict(
     use_mix=False, use_regions=False, normalization="ct", ct_window=(-100.0, 100.0), ignore_index=200,
     num_classes=3, val_fraction=0.3, val_every=3, checkpoint_every=5, log_every=2, reference_compat=True,
     amp="off", compile=True, cudnn_benchmark=False, sync_bn=True, workers=1, foreground_fraction=0.5,
-    dropout=0.1, gate="none", region_weighting="terms", pseudo_views="both", pseudo_anchor="off",
+    dropout=0.1, region_weighting="terms", pseudo_views="both", pseudo_anchor="off",
     dice_form="paper", teacher_mode="train", rampup_stair=150, flips="one-in-plane", volume_draw="permutation")
 
 FIELDS = [f.name for f in fields(TrainConfig)]
@@ -86,10 +86,10 @@ def test_defaults_are_those_of_before_on_every_path():
     assert {f.name: f.default for f in fields(TrainConfig)} == {**DEFAULTS_BEFORE, **dict.fromkeys(by_method)}
     resolved = TrainConfig().validate()
     assert {name: getattr(resolved, name) for name in FIELDS} == \
-        {**DEFAULTS_BEFORE, "batch_size": 6, "labeled_batch_size": 4, "unsup_weight": 1.0}
+        {**DEFAULTS_BEFORE, "batch_size": 4, "labeled_batch_size": 2, "unsup_weight": 1.0}
     cli = _config()
     assert cli == TrainConfig().validate() == TrainConfig.from_preset(None).validate()
-    assert (cli.batch_size, cli.labeled_batch_size, cli.unsup_weight) == (6, 4, 1.0)
+    assert (cli.batch_size, cli.labeled_batch_size, cli.unsup_weight) == (4, 2, 1.0)  # the paper's 2 + 2
 
 
 def test_mean_teachers_weight_is_the_same_from_the_cli_and_the_python_api():
@@ -116,8 +116,8 @@ def test_every_setting_has_a_group_help_valid_choices_and_its_own_flag():
 
 
 def test_choices_are_checked_in_one_place_with_the_option_named():
-    with pytest.raises(ConfigError, match="--gate must be teacher-dice or none, got 'off'"):
-        TrainConfig(gate="off").validate()
+    with pytest.raises(ConfigError, match="--pseudo-views must be mix or both, got 'off'"):
+        TrainConfig(pseudo_views="off").validate()
     with pytest.raises(ConfigError, match="--method must be anchored-sgrs, sgrs, mean-teacher or supervised, "
                                           "got 'mt'"):
         TrainConfig(method="mt").validate()
@@ -142,8 +142,8 @@ def test_the_presets_values():
     paper = TrainConfig.from_preset("paper").validate()
     assert (paper.iterations, paper.patch_size, paper.base_filters, paper.batch_size, paper.labeled_batch_size) == \
         (15000, (80, 112, 112), 16, 4, 2)
-    assert (paper.lr_schedule, paper.gate, paper.region_weighting, paper.pseudo_views, paper.pseudo_anchor) == \
-        ("constant", "none", "all-voxels", "both", "off")
+    assert (paper.lr_schedule, paper.region_weighting, paper.pseudo_views, paper.pseudo_anchor) == \
+        ("constant", "all-voxels", "both", "off")
     # the authors' code, detail by detail (tests/core/test_paper_parity.py checks the step they make)
     assert (paper.dice_form, paper.teacher_mode, paper.rampup_stair, paper.val_fraction, paper.foreground_fraction,
             paper.flips, paper.volume_draw, round(paper.tau, 5)) == \
@@ -175,9 +175,9 @@ def test_method_sgrs_alone_is_the_papers_step_and_anchored_sgrs_ours():
     paper = TrainConfig.from_preset("paper").validate()
     sgrs = _config("--method", "sgrs")
     assert _method_fields(sgrs) == _method_fields(paper)
-    assert (sgrs.dice_form, sgrs.teacher_mode, sgrs.region_weighting, sgrs.gate, sgrs.pseudo_views,
+    assert (sgrs.dice_form, sgrs.teacher_mode, sgrs.region_weighting, sgrs.pseudo_views,
             sgrs.pseudo_anchor, sgrs.lr_schedule, sgrs.rampup_stair, sgrs.uses_anchor) == \
-        ("paper", "train", "all-voxels", "none", "both", "off", "constant", 150, False)
+        ("paper", "train", "all-voxels", "both", "off", "constant", 150, False)
     ours = _config("--method", "anchored-sgrs")
     assert ours == _config() == TrainConfig().validate()
     assert _method_fields(ours) == {k: DEFAULTS_BEFORE[k] if k != "unsup_weight" else 1.0
@@ -205,9 +205,9 @@ def test_a_setting_given_beats_its_methods_default(tmp_path):
     assert (ours.iterations, ours.batch_size, ours.labeled_batch_size, ours.val_fraction) == (15000, 4, 2, 0.0)
     assert _method_fields(ours) == _method_fields(TrainConfig().validate())
     f = tmp_path / "s.json"
-    f.write_text(json.dumps({"method": "sgrs", "gate": "teacher-dice"}))
+    f.write_text(json.dumps({"method": "sgrs", "pseudo_views": "mix"}))
     cfg = _config("--config", str(f))
-    assert (cfg.gate, cfg.region_weighting) == ("teacher-dice", "all-voxels")
+    assert (cfg.pseudo_views, cfg.region_weighting) == ("mix", "all-voxels")
 
 
 def test_help_states_each_methods_default(monkeypatch):
@@ -215,7 +215,7 @@ def test_help_states_each_methods_default(monkeypatch):
     text = _train_parser().format_help()
     assert "(default: anchored-sgrs)" in text
     assert "(default: 0.296; sgrs: 0.29613)" in text  # --tau
-    assert S.SETTINGS["gate"].default_text == "teacher-dice; sgrs: none"
+    assert S.SETTINGS["pseudo_views"].default_text == "mix; sgrs: both"
     assert S.SETTINGS["unsup_weight"].default_text == "1; mean-teacher: 0.1"
 
 
@@ -310,23 +310,24 @@ def test_the_parser_is_built_without_the_engine():
 
 def test_config_file_flat_or_a_runs_config_json_with_precedence(tmp_path):
     flat = tmp_path / "flat.json"
-    flat.write_text(json.dumps({"iterations": 50, "patch_size": [32, 32, 32], "gate": "none", "lr": 0.05}))
+    flat.write_text(json.dumps({"iterations": 50, "patch_size": [32, 32, 32], "pseudo_views": "both", "lr": 0.05}))
     cfg = _config("--preset", "preview", "--config", str(flat), "--lr", "0.03")
     # defaults < preset < file < options
-    assert (cfg.base_filters, cfg.iterations, cfg.patch_size, cfg.gate, cfg.lr, cfg.seed) == \
-        (8, 50, (32, 32, 32), "none", 0.03, 1337)
+    assert (cfg.base_filters, cfg.iterations, cfg.patch_size, cfg.pseudo_views, cfg.lr, cfg.seed) == \
+        (8, 50, (32, 32, 32), "both", 0.03, 1337)
     run_json = tmp_path / "config.json"
     run_json.write_text(json.dumps({"config": TrainConfig(**{k: OTHER[k] for k in ("method", "seed", "ct_window")})
                                     .validate().to_json(), "num_classes": 2}))
     cfg = _config("--config", str(run_json), "--seed", "9")
-    assert (cfg.method, cfg.seed, cfg.ct_window, cfg.batch_size) == ("mean-teacher", 9, (-100.0, 100.0), 6)
+    assert (cfg.method, cfg.seed, cfg.ct_window, cfg.batch_size) == ("mean-teacher", 9, (-100.0, 100.0), 4)
 
 
 @pytest.mark.parametrize("content, words", [
     ({"iteratons": 5}, "unknown setting 'iteratons' (did you mean 'iterations'?)"),
     ({"patch-size": [32, 32, 32], "colour": 1}, "unknown settings 'patch-size' (did you mean 'patch_size'?), 'colour'"),
     ({"iterations": "many"}, '"iterations" must be an integer, got \'many\''),
-    ({"gate": "off"}, '"gate" must be teacher-dice or none'),
+    ({"pseudo_views": "off"}, '"pseudo_views" must be mix or both'),
+    ({"gate": "teacher-dice"}, '"gate": \'teacher-dice\' was removed in 0.2'),
     ({"patch_size": [32, 32]}, '"patch_size" must be 3 numbers'),
     ({"pseudo_islands": "background"}, '"pseudo_islands": \'background\' was removed in 0.2'),
     ([1, 2], "needs a JSON object of settings, found a JSON list"),
@@ -406,8 +407,8 @@ def test_resume_keeps_the_loss_a_run_started_with(method, tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": old}))
     cfg = _config("--resume", out=run)
-    assert (cfg.gate, cfg.region_weighting, cfg.pseudo_views, cfg.pseudo_anchor, cfg.iterations) == \
-        ("none", "terms", "both", "off", 50)
+    assert (cfg.region_weighting, cfg.pseudo_views, cfg.pseudo_anchor, cfg.iterations) == \
+        ("terms", "both", "off", 50)
     assert (cfg.method, cfg.dice_form, cfg.teacher_mode, cfg.rampup_stair, cfg.flips, cfg.volume_draw,
             cfg.lr_schedule, cfg.tau, cfg.foreground_fraction) == \
         (method, "foreground", "eval", 1, "all", "random", "constant", 0.296, 0.33)
@@ -430,12 +431,18 @@ CONFIG_0_2 = {
 
 def test_a_run_saved_by_0_2_as_sgrs_resumes_with_the_recipe_it_saved(tmp_path):
     """Its saved settings win over the method's defaults: it keeps the name "sgrs" (the checkpoint
-    must match it on resume) and trains our recipe, anchor included, as it did before the rename."""
+    must match it on resume) and trains our recipe, anchor included, as it did before the rename.
+    With the teacher gate on, as 0.2's default wrote it, it is refused, naming the option (the gate
+    was removed: docs/experiments/2026-11-30-controls.md); with the gate off it resumes."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": CONFIG_0_2, "num_classes": 2}))
+    with pytest.raises(CheckpointError, match=r"trained with --gate teacher-dice, which was removed in 0.2"):
+        _config("--resume", out=run)
+    (run / "config.json").write_text(json.dumps({"config": {**CONFIG_0_2, "gate": "none"}, "num_classes": 2}))
     cfg = _config("--resume", out=run)
-    assert cfg.to_json() == {**CONFIG_0_2, "patch_size": (16, 16, 16), "ct_window": (-160.0, 240.0)}
+    saved = {k: v for k, v in CONFIG_0_2.items() if k != "gate"}
+    assert cfg.to_json() == {**saved, "patch_size": (16, 16, 16), "ct_window": (-160.0, 240.0)}
     assert cfg.uses_anchor and cfg.method == "sgrs"
     assert _method_fields(cfg) == _method_fields(TrainConfig(method="anchored-sgrs").validate())
     assert _config("--resume", "--iterations", "80", out=run).iterations == 80
@@ -462,7 +469,6 @@ def test_the_paper_preset_with_tau_auto_resumes_as_it_started(tiny_cohort, tmp_p
     meta = load_checkpoint(run).meta
     resumed = meta["config"]
     assert meta["step"] == 6 and resumed["iterations"] == 6
-    assert (resumed["lr_schedule"], resumed["tau_auto"], resumed["gate"], resumed["pseudo_anchor"]) == \
-        ("constant", True, "none", "off")
+    assert (resumed["lr_schedule"], resumed["tau_auto"], resumed["pseudo_anchor"]) == ("constant", True, "off")
     assert (resumed["patch_size"], resumed["base_filters"], resumed["device"], resumed["val_every"]) == \
         ([16, 16, 16], 2, "cpu", 2)

@@ -266,21 +266,6 @@ def test_voxel_weighting_with_consistent_voxels_only_is_plain_ce_plus_dice():
     assert got.item() == pytest.approx((0.5 * (0.5 * (dice[0] + dice[1]) + ce)).item(), rel=1e-5)
 
 
-def test_teacher_reliability_gate():
-    y = torch.zeros(2, 4, 4, 4, dtype=torch.long)
-    y[0, 1:3, 1:3, 1:3] = 1
-    perfect = torch.nn.functional.one_hot(y, 2).permute(0, 4, 1, 2, 3).float()
-    assert S.teacher_reliability(perfect, y) == pytest.approx(1.0, abs=0.02)
-    background = torch.zeros_like(perfect)
-    background[:, 0] = 1.0
-    assert S.teacher_reliability(background, y) < 0.2
-    # no target in the labeled patches: nothing shows the teacher can find it -> gate closed
-    assert S.teacher_reliability(background, torch.zeros_like(y)) == 0.0
-    # voxels marked with the ignore value are left out (here: every foreground voxel)
-    ignored = torch.where(y == 1, torch.full_like(y, 255), y)
-    assert S.teacher_reliability(perfect, ignored, ignore_index=255) == 0.0
-
-
 def test_voxel_weighting_with_nothing_scored_is_zero_with_a_graph():
     logits, logits_mix, pseudo, _, _ = _one_inconsistent_voxel()
     lg = logits.clone().requires_grad_(True)

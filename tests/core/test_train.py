@@ -150,13 +150,14 @@ def test_volumes_smaller_than_patch_are_padded(tiny_cohort, tmp_path):
 
 
 @pytest.mark.parametrize("method, given, expected", [
-    ("supervised", {}, (4, 4)),
-    ("sgrs", {}, (6, 4)),
-    ("mean-teacher", {}, (6, 4)),
-    ("sgrs", {"batch_size": 4}, (4, 2)),            # the paper's 2 + 2
+    ("supervised", {}, (2, 2)),
+    ("sgrs", {}, (4, 2)),                           # the paper's 2 + 2
+    ("anchored-sgrs", {}, (4, 2)),
+    ("mean-teacher", {}, (4, 2)),
+    ("sgrs", {"batch_size": 6}, (6, 3)),
     ("sgrs", {"labeled_batch_size": 3}, (5, 3)),
     ("sgrs", {"batch_size": 8, "labeled_batch_size": 6}, (8, 6)),
-    ("supervised", {"batch_size": 2}, (2, 2)),
+    ("supervised", {"batch_size": 4}, (4, 4)),
     ("supervised", {"labeled_batch_size": 3}, (3, 3)),
 ])
 def test_batch_defaults_give_every_method_the_same_labeled_stream(method, given, expected):
@@ -179,7 +180,7 @@ def test_pseudo_views_mix_sends_no_unlabeled_gradient_through_the_plain_view():
 
     torch.manual_seed(0)
     cfg = TrainConfig(patch_size=(16, 16, 16), base_filters=2, batch_size=4, labeled_batch_size=2,
-                      dropout=0.0, gate="none", use_mix=True).validate()
+                      dropout=0.0, use_mix=True).validate()
     student = build_model(cfg, 2).eval()  # eval: BatchNorm per sample, so samples do not interact
     teacher = copy.deepcopy(student)
     x, u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16, requires_grad=True)
