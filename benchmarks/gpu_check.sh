@@ -2,8 +2,9 @@
 # One-GPU check of the paper setting, in under 5 minutes on an H100/H200:
 #   (a) installs the package (pip install -e .; falls back to PYTHONPATH when offline and the
 #       dependencies are already there), (b) writes demo volumes of 96x128x128 (D, H, W),
-#   (c) trains SGRS-Net at the paper setting (patch 80 112 112, 16 filters, 2+2, bf16,
-#       channels_last, 4 DataLoader workers) for STEPS steps, (d) checks that the supervised
+#   (c) trains at the paper setting (patch 80 112 112, 16 filters, bf16, channels_last, 4 DataLoader
+#       workers) for STEPS steps: the default method at its default batch, or with PRESET=paper
+#       SGRS-Net as published (--preset paper: --method sgrs, 2+2), (d) checks that the supervised
 #       loss falls (mean of the first 20 progress events vs the last 20), (e) prints steps/s,
 #       peak GPU memory and the projected time of the 15,000-step recipe.
 # Figures go to stdout and, when $OUT is set, to $OUT/gpu_check.json.
@@ -13,6 +14,7 @@
 #   STEPS=500 PYTHON=python3.11 bash benchmarks/gpu_check.sh
 #   AMP=fp16 WORKERS=8 bash benchmarks/gpu_check.sh   # another precision / number of loader processes
 #   COMPILE=1 bash benchmarks/gpu_check.sh             # with --compile (the rate skips the first 10 %)
+#   PRESET=paper bash benchmarks/gpu_check.sh          # SGRS-Net as published instead of the default
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ SMOKE=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --cpu-smoke)" >&2; exit 2 ;;
   esac
 done
@@ -59,14 +61,20 @@ fi
   --shape $SHAPE --overwrite >/dev/null
 
 # (c) training at the paper setting (channels_last is the default); no validation split and one
-# final checkpoint, so the timing is the training step's
+# final checkpoint, so the timing is the training step's. The options after the preset win over it.
+RECIPE=()
+case "${PRESET:-}" in
+  "") ;;
+  paper) RECIPE=(--preset paper) ;;
+  *) echo "PRESET must be empty (the default method) or paper, got '$PRESET'" >&2; exit 2 ;;
+esac
 T_TRAIN=$(date +%s)
 "$PY" -m napari_sgrs.cli train --images "$WORK/data/imagesTr" --labels "$WORK/data/labelsTr" \
-  --out "$WORK/run" --iterations "$STEPS" --batch-size 4 --labeled-batch-size 2 "${TRAIN[@]}" \
+  --out "$WORK/run" "${RECIPE[@]}" --iterations "$STEPS" "${TRAIN[@]}" \
   --val-fraction 0 --checkpoint-every 100000 --log-every 1 --quiet
 
 # (d) + (e) from the run's events
-STEPS="$STEPS" WINDOW="$WINDOW" T_START="$T_START" T_TRAIN="$T_TRAIN" SMOKE="$SMOKE" \
+STEPS="$STEPS" WINDOW="$WINDOW" T_START="$T_START" T_TRAIN="$T_TRAIN" SMOKE="$SMOKE" PRESET="${PRESET:-}" \
 "$PY" - "$WORK/run/events.jsonl" <<'EOF'
 import json, os, sys, time
 from napari_sgrs.core.events import EventKind, read_events
@@ -81,7 +89,8 @@ last = sum(e.data["loss_sup"] for e in prog[-n:]) / n
 k = max(1, len(prog) // 10)
 rate = (prog[-1].step - prog[k].step) / max(prog[-1].time - prog[k].time, 1e-9)
 result = {
-    "device": started.data["device"], "steps": prog[-1].step, "patch_size": started.data["patch_size"],
+    "device": started.data["device"], "method": started.data["method"],
+    "recipe": os.environ["PRESET"] or "default", "steps": prog[-1].step, "patch_size": started.data["patch_size"],
     "loss_sup_first": round(first, 4), "loss_sup_last": round(last, 4), "loss_falls": last < first,
     "loss_total_first": round(sum(e.data["loss"] for e in prog[:n]) / n, 4),
     "loss_total_last": round(sum(e.data["loss"] for e in prog[-n:]) / n, 4),

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md in one short run (about 5 minutes on one H100/H200):
-#   1. benchmarks/gpu_check.sh: STEPS (300) training steps at the paper setting through the CLI
-#      (patch 80x112x112, 16 filters, 2+2, channels_last, 4 workers), with bf16 and with fp16:
-#      loss falls, steps/s, peak GPU memory, projected time of the 15,000-step recipe;
-#   2. benchmarks/step_benchmark.py at the paper setting: the phase breakdown of one SGRS step
-#      with bf16, fp16 (+ scaler) and no autocast (fp32, cuDNN's default TF32), our default 4+2
-#      batch, supervised steps for the ratio, and bf16 without cuDNN autotuning;
+#   1. benchmarks/gpu_check.sh: STEPS (300) training steps at the paper's patch and filters through
+#      the CLI (patch 80x112x112, 16 filters, channels_last, 4 workers): the default method with bf16
+#      and fp16, and SGRS-Net as published (--preset paper) with bf16: loss falls, steps/s, peak GPU
+#      memory, projected time of the 15,000-step recipe;
+#   2. benchmarks/step_benchmark.py at the paper setting: the phase breakdown of one step of the
+#      default method (bf16, fp16 + scaler, no autocast: fp32 with cuDNN's default TF32, bf16 without
+#      cuDNN autotuning), of SGRS-Net as published (--method sgrs) and of supervised steps;
 #   3. with COMPILE=1, gpu_check.sh with --compile, shorter (COMPILE_STEPS, 200).
 # Each part has its own time limit, so one that hangs does not take the others with it.
 # Outputs go to $OUT (default: ./gpu_figures_out).
@@ -31,14 +32,14 @@ gpu_check() {
   mv "$OUT/gpu_check.json" "$OUT/gpu_check_$name.json" 2>/dev/null
 }
 
-echo "== 1. gpu_check.sh (STEPS=${STEPS:-300}), bf16 then fp16"
-gpu_check bf16 COMPILE=0 AMP=bf16 STEPS="${STEPS:-300}"
-gpu_check fp16 COMPILE=0 AMP=fp16 STEPS="${STEPS:-300}"
+echo "== 1. gpu_check.sh (STEPS=${STEPS:-300}): the default with bf16 and fp16, --preset paper with bf16"
+gpu_check bf16 COMPILE=0 AMP=bf16 PRESET= STEPS="${STEPS:-300}"
+gpu_check fp16 COMPILE=0 AMP=fp16 PRESET= STEPS="${STEPS:-300}"
+gpu_check paper_bf16 COMPILE=0 AMP=bf16 PRESET=paper STEPS="${STEPS:-300}"
 
 echo "== 2. step breakdown at the paper setting"
 paper=(--patch 80 112 112 --filters 16 --device cuda --steps 20 --warmup 5 --json)
-for args in "--amp bf16" "--amp fp16" "--amp off" "--amp bf16 --labeled 4" "--amp fp16 --labeled 4" \
-            "--amp bf16 --method supervised" "--amp bf16 --method supervised --labeled 4" \
+for args in "--amp bf16" "--amp fp16" "--amp off" "--amp bf16 --method sgrs" "--amp bf16 --method supervised" \
             "--amp bf16 --no-cudnn-benchmark"; do
   # shellcheck disable=SC2086
   timeout 90 "$PY" benchmarks/step_benchmark.py "${paper[@]}" $args | tail -1 | tee -a "$OUT/steps.jsonl" \
@@ -47,4 +48,4 @@ done
 
 [[ ${COMPILE:-0} == 1 ]] || exit 0
 echo "== 3. gpu_check.sh with --compile (STEPS=${COMPILE_STEPS:-200})"
-gpu_check compile COMPILE=1 AMP=bf16 STEPS="${COMPILE_STEPS:-200}"
+gpu_check compile COMPILE=1 AMP=bf16 PRESET= STEPS="${COMPILE_STEPS:-200}"
