@@ -230,6 +230,8 @@ def t_interval(d: np.ndarray) -> tuple[float, float, float]:
 
 def summary(args) -> int:
     rows = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
+    for r in rows:  # the run's config.json: its settings under "config"
+        r["config"] = r["config"].get("config", r["config"])
     cohorts = list(dict.fromkeys(r["cohort"] for r in rows))
     order = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     order += [v for v in dict.fromkeys(r["variant"] for r in rows) if v not in order]
