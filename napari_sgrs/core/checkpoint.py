@@ -1,8 +1,7 @@
 """Checkpoints that load without running code, written atomically.
 
 A checkpoint is one safetensors file: tensors ``student.*``, ``teacher.*``, ``optim.*`` and
-``rng.*`` (and ``anchor.*``, ``anchor_ema.*``, ``anchor_optim.*`` for the label-only
-anchor), plus a JSON string in the file's metadata (step, settings, class count...). It is
+``rng.*``, plus a JSON string in the file's metadata (step, settings, class count...). It is
 written to a temporary file beside the target, fsynced, then renamed over the target, so a kill
 at any moment leaves either the old or the new checkpoint, never a torn one. Pickle files are
 never unpickled freely: a ``.pt``/``.pth`` import goes through
@@ -156,9 +155,11 @@ def _check_meta(path: Path, meta: Any, tensors: dict[str, torch.Tensor]) -> None
 
 
 # Tensor name prefixes of whole networks (state dicts), and of momentum buffers (optim.momentum.<i>
-# is the buffer of the network's i-th parameter).
-_NETWORKS = ("student", "teacher", "anchor", "anchor_ema")
-_MOMENTA = ("optim.momentum.", "anchor_optim.momentum.")
+# is the buffer of the network's i-th parameter). A checkpoint written before the label-only anchor
+# was removed also holds anchor.*, anchor_ema.* and anchor_optim.momentum.*: nothing reads them, so
+# they are left unchecked and the file still predicts.
+_NETWORKS = ("student", "teacher")
+_MOMENTA = ("optim.momentum.",)
 
 
 def _check_shapes(config: dict, num_classes: int, tensors: dict[str, torch.Tensor], bad) -> None:

@@ -25,7 +25,6 @@ from typing import Any
 class EventKind(str, Enum):
     STARTED = "started"        # total, device, method, config
     PROGRESS = "progress"      # loss, loss_sup, loss_unsup, weight, total, eta_s, steps_per_s, device, memory_mb
-    #                            (+ loss_anchor: sgrs with --pseudo-anchor labels)
     VALIDATION = "validation"  # dice (mean foreground Dice on the validation split), per_case
     REGIONS = "regions"        # disregarded/consistent/inconsistent shares; accuracy inside each on validation;
     #                            scope "calibration": the review calibration (reliability.ReviewCalibration)

@@ -9,9 +9,8 @@ CPU as the peak RSS increase of one step: 34-41 F over patch 32-64^3, batch 2-4,
 (tests/core/test_memory.py re-measures one setting). SGRS forwards the student on
 ``labeled + 2 x unlabeled`` patches (X, U, U_mix); mean teacher on ``batch``; supervised on
 ``batch``. Parameters are held ~6 times (weights, gradients, momentum, teacher, the
-checkpoint's serialised copy), twice that with the label-only anchor (anchored-sgrs). The normalised copies
-of the training volumes and ~96 MiB that torch loads on first use (optimizer, oneDNN kernels)
-come on top.
+checkpoint's serialised copy). The normalised copies of the training volumes and ~96 MiB that
+torch loads on first use (optimizer, oneDNN kernels) come on top.
 
 Inference: the sliding window keeps ``n_outputs`` (1, or 2 with regions) probability maps
 of ``K x volume`` plus the weight map, the padded normalised volume and its raw copy, then
@@ -50,18 +49,16 @@ def _param_bytes(base_filters: int) -> int:
 
 def estimate_training_memory(patch: Sequence[int], batch: int, base_filters: int, num_classes: int = 2,
                              method: str = "sgrs", labeled_batch: int | None = None,
-                             data_voxels: int = 0, anchor: bool = False) -> int:
+                             data_voxels: int = 0) -> int:
     """Peak bytes one training step adds to the process (not counting torch itself).
 
     patch: (D, H, W) voxels; batch: patches per step; data_voxels: total voxels of the training
-    volumes (their normalised copies are held in memory for the whole run); anchor:
-    ``--pseudo-anchor labels``, a second network whose parameters are held as often as the
-    student's (its step runs after the student's, on fewer patches, so the peak activations stay).
+    volumes (their normalised copies are held in memory for the whole run).
     """
     vox = math.prod(int(p) for p in patch)
     per_voxel = ACTIVATION_FLOATS_PER_FILTER * base_filters + LOSS_FLOATS_PER_CLASS * num_classes
     samples = student_samples(batch, labeled_batch, method)
-    return int(samples * vox * per_voxel * BYTES_PER_FLOAT + _param_bytes(base_filters) * (2 if anchor else 1)
+    return int(samples * vox * per_voxel * BYTES_PER_FLOAT + _param_bytes(base_filters)
                + DATA_BYTES_PER_VOXEL * data_voxels + RUNTIME_BYTES)
 
 
@@ -113,7 +110,7 @@ def _gib(n: float) -> str:
 
 
 def _smaller_training_setting(patch, batch, labeled_batch, base_filters, num_classes, method, data_voxels,
-                              limit, anchor: bool = False) -> str | None:
+                              limit) -> str | None:
     """The first setting that fits, trying in turn: fewer patches per step, smaller patches,
     fewer filters. Returned as the command-line flags to use."""
     min_batch = 1 if method == "supervised" else 2
@@ -123,8 +120,7 @@ def _smaller_training_setting(patch, batch, labeled_batch, base_filters, num_cla
     changed: set[str] = set()
 
     def fits() -> bool:
-        return estimate_training_memory(patch, batch, filters, num_classes, method, lab, data_voxels,
-                                        anchor) <= limit
+        return estimate_training_memory(patch, batch, filters, num_classes, method, lab, data_voxels) <= limit
 
     while True:
         if fits():
@@ -161,14 +157,13 @@ def check_memory(config, patch: Sequence[int], num_classes: int, device, *, data
     config: a TrainConfig (batch_size, labeled_batch_size, base_filters, method).
     Raises ResourceError naming the estimate, what is free and a setting that fits.
     """
-    anchor = config.uses_anchor
     need = estimate_training_memory(patch, config.batch_size, config.base_filters, num_classes, config.method,
-                                    config.labeled_batch_size, data_voxels, anchor)
+                                    config.labeled_batch_size, data_voxels)
     avail = available if available is not None else available_bytes(device)
     if avail is None or need <= HEADROOM * avail:
         return need
     smaller = _smaller_training_setting(patch, config.batch_size, config.labeled_batch_size, config.base_filters,
-                                        num_classes, config.method, data_voxels, HEADROOM * avail, anchor)
+                                        num_classes, config.method, data_voxels, HEADROOM * avail)
     fix = (f"use {smaller}" if smaller else
            "even the smallest setting does not fit: free memory or use a machine with more")
     raise ResourceError(

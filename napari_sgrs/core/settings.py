@@ -51,7 +51,7 @@ MEAN_TEACHER_UNSUP_WEIGHT = 0.1
 #: Our engine's choices, shared by anchored-sgrs and the baselines it is compared with.
 _OURS = dict(lr_schedule="poly", tau=PAPER_TAU, unsup_weight=1.0, rampup_stair=1, dice_form="foreground",
              teacher_mode="eval", region_weighting="voxels", pseudo_views="mix",
-             pseudo_anchor="labels", foreground_fraction=0.33, flips="all", volume_draw="random")
+             foreground_fraction=0.33, flips="all", volume_draw="random")
 #: The default of each setting that depends on the method (its field's default is None: "the
 #: method's"). validate() fills in those not given, so ``--method sgrs`` alone trains the paper's step
 #: and ``--method anchored-sgrs`` ours; a setting given explicitly (option, --config, preset, a
@@ -61,7 +61,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # the authors' code, detail by detail (../shared/SGRS.md; tests/core/test_paper_parity.py)
     "sgrs": dict(lr_schedule="constant", tau=PAPER_CODE_TAU, unsup_weight=1.0, rampup_stair=150, dice_form="paper",
                  teacher_mode="train", region_weighting="all-voxels", pseudo_views="both",
-                 pseudo_anchor="off", foreground_fraction=0.0, flips="one-in-plane", volume_draw="permutation"),
+                 foreground_fraction=0.0, flips="one-in-plane", volume_draw="permutation"),
     "mean-teacher": {**_OURS, "unsup_weight": MEAN_TEACHER_UNSUP_WEIGHT},
     "supervised": _OURS,
 }
@@ -266,15 +266,6 @@ class TrainConfig:
     pseudo_views: str | None = _setting(
         None, "method", "which student views the pseudo labels teach: mix, only the mixed view; both: the "
         "plain and the mixed view (the paper's)", choices=("mix", "both"), expert=True)
-    # labels (ours): a second V-Net with its own initialisation (the anchor, LabelAnchor) trains
-    # on the labeled patches alone, and the pseudo label is the argmax of the mean of the teacher's
-    # and the anchor's EMA's probabilities: pseudo labels never teach the anchor, so the teacher
-    # cannot confirm its own mistakes unopposed (benchmarks/out/headroom/RULE_ANCHOR.md). off: the
-    # teacher alone (the paper)
-    pseudo_anchor: str | None = _setting(
-        None, "method", "labels: a network trained on the labeled patches alone is averaged with the "
-        "teacher into the pseudo labels (1.4-1.5x the step time on a CPU); off: the teacher alone (the paper's)",
-        choices=("labels", "off"), expert=True)
 
     def validate(self) -> "TrainConfig":
         """Check every setting (the one place that does; the CLI, the panel and config.json on
@@ -339,23 +330,15 @@ class TrainConfig:
             self._check_batch_norm(self.patch_size)
         return self
 
-    @property
-    def uses_anchor(self) -> bool:
-        """Whether the run trains the label-only anchor network (steps.LabelAnchor) beside the student."""
-        return self.method in SGRS_METHODS and self.pseudo_anchor == "labels"
-
     def _check_batch_norm(self, patch: tuple[int, int, int]) -> None:
         """Batch normalisation needs 2+ values per channel at the V-Net's deepest level (the patch
-        / 16 in each axis, times the patches). The network that sees the labeled patches alone
-        (supervised; the anchor) fails with one 16^3 patch per step."""
+        / 16 in each axis, times the patches). Supervised training sees the labeled patches alone,
+        so it fails with one 16^3 patch per step."""
         deepest = math.prod(p // 16 for p in patch)
-        alone = self.method == "supervised" or self.uses_anchor
-        if alone and self.labeled_batch_size * deepest < 2:
-            flag = "--batch-size" if self.method == "supervised" else "--labeled-batch-size"
-            other = "" if self.method == "supervised" else " or --pseudo-anchor off"
-            raise ConfigError(f"{flag} {self.labeled_batch_size} with patch {list(patch)} leaves batch normalisation "
-                              f"one value per channel at the network's deepest level; use {flag} 2 or more, a patch "
-                              f"of 32 in one axis{other}")
+        if self.method == "supervised" and self.labeled_batch_size * deepest < 2:
+            raise ConfigError(f"--batch-size {self.labeled_batch_size} with patch {list(patch)} leaves batch "
+                              f"normalisation one value per channel at the network's deepest level; use --batch-size "
+                              f"2 or more, a patch of 32 in one axis")
         unlabeled = self.batch_size - self.labeled_batch_size
         if self.method in SGRS_METHODS and self.teacher_mode == "train" and unlabeled * deepest < 2:
             # the teacher in train mode normalises the unlabeled patches with their own statistics
@@ -519,7 +502,7 @@ def suggest(word: str, known) -> str | None:
 #: today would be wrong here: a run saved as "sgrs" before 0.2 trained neither the paper's Dice forms
 #: nor its staircase. unsup_weight is not here: a saved run always holds it.
 _TRAINED_BEFORE_THE_FIELD = {"region_weighting": "terms", "pseudo_views": "both",
-                             "pseudo_anchor": "off", "dice_form": "foreground", "teacher_mode": "eval",
+                             "dice_form": "foreground", "teacher_mode": "eval",
                              "rampup_stair": 1, "flips": "all", "volume_draw": "random", "lr_schedule": "constant",
                              "tau": PAPER_TAU, "foreground_fraction": 0.33}
 
@@ -531,7 +514,10 @@ _REMOVED_SETTINGS = {"pseudo_islands": ("--pseudo-islands", "keep"), "pseudo_cap
                      "bn_streams": ("bn_streams", False),
                      # the teacher-Dice gate on L_u: no measured effect at the cost of a teacher forward
                      # over the labeled patches (docs/experiments/2026-11-30-controls.md)
-                     "gate": ("--gate", "none")}
+                     "gate": ("--gate", "none"),
+                     # the label-only anchor: no measured gain over training without it or over a second
+                     # supervised network (docs/experiments/2026-11-30-controls.md)
+                     "pseudo_anchor": ("--pseudo-anchor", "off")}
 #: Settings removed in 0.2 that never changed training, with their options.
 REMOVED_NO_EFFECT = {"channels_last": "--channels-last", "select": "--select"}
 #: Every option of ``sgrs train`` removed in 0.2 (the CLI says so for each instead of guessing).

@@ -44,7 +44,7 @@ from .postprocess import single_component_classes
 from .runfolder import RunFolder, process_start_time
 from .settings import (MAX_CLASSES, TrainConfig, _check_ignore_is_no_class,  # TrainConfig: re-exported
                        check_resumable)
-from .steps import STEPS, LabelAnchor, StepOutput
+from .steps import STEPS, StepOutput
 from .validation import validate
 
 
@@ -319,7 +319,6 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the last checkpoint on disk
         self.last_path: Path | None = None
         self.last_val: float | None = None
-        self.anchor: LabelAnchor | None = None
         self.bar = self.batch_source = None
 
     # ---- setup
@@ -394,7 +393,7 @@ class Trainer:
                              "unlabeled": [s.name for s in self.batches.unlabeled]}
 
     def _build_networks(self) -> None:
-        """Student, teacher (its EMA), the optimiser, and sgrs's label anchor when asked for."""
+        """Student, teacher (its EMA) and the optimiser."""
         config = self.config
         student = build_model(config, self.num_classes)
         if config.sync_bn and self.distributed:
@@ -405,8 +404,6 @@ class Trainer:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.optimizer = make_optimizer(self.student, config)
-        if config.uses_anchor:
-            self.anchor = LabelAnchor(config, self.num_classes, self.device, self.distributed)
 
     def _prepare_forward(self) -> None:
         """The student's forward (DDP, compiled) and mixed precision."""
@@ -439,7 +436,7 @@ class Trainer:
         path = self.folder.checkpoint(kind)
         tensors = {**{f"student.{k}": v for k, v in self.student.state_dict().items()},
                    **{f"teacher.{k}": v for k, v in self.teacher.state_dict().items()},
-                   **optimizer_tensors(self.optimizer), **(self.anchor.tensors() if self.anchor else {}),
+                   **optimizer_tensors(self.optimizer),
                    "rng.torch": torch.random.get_rng_state(), "rng.noise": self.gen.get_state()}
         meta = dict(self.meta, step=self.step, best_dice=self.best_dice, rng_numpy=self.rng.bit_generator.state,
                     method=self.config.method)
@@ -452,7 +449,7 @@ class Trainer:
         return path
 
     def restore(self) -> None:
-        """Networks, optimiser, anchor, generators and step from the last checkpoint, refused when
+        """Networks, optimiser, generators and step from the last checkpoint, refused when
         it does not match this run's settings and data."""
         ckpt = load_checkpoint(self.folder.last)
         meta = ckpt.meta
@@ -461,8 +458,6 @@ class Trainer:
         self.student.load_state_dict(ckpt.state_dict("student"))
         self.teacher.load_state_dict(ckpt.state_dict("teacher"))
         load_momentum(self.optimizer, ckpt.tensors, "optim.momentum")
-        if self.anchor is not None:
-            self.anchor.load(ckpt)
         if "rng_numpy" in meta:
             self.rng.bit_generator.state = meta["rng_numpy"]
         if "draw_queues" in meta:
@@ -529,14 +524,14 @@ class Trainer:
         return False
 
     def _train_step(self) -> None:
-        """One step: the method's loss, the SGD update, the teacher's EMA, the anchor's own step;
+        """One step: the method's loss, the SGD update, the teacher's EMA;
         then what falls due at the new step (log, validation, checkpoint)."""
         config = self.config
         x, y, u = self._next_batch()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             out = self.step_fn(self.forward_student, self.teacher, x, y, u, self.step, config, self.rng, self.gen,
-                               self.rampup_len, self.num_classes, anchor=self.anchor.ema if self.anchor else None)
+                               self.rampup_len, self.num_classes)
         self._check_finite(out.loss)
         set_learning_rate(self.optimizer, config, self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -544,12 +539,10 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         S.teacher_update(self.teacher, self.student, self.step, config)
-        # the anchor learns from the same labeled patches, never from pseudo labels
-        loss_anchor = self.anchor.step(x, y, self.step) if self.anchor else None
         self.step += 1
         if self.bar is not None:
             self.bar.update(1)
-        self._after_step(out, loss_anchor)
+        self._after_step(out)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         x, y, u = next(self.batch_source)
@@ -575,13 +568,13 @@ class Trainer:
         self.writer.emit(EventKind.ERROR, self.step, message=msg)
         raise TrainingDiverged(msg)
 
-    def _after_step(self, out: StepOutput, loss_anchor: torch.Tensor | None) -> None:
+    def _after_step(self, out: StepOutput) -> None:
         config, step = self.config, self.step
         last = step == config.iterations
         # the first step of this process is reported at once: its time gives the first ETA (a
         # slow CPU setting would otherwise show no estimate until step log_every)
         if step % config.log_every == 0 or last or step == self.step0 + 1:
-            self._log_progress(out, loss_anchor)
+            self._log_progress(out)
         validate_now = self.val and (step % self.val_every == 0 or last)
         if self.is_main and validate_now:
             self._validate()
@@ -592,12 +585,11 @@ class Trainer:
                 self.last_path = self.save("last")
             self.saved_step = step  # every rank knows the checkpoint rank 0 wrote (for the divergence message)
 
-    def _log_progress(self, out: StepOutput, loss_anchor: torch.Tensor | None) -> None:
+    def _log_progress(self, out: StepOutput) -> None:
         config, step = self.config, self.step
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
         self.writer.emit(EventKind.PROGRESS, step, loss=float(out.loss.detach()), loss_sup=out.loss_sup,
                          loss_unsup=out.loss_unsup, weight=out.weight, total=config.iterations,
-                         **({"loss_anchor": float(loss_anchor)} if self.anchor else {}),
                          steps_per_s=rate, eta_s=(config.iterations - step) / max(rate, 1e-9),
                          device=self.device_name, memory_mb=peak_memory_mb(self.device))
         if out.regions:
