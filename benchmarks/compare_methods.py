@@ -42,7 +42,7 @@ VARIANTS = {
 
 def parse_variant(variant: str) -> dict:
     """A named variant, or ``base[key=value,key=value]`` (e.g. ``sgrs[tau=0.2]``,
-    ``anchored-sgrs[pseudo_anchor=off]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
+    ``anchored-sgrs[pseudo_views=both]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
     import ast
 
     name, _, rest = variant.partition("[")

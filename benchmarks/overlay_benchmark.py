@@ -3,7 +3,7 @@
 For each run folder (``sgrs train`` output on a demo cohort), predicts the cohort's held-out test
 volumes with the LAST checkpoint and computes, per window, every forward pass a candidate needs
 (the plain student, today's single fixed-partner mix, two independent draws of mixes with
-partners from the labeled training volumes, flips, MC dropout, teacher, anchor). The label a
+partners from the labeled training volumes, flips, MC dropout, teacher). The label a
 user sees is the plain student's argmax; a wrong voxel is one where it differs from the truth.
 Each candidate scores every voxel (higher: more likely wrong); from the scores come:
 
@@ -123,7 +123,7 @@ FLIPS = [tuple(a for a, bit in zip((2, 3, 4), (i & 1, i & 2, i & 4)) if bit) for
 
 
 def load_networks(run: Path):
-    """The student Predictor plus teacher and anchor networks (those the checkpoint has)."""
+    """The student Predictor plus the teacher network (when the checkpoint has it)."""
     from napari_sgrs.core.checkpoint import load_checkpoint
     from napari_sgrs.core.network import build_model
 
@@ -131,12 +131,11 @@ def load_networks(run: Path):
     ckpt = load_checkpoint(RunFolder(run).checkpoint("last"))
     pred.partner = ckpt.tensors.get("partner.image")  # today's single fixed partner (0.2)
     others = {}
-    for name in ("teacher", "anchor_ema"):
-        state = ckpt.state_dict(name)
-        if state:
-            net = build_model(ckpt.meta["config"], ckpt.meta["num_classes"])
-            net.load_state_dict(state)
-            others[name] = net.eval()
+    state = ckpt.state_dict("teacher")
+    if state:
+        net = build_model(ckpt.meta["config"], ckpt.meta["num_classes"])
+        net.load_state_dict(state)
+        others["teacher"] = net.eval()
     return pred, others
 
 
@@ -234,7 +233,7 @@ def candidates(p: dict, label: np.ndarray, spacing, fits=None) -> dict[str, np.n
     mix_a = [n for n in p if n.startswith("mixA")]
     flips = [n for n in p if n.startswith("flip")]
     mc = [n for n in p if n.startswith("mc")]
-    nets = ["plain"] + [n for n in ("teacher", "anchor_ema") if n in p]
+    nets = ["plain"] + [n for n in ("teacher",) if n in p]
     out = {
         "band (1 pass)": score(["plain"]),
         "mix x8 + plain (9)": score(["plain"] + mix_a),
@@ -243,7 +242,7 @@ def candidates(p: dict, label: np.ndarray, spacing, fits=None) -> dict[str, np.n
         "flip x7 + plain (8)": score(["plain"] + flips),
         "flip x3 + plain (4)": score(["plain", "flip0", "flip1", "flip3"]),  # one axis each
         f"MC dropout x{N_MC} (6)": score(mc),
-        "networks: student, teacher, anchor if any (3)": score(nets),
+        "networks: student, teacher (2)": score(nets),
         "mix x8 + flip x7 + plain (16)": score(["plain"] + mix_a + flips),
         "aware mix x8 + plain (9)": error_score(aware_mean(p, 8), label),
         "aware mix x3 + plain (4)": error_score(aware_mean(p, 3), label),
@@ -625,6 +624,7 @@ def summarise(raw: list[Path], out: Path) -> int:
     for r in results:  # (early raw files named the networks candidate by its count)
         for v in r["volumes"]:
             for k in [k for k in v["cands"] if k.startswith("networks x")]:
+                # measured before the label-only anchor was removed: its third network was the anchor
                 v["cands"]["networks: student, teacher, anchor if any (3)"] = v["cands"].pop(k)
     sel = [r for r in results if r["cohort"].startswith("sel-")]
     rep = [r for r in results if not r["cohort"].startswith("sel-")]

@@ -1,8 +1,7 @@
 """Time one SGRS training step, with a breakdown by phase, at a given setting.
 
-Phases: data (patch sampling + augmentation + host->device copy), teacher forward (with the
-label-only anchor's forward on U when it is on), student forward + backward (one forward over
-[X, U, U_mix]), regions + losses, optimizer, EMA, and the anchor's own supervised step.
+Phases: data (patch sampling + augmentation + host->device copy), teacher forward, student
+forward + backward (one forward over [X, U, U_mix]), regions + losses, optimizer, EMA.
 The phases are timed in the real order with synchronisation between them, so their sum is a
 little above the plain step time (which is also reported, measured without the splits).
 
@@ -42,8 +41,6 @@ def main(argv=None) -> int:
                    help="anchored-sgrs: ours (the default); sgrs: SGRS-Net, the paper's step")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN's heuristic algorithms, no autotuning")
-    p.add_argument("--pseudo-anchor", choices=["labels", "off"], default=None,
-                   help="the label-only anchor (default: the method's)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -52,16 +49,13 @@ def main(argv=None) -> int:
     from napari_sgrs.core.device import amp_dtype as autocast_dtype
     from napari_sgrs.core.device import configure_backends, resolve_device
     from napari_sgrs.core.network import build_model
-    from napari_sgrs.core.steps import STEPS, LabelAnchor
+    from napari_sgrs.core.steps import STEPS
     from napari_sgrs.core.train import TrainConfig
 
     device = resolve_device(args.device)
     cfg = TrainConfig(method=args.method, base_filters=args.filters, patch_size=tuple(args.patch),
                       batch_size=args.labeled + args.unlabeled, labeled_batch_size=args.labeled,
-                      amp=args.amp, cudnn_benchmark=not args.no_cudnn_benchmark)
-    if args.pseudo_anchor:
-        cfg.pseudo_anchor = args.pseudo_anchor
-    cfg.validate()
+                      amp=args.amp, cudnn_benchmark=not args.no_cudnn_benchmark).validate()
     rng = np.random.default_rng(0)
     gen = torch.Generator(device=device).manual_seed(0)
     vol = tuple(int(s * 1.5) for s in args.patch)
@@ -77,7 +71,6 @@ def main(argv=None) -> int:
     student = build_model(cfg, 2).to(device, memory_format=torch.channels_last_3d)  # as the trainer
     teacher = copy.deepcopy(student).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    anchor = LabelAnchor(cfg, 2, device, False) if cfg.uses_anchor else None
     amp_dtype = autocast_dtype(args.amp, device)
     step_fn = STEPS[args.method]  # as the trainer chooses it
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -91,15 +84,12 @@ def main(argv=None) -> int:
     def plain_step(step):
         x, y, u = (to_dev(t) for t in next(batches)[:3])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = step_fn(student, teacher, x, y, u, step, cfg, rng, gen, 100.0, 2,
-                          anchor=anchor.ema if anchor else None)
+            out = step_fn(student, teacher, x, y, u, step, cfg, rng, gen, 100.0, 2)
         opt.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()
         scaler.step(opt)
         scaler.update()
         S.ema_update(teacher, student, S.ema_alpha(step))
-        if anchor:
-            anchor.step(x, y, step)
 
     for i in range(args.warmup):
         plain_step(i)
@@ -114,7 +104,7 @@ def main(argv=None) -> int:
 
     # Phase breakdown (same computation as steps.sgrs_step, split with synchronisation).
     phases = {k: 0.0 for k in ("data", "teacher_forward", "student_forward_backward", "regions_losses",
-                               "optimizer", "ema", "anchor_step")}
+                               "optimizer", "ema")}
     for i in range(args.steps):
         t = time.perf_counter()
         x, y, u = (to_dev(tt) for tt in next(batches)[:3])
@@ -131,10 +121,7 @@ def main(argv=None) -> int:
                 u_noisy = S.add_noise(u, generator=gen)
                 x_noisy = S.add_noise(x, generator=gen)
                 with torch.no_grad():
-                    t_probs = torch.softmax(teacher(u_noisy).float(), 1)
-                    if anchor:
-                        t_probs = 0.5 * (t_probs + torch.softmax(anchor.ema(u_noisy).float(), 1))
-                    pseudo = S.hard_label(t_probs)
+                    pseudo = S.hard_label(teacher(u_noisy))
                 _sync(device); phases["teacher_forward"] += time.perf_counter() - t
                 t = time.perf_counter()
                 lam = S.sample_mix_lambda(u.shape[0], 0.75, rng)
@@ -161,10 +148,6 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         S.ema_update(teacher, student, 0.99)
         _sync(device); phases["ema"] += time.perf_counter() - t
-        if anchor:
-            t = time.perf_counter()
-            anchor.step(x, y, i)
-            _sync(device); phases["anchor_step"] += time.perf_counter() - t
     phases = {k: v / args.steps for k, v in phases.items()}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -176,14 +159,12 @@ def main(argv=None) -> int:
         # the process does nothing but these steps, so its high-water mark is the training peak
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "region_weighting": cfg.region_weighting, "pseudo_views": cfg.pseudo_views,
-        "pseudo_anchor": cfg.pseudo_anchor if args.method != "supervised" else None,
         "cudnn_benchmark": cfg.cudnn_benchmark,
     }
     if args.json:
         print(json.dumps(result))
     else:
-        anchored = ", label-only anchor" if result["pseudo_anchor"] == "labels" else ""
-        print(f"{args.method}{anchored} step at patch {tuple(args.patch)}, F={args.filters}, "
+        print(f"{args.method} step at patch {tuple(args.patch)}, F={args.filters}, "
               f"{args.labeled}+{args.unlabeled}, "
               f"{result['device']} x{result['threads']} threads: {step_s:.3f} s/step, "
               f"peak RSS {result['peak_rss_mb']:.0f} MiB" + (f", peak GPU {result['peak_gpu_mb']:.0f} MiB"

@@ -7,8 +7,8 @@ one process, interleaved, at the same patch and filters.
   Twice: with our memory format (channels-last 3D, the strict comparison: the network's layout
   is not the method) and as their code runs it (contiguous).
 - **our variants**: a real :class:`napari_sgrs.core.train.Trainer` built from ``TrainConfig`` and
-  stepped with its own ``_train_step`` (the method's loss, learning rate, SGD, teacher update, the
-  anchor's step, progress bookkeeping). ``default`` is the method and batch a plain ``sgrs train``
+  stepped with its own ``_train_step`` (the method's loss, learning rate, SGD, teacher update,
+  progress bookkeeping). ``default`` is the method and batch a plain ``sgrs train``
   gets today.
 
 Both sides take their patches from one pool drawn beforehand (their DataLoader prepares batches in
@@ -42,8 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = {
     "default": {},
     "sgrs (paper's step, our engine)": dict(method="sgrs", batch_size=4, labeled_batch_size=2),
-    "anchored-sgrs 2 + 2 without the anchor": dict(method="anchored-sgrs", batch_size=4, labeled_batch_size=2,
-                                                   pseudo_anchor="off"),
     "anchored-sgrs 4 + 2 (the batch before)": dict(method="anchored-sgrs", batch_size=6, labeled_batch_size=4),
 }
 
@@ -158,8 +156,7 @@ def main(argv=None) -> int:
         batch = (f"{cfg.labeled_batch_size} + {cfg.batch_size - cfg.labeled_batch_size}" if cfg else "2 + 2")
         rows.append(dict(variant=name, batch=batch, step_s=statistics.median(times[name]),
                          ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                         method=cfg.method if cfg else "sgrs (published)",
-                         anchor=cfg.uses_anchor if cfg else False))
+                         method=cfg.method if cfg else "sgrs (published)"))
     machine = platform.processor() or platform.machine()
     head = (f"patch {tuple(args.patch)}, {args.filters} filters, CPU {machine}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps, interleaved; default = "
