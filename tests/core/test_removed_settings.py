@@ -56,14 +56,15 @@ def old_run(tiny_cohort, tmp_path):
 
 
 def test_the_removed_options_are_gone(tiny_cohort, tmp_path, capsys):
-    for extra in (["--pseudo-islands", "keep"], ["--pseudo-cap", "off"], ["--channels-last"], ["--select", "last"]):
+    for extra in (["--pseudo-islands", "keep"], ["--pseudo-cap", "off"], ["--channels-last"], ["--select", "last"],
+                  ["--pseudo-anchor", "labels"]):
         code, err = _sgrs(capsys, "train", "--images", tiny_cohort.images_tr, "--labels", tiny_cohort.labels_tr,
                           "--out", tmp_path / "run", *TINY_ARGS, *extra)
         assert code == 2 and f"unrecognized option {extra[0]}; removed in 0.2" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
-    for name in ("pseudo_islands", "pseudo_cap", "channels_last", "bn_streams", "select"):
+    for name, value in {**OLD_DEFAULTS, "pseudo_anchor": "off"}.items():
         with pytest.raises(TypeError):
-            tiny_config(**{name: OLD_DEFAULTS[name]})
+            tiny_config(**{name: value})
 
 
 def test_an_old_run_with_the_default_values_predicts_and_resumes(old_run, tiny_cohort, tmp_path, capsys):
@@ -87,6 +88,7 @@ def test_an_old_run_with_the_default_values_predicts_and_resumes(old_run, tiny_c
     ({"pseudo_islands": "background"}, "--pseudo-islands background"),
     ({"pseudo_cap": "labels"}, "--pseudo-cap labels"),
     ({"bn_streams": True}, "bn_streams True"),
+    ({"pseudo_anchor": "labels"}, "--pseudo-anchor labels"),
 ])
 def test_an_old_run_that_used_a_removed_experiment_predicts_but_does_not_resume(settings, option, old_run,
                                                                                  tiny_cohort, tmp_path, capsys):
@@ -113,8 +115,8 @@ def test_an_old_run_that_used_a_removed_experiment_predicts_but_does_not_resume(
 def test_a_0_2_sgrs_run_resumes_and_predicts_as_before(tiny_cohort, tmp_path, capsys):
     """0.2 named our recipe "sgrs" (now anchored-sgrs, "sgrs" being the paper's method) and saved
     every setting. Such a run (ours, with that name put back in config.json and every checkpoint)
-    predicts what it predicted, and `sgrs train --resume` continues it with its saved recipe, the
-    anchor included, to the weights of the run that never stopped."""
+    predicts what it predicted, and `sgrs train --resume` continues it with its saved recipe to the
+    weights of the run that never stopped."""
     from napari_sgrs.core.events import EventKind
     from napari_sgrs.core.io import find_cases, read_volume
     from napari_sgrs.core.runfolder import RunFolder
@@ -147,7 +149,43 @@ def test_a_0_2_sgrs_run_resumes_and_predicts_as_before(tiny_cohort, tmp_path, ca
     assert code == 0, err
     resumed, uninterrupted = (load_checkpoint(RunFolder(p).last) for p in (old, full))
     assert resumed.meta["step"] == 6 and resumed.meta["config"]["method"] == "sgrs"
-    assert any(k.startswith("anchor.") for k in resumed.tensors)
     for k, v in uninterrupted.tensors.items():
-        if k.startswith(("student.", "teacher.", "anchor.")):
+        if k.startswith(("student.", "teacher.")):
             assert torch.equal(v, resumed.tensors[k]), k
+
+
+def test_a_checkpoint_with_the_removed_anchor_still_predicts(old_run, tiny_cohort, tmp_path, capsys):
+    """A run trained with the label-only anchor (removed after the controls of #20) holds its
+    networks and momenta beside the student's. sgrs predict and Predictor.from_run read the student
+    alone, so they predict what the same run without those tensors predicts."""
+    from napari_sgrs.core.infer import Predictor
+    from napari_sgrs.core.io import read_volume
+
+    image = read_volume(sorted(tiny_cohort.images_ts.iterdir())[0]).array
+
+    def predict(name):
+        code, err = _sgrs(capsys, "predict", "--run", old_run, "--images", tiny_cohort.images_ts, "--out",
+                          tmp_path / name, "--quiet")
+        assert code == 0, err
+        api = Predictor.from_run(old_run, device="cpu").predict(image).label
+        return {"api": api, **{f.name: read_volume(f).array for f in sorted((tmp_path / name).glob("*.nii.gz"))}}
+
+    plain = predict("plain")
+    torch.manual_seed(0)
+    for path in (old_run / "checkpoints").glob("*.safetensors"):
+        ckpt = load_checkpoint(path)
+        old = {}
+        for k, v in ckpt.tensors.items():  # the anchor's tensors, as the trainer named them; other values
+            if k.startswith("student."):
+                other = torch.randn_like(v) if v.is_floating_point() else v.clone()
+                old[f"anchor.{k[8:]}"], old[f"anchor_ema.{k[8:]}"] = other, other.clone()
+            elif k.startswith("optim.momentum."):
+                old[f"anchor_{k}"] = torch.randn_like(v)
+        assert any(k.startswith("anchor_optim.momentum.") for k in old)
+        save_checkpoint(path, {**ckpt.tensors, **old},
+                        {**ckpt.meta, "config": {**ckpt.meta["config"], "pseudo_anchor": "labels"}})
+    _as_old_run(old_run, pseudo_anchor="labels")
+    assert any(k.startswith("anchor_ema.") for k in load_checkpoint(old_run).tensors)
+    anchored = predict("anchored")
+    assert len(plain) > 1 and plain.keys() == anchored.keys()
+    assert all(np.array_equal(plain[k], anchored[k]) for k in plain)

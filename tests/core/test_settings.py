@@ -36,7 +36,7 @@ DEFAULTS_BEFORE = dict(
     use_mix=True, use_regions=True, normalization="zscore", ct_window=(-160.0, 240.0), ignore_index=255,
     num_classes=None, val_fraction=0.2, val_every=None, checkpoint_every=100, log_every=10, reference_compat=False,
     amp="auto", compile=False, cudnn_benchmark=True, sync_bn=False, workers=0, foreground_fraction=0.33,
-    dropout=0.5, region_weighting="voxels", pseudo_views="mix", pseudo_anchor="labels",
+    dropout=0.5, region_weighting="voxels", pseudo_views="mix",
     # issue 20: the authors' step as settings, off by default (the default recipe is unchanged)
     dice_form="foreground", teacher_mode="eval", rampup_stair=1, flips="all", volume_draw="random")
 
@@ -48,7 +48,7 @@ OTHER = dict(
     use_mix=False, use_regions=False, normalization="ct", ct_window=(-100.0, 100.0), ignore_index=200,
     num_classes=3, val_fraction=0.3, val_every=3, checkpoint_every=5, log_every=2, reference_compat=True,
     amp="off", compile=True, cudnn_benchmark=False, sync_bn=True, workers=1, foreground_fraction=0.5,
-    dropout=0.1, region_weighting="terms", pseudo_views="both", pseudo_anchor="off",
+    dropout=0.1, region_weighting="terms", pseudo_views="both",
     dice_form="paper", teacher_mode="train", rampup_stair=150, flips="one-in-plane", volume_draw="permutation")
 
 FIELDS = [f.name for f in fields(TrainConfig)]
@@ -142,8 +142,7 @@ def test_the_presets_values():
     paper = TrainConfig.from_preset("paper").validate()
     assert (paper.iterations, paper.patch_size, paper.base_filters, paper.batch_size, paper.labeled_batch_size) == \
         (15000, (80, 112, 112), 16, 4, 2)
-    assert (paper.lr_schedule, paper.region_weighting, paper.pseudo_views, paper.pseudo_anchor) == \
-        ("constant", "all-voxels", "both", "off")
+    assert (paper.lr_schedule, paper.region_weighting, paper.pseudo_views) == ("constant", "all-voxels", "both")
     # the authors' code, detail by detail (tests/core/test_paper_parity.py checks the step they make)
     assert (paper.dice_form, paper.teacher_mode, paper.rampup_stair, paper.val_fraction, paper.foreground_fraction,
             paper.flips, paper.volume_draw, round(paper.tau, 5)) == \
@@ -176,13 +175,11 @@ def test_method_sgrs_alone_is_the_papers_step_and_anchored_sgrs_ours():
     sgrs = _config("--method", "sgrs")
     assert _method_fields(sgrs) == _method_fields(paper)
     assert (sgrs.dice_form, sgrs.teacher_mode, sgrs.region_weighting, sgrs.pseudo_views,
-            sgrs.pseudo_anchor, sgrs.lr_schedule, sgrs.rampup_stair, sgrs.uses_anchor) == \
-        ("paper", "train", "all-voxels", "both", "off", "constant", 150, False)
+            sgrs.lr_schedule, sgrs.rampup_stair) == ("paper", "train", "all-voxels", "both", "constant", 150)
     ours = _config("--method", "anchored-sgrs")
     assert ours == _config() == TrainConfig().validate()
     assert _method_fields(ours) == {k: DEFAULTS_BEFORE[k] if k != "unsup_weight" else 1.0
                                     for k in S.METHOD_DEFAULTS["sgrs"]}
-    assert ours.uses_anchor and not TrainConfig(method="supervised").validate().uses_anchor
     # the same from the Python API and a --config file
     assert _method_fields(TrainConfig(method="sgrs").validate()) == _method_fields(paper)
 
@@ -198,8 +195,8 @@ def test_the_paper_preset_is_method_sgrs_at_the_papers_budget():
 
 
 def test_a_setting_given_beats_its_methods_default(tmp_path):
-    one = _config("--method", "sgrs", "--pseudo-anchor", "labels")
-    assert one.pseudo_anchor == "labels" and one.uses_anchor and one.dice_form == "paper"
+    one = _config("--method", "sgrs", "--pseudo-views", "mix")
+    assert (one.pseudo_views, one.dice_form) == ("mix", "paper")
     # our recipe at the paper's budget
     ours = _config("--preset", "paper", "--method", "anchored-sgrs")
     assert (ours.iterations, ours.batch_size, ours.labeled_batch_size, ours.val_fraction) == (15000, 4, 2, 0.0)
@@ -290,7 +287,7 @@ def test_every_parser_refuses_abbreviations():
 
 
 @pytest.mark.parametrize("typed, meant", [("--iteratons", "--iterations"), ("--label", "--labels"),
-                                          ("--pseudo-anchr", "--pseudo-anchor"), ("--no-regoins", "--no-regions")])
+                                          ("--pseudo-veiws", "--pseudo-views"), ("--no-regoins", "--no-regions")])
 def test_a_mistyped_option_gets_the_closest_real_one_on_one_line(typed, meant):
     code, err = _sgrs("train", "--images", "I", "--out", "R", typed, "x")
     assert code == 2 and err.count("\n") == 1 and f"unrecognized option {typed}; did you mean {meant}?" in err, err
@@ -407,8 +404,7 @@ def test_resume_keeps_the_loss_a_run_started_with(method, tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"config": old}))
     cfg = _config("--resume", out=run)
-    assert (cfg.region_weighting, cfg.pseudo_views, cfg.pseudo_anchor, cfg.iterations) == \
-        ("terms", "both", "off", 50)
+    assert (cfg.region_weighting, cfg.pseudo_views, cfg.iterations) == ("terms", "both", 50)
     assert (cfg.method, cfg.dice_form, cfg.teacher_mode, cfg.rampup_stair, cfg.flips, cfg.volume_draw,
             cfg.lr_schedule, cfg.tau, cfg.foreground_fraction) == \
         (method, "foreground", "eval", 1, "all", "random", "constant", 0.296, 0.33)
@@ -431,19 +427,27 @@ CONFIG_0_2 = {
 
 def test_a_run_saved_by_0_2_as_sgrs_resumes_with_the_recipe_it_saved(tmp_path):
     """Its saved settings win over the method's defaults: it keeps the name "sgrs" (the checkpoint
-    must match it on resume) and trains our recipe, anchor included, as it did before the rename.
-    With the teacher gate on, as 0.2's default wrote it, it is refused, naming the option (the gate
-    was removed: docs/experiments/2026-11-30-controls.md); with the gate off it resumes."""
+    must match it on resume) and trains our recipe as it did before the rename. With the teacher
+    gate on or the label-only anchor, as 0.2's defaults wrote them, it is refused in one line naming
+    the option (both were removed: docs/experiments/2026-11-30-controls.md); with both off it resumes."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"config": CONFIG_0_2, "num_classes": 2}))
+
+    def resume(**changed):
+        (run / "config.json").write_text(json.dumps({"config": {**CONFIG_0_2, **changed}, "num_classes": 2}))
+        return _config("--resume", out=run)
+
     with pytest.raises(CheckpointError, match=r"trained with --gate teacher-dice, which was removed in 0.2"):
-        _config("--resume", out=run)
-    (run / "config.json").write_text(json.dumps({"config": {**CONFIG_0_2, "gate": "none"}, "num_classes": 2}))
-    cfg = _config("--resume", out=run)
-    saved = {k: v for k, v in CONFIG_0_2.items() if k != "gate"}
+        resume()
+    with pytest.raises(CheckpointError) as refused:
+        resume(gate="none")
+    message = str(refused.value)
+    assert "config.json: cannot resume: the run was trained with --pseudo-anchor labels, which was removed" in message
+    assert "\n" not in message
+    cfg = resume(gate="none", pseudo_anchor="off")
+    saved = {k: v for k, v in CONFIG_0_2.items() if k not in ("gate", "pseudo_anchor")}
     assert cfg.to_json() == {**saved, "patch_size": (16, 16, 16), "ct_window": (-160.0, 240.0)}
-    assert cfg.uses_anchor and cfg.method == "sgrs"
+    assert cfg.method == "sgrs"
     assert _method_fields(cfg) == _method_fields(TrainConfig(method="anchored-sgrs").validate())
     assert _config("--resume", "--iterations", "80", out=run).iterations == 80
 
@@ -469,6 +473,6 @@ def test_the_paper_preset_with_tau_auto_resumes_as_it_started(tiny_cohort, tmp_p
     meta = load_checkpoint(run).meta
     resumed = meta["config"]
     assert meta["step"] == 6 and resumed["iterations"] == 6
-    assert (resumed["lr_schedule"], resumed["tau_auto"], resumed["pseudo_anchor"]) == ("constant", True, "off")
+    assert (resumed["lr_schedule"], resumed["tau_auto"]) == ("constant", True) and "pseudo_anchor" not in resumed
     assert (resumed["patch_size"], resumed["base_filters"], resumed["device"], resumed["val_every"]) == \
         ([16, 16, 16], 2, "cpu", 2)

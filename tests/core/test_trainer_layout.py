@@ -104,7 +104,7 @@ def test_every_method_trains_with_its_own_step_function(tiny_cohort, tmp_path, m
             return _real(*args, **kwargs)
 
         monkeypatch.setitem(steps.STEPS, method, recording)
-        train(tiny_config(method=method, iterations=2, pseudo_anchor="off"), cases, tmp_path / method)
+        train(tiny_config(method=method, iterations=2), cases, tmp_path / method)
         assert calls == [real.__name__] * 2, method
 
 

@@ -274,8 +274,8 @@ def test_the_panel_starts_sgrs_train_with_a_settings_file_not_options(tiny_cohor
         dict(method="anchored-sgrs", iterations=2, patch_size=[16, 16, 16], base_filters=2, device="cpu", seed=5,
              ignore_index=IGNORE_INDEX, checkpoint_every=1, val_every=None)
     ours = METHOD_DEFAULTS["anchored-sgrs"]  # the method's, as the engine's defaults
-    assert (saved["lr"], saved["region_weighting"], saved["pseudo_anchor"]) == \
-        (TrainConfig.lr, ours["region_weighting"], ours["pseudo_anchor"])
+    assert (saved["lr"], saved["region_weighting"], saved["pseudo_views"]) == \
+        (TrainConfig.lr, ours["region_weighting"], ours["pseudo_views"])
 
     settings.iterations = project.last_step(run.path) + 2     # as the panel's Retrain does
     path = project.write_settings_file(run.path, settings)
