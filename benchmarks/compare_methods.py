@@ -1,4 +1,4 @@
-"""Compare supervised, mean-teacher, SGRS-Net (sgrs), Anchored SGRS (anchored-sgrs, ours) and the
+"""Compare supervised, mean-teacher, SGRS-Net (sgrs), SGRS+ (sgrs-plus, ours) and the
 ablations of ours on a demo cohort at a fixed budget.
 
 Every run trains through the same engine as ``sgrs train`` (same defaults unless a flag here
@@ -32,17 +32,17 @@ VARIANTS = {
     # whatever the budget
     "sgrs-published": dict(method="sgrs", reference_compat=True, rampup_steps=6000, batch_size=4,
                            labeled_batch_size=2),
-    "anchored-sgrs": dict(method="anchored-sgrs"),
-    "anchored-sgrs-no-mix": dict(method="anchored-sgrs", use_mix=False),
-    "anchored-sgrs-no-regions": dict(method="anchored-sgrs", use_regions=False),
+    "sgrs-plus": dict(method="sgrs-plus"),
+    "sgrs-plus-no-mix": dict(method="sgrs-plus", use_mix=False),
+    "sgrs-plus-no-regions": dict(method="sgrs-plus", use_regions=False),
     # ours, but L_u on both views as in the paper (the ablation of pseudo_views="mix")
-    "anchored-sgrs-both-views": dict(method="anchored-sgrs", pseudo_views="both"),
+    "sgrs-plus-both-views": dict(method="sgrs-plus", pseudo_views="both"),
 }
 
 
 def parse_variant(variant: str) -> dict:
     """A named variant, or ``base[key=value,key=value]`` (e.g. ``sgrs[tau=0.2]``,
-    ``anchored-sgrs[pseudo_views=both]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
+    ``sgrs-plus[pseudo_views=both]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
     import ast
 
     name, _, rest = variant.partition("[")
@@ -268,8 +268,8 @@ def main(argv=None) -> int:
                         "methods)")
     p.add_argument("--labeled-batch-size", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["supervised", "mean-teacher", "sgrs", "anchored-sgrs",
-                                                     "anchored-sgrs-no-mix", "anchored-sgrs-no-regions"])
+    p.add_argument("--variants", nargs="+", default=["supervised", "mean-teacher", "sgrs", "sgrs-plus",
+                                                     "sgrs-plus-no-mix", "sgrs-plus-no-regions"])
     p.add_argument("--data-seed", type=int, default=100)
     p.add_argument("--device", default="cpu")
     p.add_argument("--largest-component", choices=["off", "auto", "on"], default="off",

@@ -165,12 +165,14 @@ def score(runs: list[Path], cohort) -> dict:
 
 def one(args) -> int:
     """Train and score one (cohort, variant, seed) in this process; write its result file."""
+    from napari_sgrs.core.runfolder import RunFolder
+
     cohort = load_cohort(args.out / "data" / args.cohort)
     runs = args.out / "runs" / args.cohort
     name = f"{args.variant}_s{args.seed}"
     if args.variant.startswith("supervised-x2"):
         base = runs / f"supervised_s{args.seed}"
-        while not (base / "checkpoints").exists() or not list((base / "checkpoints").glob("*last*")):
+        while not RunFolder(base).last.exists():
             time.sleep(5)  # the pair's first network is trained by the job "supervised"
         train_s = train_run("supervised", args.seed + ENSEMBLE_SEED_OFFSET, cohort, args, runs / name)
         res = score([base, runs / name], cohort)
@@ -178,7 +180,7 @@ def one(args) -> int:
         train_s = train_run(args.variant, args.seed, cohort, args, runs / name)
         res = score([runs / name], cohort)
     res.update(cohort=args.cohort, variant=args.variant, seed=args.seed, train_s=train_s,
-               steps=args.iterations, config=json.loads((runs / name / "config.json").read_text()))
+               steps=args.iterations, config=RunFolder(runs / name).read_config())
     out = args.out / "results" / f"{args.cohort}__{args.variant}__s{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

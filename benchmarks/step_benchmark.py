@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--method", default="anchored-sgrs", choices=["anchored-sgrs", "sgrs", "supervised"],
-                   help="anchored-sgrs: ours (the default); sgrs: SGRS-Net, the paper's step")
+    p.add_argument("--method", default="sgrs-plus", choices=["sgrs-plus", "sgrs", "supervised"],
+                   help="sgrs-plus: ours (the default); sgrs: SGRS-Net, the paper's step")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="cuDNN's heuristic algorithms, no autotuning")
     p.add_argument("--json", action="store_true")

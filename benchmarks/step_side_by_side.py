@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: name -> TrainConfig overrides ({} : what `sgrs train` does with no method options)
 OURS = {
     "default": {},
-    "sgrs (paper's step, our engine)": dict(method="sgrs", batch_size=4, labeled_batch_size=2),
-    "anchored-sgrs 4 + 2 (the batch before)": dict(method="anchored-sgrs", batch_size=6, labeled_batch_size=4),
+    "sgrs: SGRS-Net as published, our implementation": dict(method="sgrs", batch_size=4, labeled_batch_size=2),
+    "sgrs-plus 4 + 2 (the batch before)": dict(method="sgrs-plus", batch_size=6, labeled_batch_size=4),
 }
 
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                 enumerate(OURS.items())}
     default_cfg = trainers["default"].config
     # one pool of 2 + 2 batches for the published step, drawn by the sgrs trainer's sampler
-    draw = trainers["sgrs (paper's step, our engine)"].batches
+    draw = trainers["sgrs: SGRS-Net as published, our implementation"].batches
     pool = [next(draw)[:3] for _ in range(args.steps)]
     published = {"published, channels-last (strict)": Published(args.filters, True, step_fn, ema_fn),
                  "published, as their code runs (contiguous)": Published(args.filters, False, step_fn, ema_fn)}

@@ -1,4 +1,4 @@
-"""napari-sgrs: semi-supervised 3D segmentation for napari (SGRS-Net and Anchored SGRS), with a headless engine.
+"""napari-sgrs: semi-supervised 3D segmentation for napari (SGRS-Net and SGRS+), with a headless engine.
 
 The engine lives in :mod:`napari_sgrs.core` and imports neither Qt nor napari; the CLI
 (:mod:`napari_sgrs.cli`) and the napari widgets (:mod:`napari_sgrs._napari`) are thin

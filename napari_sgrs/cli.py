@@ -387,10 +387,10 @@ def _check_only_sgrs_files(folder: Path, choose: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sgrs", description="semi-supervised 3D segmentation: SGRS-Net (the paper's method) "
-                                              "and Anchored SGRS (ours, the default)")
+                                              "and SGRS+ (ours, the default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a network into a run folder: Anchored SGRS (the default), SGRS-Net "
+    p = sub.add_parser("train", help="train a network into a run folder: SGRS+ (the default), SGRS-Net "
                                      "(--method sgrs), mean-teacher or supervised",
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog's paragraphs
     _add_train_args(p)

@@ -1,4 +1,4 @@
-"""Headless engine (SGRS-Net, Anchored SGRS and the baselines): I/O, model, training, inference, metrics.
+"""Headless engine (SGRS-Net, SGRS+ and the baselines): I/O, model, training, inference, metrics.
 
 Nothing in this package imports qtpy, napari, magicgui or superqt.
 """

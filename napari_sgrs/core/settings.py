@@ -6,7 +6,7 @@ names its group (data, budget, optimiser, method, validation, performance). From
 named :data:`PRESETS` shared by the CLI, the napari panel and the Python API, ``--config FILE``
 (:func:`read_config_file`) and what a resumed run keeps (:func:`resume_config`). A setting that
 depends on the method (:data:`METHOD_DEFAULTS`: SGRS-Net's choices for ``sgrs``, ours for
-``anchored-sgrs``) has the default None, filled in by validate() from the method where not given.
+``sgrs-plus``) has the default None, filled in by validate() from the method where not given.
 
 Torch-free: the CLI builds its parser, and the panel its defaults, without importing the engine.
 """
@@ -28,13 +28,17 @@ from .errors import CheckpointError, ConfigError, InputError
 from .outputs import read_json
 
 #: The methods, the default first. ``sgrs`` is SGRS-Net as published (the paper's step with the
-#: defects of ../shared/SGRS.md fixed); ``anchored-sgrs`` is our recipe built on it (docs/METHOD.md).
-METHODS = ("anchored-sgrs", "sgrs", "mean-teacher", "supervised")
+#: defects of ../shared/SGRS.md fixed); ``sgrs-plus`` is our recipe built on it (docs/METHOD.md).
+METHODS = ("sgrs-plus", "sgrs", "mean-teacher", "supervised")
 #: How the CLI's messages, the napari panel and the docs name each method.
-METHOD_LABELS = {"anchored-sgrs": "Anchored SGRS (ours)", "sgrs": "SGRS-Net (paper)", "mean-teacher": "Mean Teacher",
+METHOD_LABELS = {"sgrs-plus": "SGRS+ (ours)", "sgrs": "SGRS-Net (paper)", "mean-teacher": "Mean Teacher",
                  "supervised": "Supervised (labels only)"}
+#: Method names of earlier versions, as saved runs and --config files may hold them: this recipe was
+#: "anchored-sgrs" while it trained a label-only anchor network (0.2 development; the anchor was
+#: removed by the controls of docs/experiments/2026-11-30-controls.md).
+FORMER_METHOD_NAMES = {"anchored-sgrs": "sgrs-plus"}
 #: The methods whose step is steps.sgrs_step: they differ only in their settings (METHOD_DEFAULTS).
-SGRS_METHODS = ("anchored-sgrs", "sgrs")
+SGRS_METHODS = ("sgrs-plus", "sgrs")
 #: The paper's 2 labeled + 2 unlabeled patches per step. The labeled share is the same for every
 #: method, so supervised training sees the labeled stream the semi-supervised methods see. (4 + 2
 #: until the controls of #20: its step was 1.5-1.7x the published one; docs/experiments/2026-11-30-controls.md)
@@ -48,16 +52,16 @@ PAPER_CODE_TAU = -(0.425 * math.log10(0.425) + 0.575 * math.log10(0.575))
 #: mean-teacher's weight of the MSE after ramp-up (UA-MT / SSL4MIS); the other methods' L_u weighs 1.
 MEAN_TEACHER_UNSUP_WEIGHT = 0.1
 
-#: Our engine's choices, shared by anchored-sgrs and the baselines it is compared with.
+#: Our engine's choices, shared by sgrs-plus and the baselines it is compared with.
 _OURS = dict(lr_schedule="poly", tau=PAPER_TAU, unsup_weight=1.0, rampup_stair=1, dice_form="foreground",
              teacher_mode="eval", region_weighting="voxels", pseudo_views="mix",
              foreground_fraction=0.33, flips="all", volume_draw="random")
 #: The default of each setting that depends on the method (its field's default is None: "the
 #: method's"). validate() fills in those not given, so ``--method sgrs`` alone trains the paper's step
-#: and ``--method anchored-sgrs`` ours; a setting given explicitly (option, --config, preset, a
+#: and ``--method sgrs-plus`` ours; a setting given explicitly (option, --config, preset, a
 #: resumed run's config.json) wins. docs/METHOD.md says why each of ours differs from the paper's.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "anchored-sgrs": _OURS,
+    "sgrs-plus": _OURS,
     # the authors' code, detail by detail (../shared/SGRS.md; tests/core/test_paper_parity.py)
     "sgrs": dict(lr_schedule="constant", tau=PAPER_CODE_TAU, unsup_weight=1.0, rampup_stair=150, dice_form="paper",
                  teacher_mode="train", region_weighting="all-voxels", pseudo_views="both",
@@ -165,7 +169,7 @@ def _assign_tau(value: float | str) -> dict[str, Any]:
 class TrainConfig:
     """Every setting of a run; saved as RUN/config.json and in each checkpoint."""
 
-    method: str = _setting(METHODS[0], "method", "anchored-sgrs: Anchored SGRS, our recipe (docs/METHOD.md); sgrs: "
+    method: str = _setting(METHODS[0], "method", "sgrs-plus: SGRS+, our recipe (docs/METHOD.md); sgrs: "
                            "SGRS-Net as published; mean-teacher, supervised: the baselines. The method chooses the "
                            "defaults of the settings that depend on it", choices=METHODS)
     iterations: int = _setting(15000, "budget", "training steps")
@@ -377,6 +381,7 @@ class TrainConfig:
         # a run saved before a setting existed was trained with its old behaviour: a resumed run
         # keeps what it started with instead of switching to its method's default of today
         d = {**{k: v for k, v in _TRAINED_BEFORE_THE_FIELD.items() if k not in d}, **d}
+        d["method"] = current_method_name(d.get("method", METHODS[0]))
         return cls(**{k: _as_tuple(k, v) for k, v in d.items() if k in SETTINGS})
 
     @classmethod
@@ -525,6 +530,11 @@ REMOVED_OPTIONS = tuple(n for n, _ in _REMOVED_SETTINGS.values() if n.startswith
     tuple(REMOVED_NO_EFFECT.values())
 
 
+def current_method_name(name):
+    """Today's name of a method saved under an earlier name (FORMER_METHOD_NAMES); others unchanged."""
+    return FORMER_METHOD_NAMES.get(name, name) if isinstance(name, str) else name
+
+
 def check_resumable(saved: Mapping[str, Any], where: str | os.PathLike) -> None:
     """CheckpointError, one line naming ``where`` (the file the settings came from) and the option,
     when a run's saved settings used a removed setting with a value other than the one that
@@ -549,6 +559,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         data = data["config"]  # a run's config.json
     if not isinstance(data, dict):
         raise InputError(f"{path}: --config needs a JSON object of settings, found a JSON {type(data).__name__}")
+    if "method" in data:
+        data = {**data, "method": current_method_name(data["method"])}
     for key, (_, same) in _REMOVED_SETTINGS.items():
         if data.get(key, same) != same:
             raise ConfigError(f"{path}: \"{key}\": {data[key]!r} was removed in 0.2 (see CHANGELOG.md); delete "

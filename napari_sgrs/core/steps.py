@@ -1,6 +1,6 @@
 """One training step's loss for each method, chosen by name (``STEPS[config.method]``), as
 nnU-Net chooses its trainer classes: supervised, mean-teacher, and sgrs_step for both SGRS methods.
-SGRS-Net as published (``sgrs``) and our recipe (``anchored-sgrs``) differ only in the settings of
+SGRS-Net as published (``sgrs``) and our recipe (``sgrs-plus``) differ only in the settings of
 that one step (region weighting, pseudo views, Dice forms, teacher mode:
 settings.METHOD_DEFAULTS), so each part can be switched on its own.
 
@@ -57,7 +57,7 @@ def mean_teacher_step(student, teacher, x, y, u, step: int, config, rng: np.rand
 
 def sgrs_step(student, teacher, x, y, u, step: int, config, rng: np.random.Generator,
               gen: torch.Generator | None, rampup_len: float, num_classes: int) -> StepOutput:
-    """SGRS-Net (method sgrs) and Anchored SGRS (anchored-sgrs): the teacher's hard labels teach
+    """SGRS-Net (method sgrs) and SGRS+ (sgrs-plus): the teacher's hard labels teach
     the student's views U and U_mix, weighted by synergy region. Settings: use_mix, use_regions,
     region_weighting, pseudo_views, tau, dice_form, teacher_mode, rampup_stair."""
     if u is None:
@@ -108,5 +108,5 @@ StepFunction = Callable[..., StepOutput]
 
 #: The step of each method (TrainConfig.method), looked up when a trainer is set up.
 STEPS: dict[str, StepFunction] = {"supervised": supervised_step, "mean-teacher": mean_teacher_step,
-                                  "sgrs": sgrs_step, "anchored-sgrs": sgrs_step}
+                                  "sgrs": sgrs_step, "sgrs-plus": sgrs_step}
 

@@ -1,5 +1,5 @@
 """Training: Mean Teacher on a V-Net with Mix Augmentation and regional pseudo-label losses (SGRS-Net
-and Anchored SGRS), and the baselines.
+and SGRS+), and the baselines.
 
 ``train(config, cases, run_dir)`` is the one entry point; the CLI and the napari plugin (which
 runs ``sgrs train`` in a separate process) call it, and it runs a :class:`Trainer`. Progress goes
@@ -43,7 +43,7 @@ from .network import build_model, load_momentum, make_optimizer, optimizer_tenso
 from .postprocess import single_component_classes
 from .runfolder import RunFolder, process_start_time
 from .settings import (MAX_CLASSES, TrainConfig, _check_ignore_is_no_class,  # TrainConfig: re-exported
-                       check_resumable)
+                       check_resumable, current_method_name)
 from .steps import STEPS, StepOutput
 from .validation import validate
 
@@ -652,7 +652,8 @@ class Trainer:
 
 def _check_same_run(meta: dict, config: TrainConfig, num_classes: int, patch: tuple[int, int, int]) -> None:
     """CheckpointError unless the checkpoint was trained with this network, method, classes and patch."""
-    old = meta.get("config", {})
+    old = {**meta.get("config", {})}
+    old["method"] = current_method_name(old.get("method"))
     for key in ("base_filters", "method"):
         if old.get(key) != getattr(config, key):
             raise CheckpointError(f"cannot resume: the run used --{key.replace('_', '-')} {old.get(key)}, "

@@ -35,7 +35,7 @@ import numpy as np
 from ..core.codes import IGNORE_INDEX, Provenance
 from ..core.errors import InputError
 from ..core.runfolder import RunFolder
-from ..core.settings import TrainConfig
+from ..core.settings import TrainConfig, current_method_name
 
 PROJECT_FILE = "project.json"
 PROJECT_VERSION = 1
@@ -185,6 +185,8 @@ def panel_config(values: Mapping[str, Any] | None = None, preset: str = "plugin"
     given = {k: v for k, v in (values or {}).items() if k in PANEL_SETTINGS and v is not None}
     if "patch_size" in given:
         given["patch_size"] = tuple(int(v) for v in given["patch_size"])
+    if "method" in given:  # a project saved while our recipe had an earlier name
+        given["method"] = current_method_name(given["method"])
     return TrainConfig.from_preset(preset, **given)
 
 

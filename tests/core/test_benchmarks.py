@@ -20,23 +20,23 @@ def test_compare_methods_table_plot_and_merge(tmp_path):
     cm = _load()
     tiny = ["--kind", "blob", "--iterations", "3", "--shape", "32", "32", "32", "--patch", "16", "16", "16",
             "--filters", "2", "--cases", "4", "--labeled", "2", "--test", "1", "--seeds", "0"]
-    assert cm.main(tiny + ["--variants", "supervised", "anchored-sgrs", "--out", str(tmp_path / "a")]) == 0
+    assert cm.main(tiny + ["--variants", "supervised", "sgrs-plus", "--out", str(tmp_path / "a")]) == 0
     assert cm.main(tiny + ["--variants", "sgrs[tau=0.1]", "sgrs[tau_auto=True]", "--out", str(tmp_path / "b")]) == 0
     res = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
     by = {r["variant"]: r for r in res}
-    assert by["supervised"]["batch"] == [2, 0] and by["anchored-sgrs"]["batch"] == [2, 2]
+    assert by["supervised"]["batch"] == [2, 0] and by["sgrs-plus"]["batch"] == [2, 2]
     assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["dice_unlabeled"] <= 1.0 for r in res)
 
     assert cm.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
     table = (tmp_path / "m" / "table.md").read_text()
-    for v in ("supervised", "anchored-sgrs", "sgrs[tau=0.1]", "sgrs[tau_auto=True]"):
+    for v in ("supervised", "sgrs-plus", "sgrs[tau=0.1]", "sgrs[tau_auto=True]"):
         assert f"| {v} |" in table
-    assert "--variants supervised anchored-sgrs" in table  # each part's command is kept
+    assert "--variants supervised sgrs-plus" in table  # each part's command is kept
     assert (tmp_path / "m" / "dice.png").stat().st_size > 0 and (tmp_path / "m" / "tau.png").stat().st_size > 0
     # each SGRS method's own tau: ours the paper's 0.296, SGRS-Net the authors' code's band (0.29613)
-    assert cm.tau_of("anchored-sgrs") == 0.296 and round(cm.tau_of("sgrs"), 5) == 0.29613
-    assert cm.tau_of("sgrs[tau=0.1]") == 0.1 and cm.tau_of("anchored-sgrs[tau=0.2]") == 0.2
-    assert cm.tau_of("sgrs[tau_auto=True]") == "auto" and cm.tau_of("anchored-sgrs-no-mix") is None
+    assert cm.tau_of("sgrs-plus") == 0.296 and round(cm.tau_of("sgrs"), 5) == 0.29613
+    assert cm.tau_of("sgrs[tau=0.1]") == 0.1 and cm.tau_of("sgrs-plus[tau=0.2]") == 0.2
+    assert cm.tau_of("sgrs[tau_auto=True]") == "auto" and cm.tau_of("sgrs-plus-no-mix") is None
     assert cm.tau_of("supervised") is None and cm.tau_of("sgrs-low-tau") is None  # a --rename name
     assert cm.tau_of("sgrs[tau=0.1,use_mix=False]") is None
     assert "2 labeled + 2 unlabeled training volumes, 1 test volumes" in table

@@ -196,14 +196,14 @@ def test_predict_refuses_a_pickle_checkpoint(tmp_path, tiny_cohort, capsys):
 def test_headless_demo_runs_the_whole_job(tmp_path, capsys):
     assert main(["demo", str(tmp_path / "demo"), "--iterations", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "training Anchored SGRS (ours) for 2 steps" in out  # the default method, by its name
+    assert "training SGRS+ (ours) for 2 steps" in out  # the default method, by its name
     assert "Held-out demo test volumes" in out and "dice" in out
     assert len(list((tmp_path / "demo" / "pseudo" / "regions").glob("*.nii.gz"))) == 4  # the unlabeled ones
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text())["cases"]
     from napari_sgrs.cli import build_parser
 
     assert build_parser().parse_args(["demo", "--method", "sgrs"]).method == "sgrs"
-    assert build_parser().parse_args(["demo"]).method == "anchored-sgrs"
+    assert build_parser().parse_args(["demo"]).method == "sgrs-plus"
 
 
 def _train_config(argv: list[str], out: Path | str = "R"):
@@ -214,10 +214,10 @@ def _train_config(argv: list[str], out: Path | str = "R"):
 
 
 def test_loss_defaults_flags_and_the_paper_preset():
-    """Our default recipe (anchored-sgrs), each flag that switches a part back to the paper's, and
+    """Our default recipe (sgrs-plus), each flag that switches a part back to the paper's, and
     --preset paper giving the paper's whole recipe (SGRS-Net, --method sgrs)."""
     ours = _train_config([])
-    assert ours.method == "anchored-sgrs"
+    assert ours.method == "sgrs-plus"
     assert (ours.pseudo_views, ours.region_weighting, ours.lr_schedule) == ("mix", "voxels", "poly")
     assert (ours.batch_size, ours.labeled_batch_size) == (4, 2)  # the paper's 2 + 2
     assert _train_config(["--pseudo-views", "both"]).pseudo_views == "both"

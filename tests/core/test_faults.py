@@ -448,7 +448,7 @@ def test_cuda_out_of_memory_is_reported_and_the_checkpoint_kept(trained_run, tin
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setitem(STEPS, "anchored-sgrs", out_of_memory)  # the tiny config's method
+    monkeypatch.setitem(STEPS, "sgrs-plus", out_of_memory)  # the tiny config's method
     with pytest.raises(ResourceError) as info:
         T.train(tiny_config(iterations=4), find_cases(tiny_cohort.images_tr, tiny_cohort.labels_tr), run, resume=True)
     msg = str(info.value)

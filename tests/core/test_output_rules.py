@@ -305,7 +305,7 @@ TRAIN_OPTIONS = [
     (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
     (["--method", "supervised", "--batch-size", "1"], "--batch-size 1 with patch [16, 16, 16]"),
     (["--labeled-batch-size", "1", "--batch-size", "3"], "--labeled-batch-size 1 with patch"),
-    (["--batch-size", "1"], "--batch-size must be >= 2 for anchored-sgrs"),
+    (["--batch-size", "1"], "--batch-size must be >= 2 for sgrs-plus"),
     (["--labeled-batch-size", "0"], "--labeled-batch-size must be >= 1, got 0"),
     (["--tau", "nan"], "--tau must be a finite number, got nan"),
     (["--lr", "0"], "--lr must be > 0, got 0"),

@@ -205,7 +205,7 @@ def test_step_matches_the_authors(compat):
 
 def test_method_sgrs_alone_is_the_authors_step():
     """`sgrs train --method sgrs` and nothing else about the loss (no preset) makes their step: the
-    method's defaults are the paper's. Our default method, anchored-sgrs, does not."""
+    method's defaults are the paper's. Our default method, sgrs-plus, does not."""
     from napari_sgrs.cli import _config_from_args, build_parser
 
     def cli(*argv):
@@ -220,7 +220,7 @@ def test_method_sgrs_alone_is_the_authors_step():
     assert all(_close(a, b) for a, b in zip(g1, g2))
     assert all(_close(a, b) for a, b in zip(s1.parameters(), s2.parameters()))
     ours = cli()
-    assert ours.method == "anchored-sgrs"
+    assert ours.method == "sgrs-plus"
     assert abs(float(_run(_ours(ours), ours, False)[2].detach()) - float(loss2.detach())) > 1e-4
 
 

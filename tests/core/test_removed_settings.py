@@ -113,7 +113,7 @@ def test_an_old_run_that_used_a_removed_experiment_predicts_but_does_not_resume(
 
 
 def test_a_0_2_sgrs_run_resumes_and_predicts_as_before(tiny_cohort, tmp_path, capsys):
-    """0.2 named our recipe "sgrs" (now anchored-sgrs, "sgrs" being the paper's method) and saved
+    """0.2 named our recipe "sgrs" (now sgrs-plus, "sgrs" being the paper's method) and saved
     every setting. Such a run (ours, with that name put back in config.json and every checkpoint)
     predicts what it predicted, and `sgrs train --resume` continues it with its saved recipe to the
     weights of the run that never stopped."""

@@ -27,9 +27,9 @@ ROOT = Path(__file__).parents[2]
 
 #: Every setting's default before settings.py (TrainConfig in train.py, with the CLI's rule for
 #: mean-teacher's weight): a default may change only on purpose, here and in the CHANGELOG. Issue
-#: 20 renamed the default method (our recipe) from sgrs to anchored-sgrs; its settings are those of before.
+#: 20 renamed the default method (our recipe) from sgrs to sgrs-plus; its settings are those of before.
 DEFAULTS_BEFORE = dict(
-    method="anchored-sgrs", iterations=15000, patch_size=None, base_filters=16, batch_size=None,
+    method="sgrs-plus", iterations=15000, patch_size=None, base_filters=16, batch_size=None,
     labeled_batch_size=None,
     seed=1337, device="auto", lr=0.01, lr_schedule="poly", momentum=0.9, weight_decay=1e-4, tau=0.296,
     tau_auto=False, tau_error_rate=0.45, mix_alpha=0.75, unsup_weight=None, rampup_fraction=0.4, ema_decay=0.99,
@@ -118,7 +118,7 @@ def test_every_setting_has_a_group_help_valid_choices_and_its_own_flag():
 def test_choices_are_checked_in_one_place_with_the_option_named():
     with pytest.raises(ConfigError, match="--pseudo-views must be mix or both, got 'off'"):
         TrainConfig(pseudo_views="off").validate()
-    with pytest.raises(ConfigError, match="--method must be anchored-sgrs, sgrs, mean-teacher or supervised, "
+    with pytest.raises(ConfigError, match="--method must be sgrs-plus, sgrs, mean-teacher or supervised, "
                                           "got 'mt'"):
         TrainConfig(method="mt").validate()
     with pytest.raises(ConfigError, match="momentum must be a finite number, got 'x'"):  # no flag: its key
@@ -152,7 +152,7 @@ def test_the_presets_values():
     # the napari panel's starting values when the preset was made (_widget.py's boxes, project.TrainSettings)
     plugin = TrainConfig.from_preset("plugin").validate()
     assert (plugin.method, plugin.iterations, plugin.patch_size, plugin.base_filters, plugin.device, plugin.seed,
-            plugin.ignore_index) == ("anchored-sgrs", 2000, (96, 96, 96), 16, "auto", 1337, 255)
+            plugin.ignore_index) == ("sgrs-plus", 2000, (96, 96, 96), 16, "auto", 1337, 255)
     tiny = TrainConfig.from_preset("tiny", seed=3)
     assert (tiny.iterations, tiny.patch_size, tiny.base_filters, tiny.device, tiny.seed) == \
         (4, (16, 16, 16), 2, "cpu", 3)
@@ -167,16 +167,16 @@ def _method_fields(cfg: TrainConfig) -> dict:
     return {name: getattr(cfg, name) for name in S.METHOD_DEFAULTS["sgrs"]}
 
 
-def test_method_sgrs_alone_is_the_papers_step_and_anchored_sgrs_ours():
+def test_method_sgrs_alone_is_the_papers_step_and_sgrs_plus_ours():
     """`--method sgrs` with no other option: every method-dependent setting as the paper preset has
-    it (the step test_paper_parity.py checks against the authors' code); `--method anchored-sgrs`,
+    it (the step test_paper_parity.py checks against the authors' code); `--method sgrs-plus`,
     and no option at all, our recipe as before issue 20."""
     paper = TrainConfig.from_preset("paper").validate()
     sgrs = _config("--method", "sgrs")
     assert _method_fields(sgrs) == _method_fields(paper)
     assert (sgrs.dice_form, sgrs.teacher_mode, sgrs.region_weighting, sgrs.pseudo_views,
             sgrs.lr_schedule, sgrs.rampup_stair) == ("paper", "train", "all-voxels", "both", "constant", 150)
-    ours = _config("--method", "anchored-sgrs")
+    ours = _config("--method", "sgrs-plus")
     assert ours == _config() == TrainConfig().validate()
     assert _method_fields(ours) == {k: DEFAULTS_BEFORE[k] if k != "unsup_weight" else 1.0
                                     for k in S.METHOD_DEFAULTS["sgrs"]}
@@ -198,7 +198,7 @@ def test_a_setting_given_beats_its_methods_default(tmp_path):
     one = _config("--method", "sgrs", "--pseudo-views", "mix")
     assert (one.pseudo_views, one.dice_form) == ("mix", "paper")
     # our recipe at the paper's budget
-    ours = _config("--preset", "paper", "--method", "anchored-sgrs")
+    ours = _config("--preset", "paper", "--method", "sgrs-plus")
     assert (ours.iterations, ours.batch_size, ours.labeled_batch_size, ours.val_fraction) == (15000, 4, 2, 0.0)
     assert _method_fields(ours) == _method_fields(TrainConfig().validate())
     f = tmp_path / "s.json"
@@ -210,7 +210,7 @@ def test_a_setting_given_beats_its_methods_default(tmp_path):
 def test_help_states_each_methods_default(monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside hyphenated words
     text = _train_parser().format_help()
-    assert "(default: anchored-sgrs)" in text
+    assert "(default: sgrs-plus)" in text
     assert "(default: 0.296; sgrs: 0.29613)" in text  # --tau
     assert S.SETTINGS["pseudo_views"].default_text == "mix; sgrs: both"
     assert S.SETTINGS["unsup_weight"].default_text == "1; mean-teacher: 0.1"
@@ -411,7 +411,7 @@ def test_resume_keeps_the_loss_a_run_started_with(method, tmp_path):
 
 
 #: config.json's "config" as 0.2 wrote it for a run of its default method, then named "sgrs" (our
-#: recipe; issue 20 renamed it anchored-sgrs and gave "sgrs" to the paper's method). Every field explicit.
+#: recipe; issue 20 renamed it sgrs-plus and gave "sgrs" to the paper's method). Every field explicit.
 CONFIG_0_2 = {
     "method": "sgrs", "iterations": 50, "patch_size": [16, 16, 16], "base_filters": 2, "batch_size": 6,
     "labeled_batch_size": 4, "seed": 1337, "device": "cpu", "lr": 0.01, "lr_schedule": "poly", "momentum": 0.9,
@@ -448,8 +448,22 @@ def test_a_run_saved_by_0_2_as_sgrs_resumes_with_the_recipe_it_saved(tmp_path):
     saved = {k: v for k, v in CONFIG_0_2.items() if k not in ("gate", "pseudo_anchor")}
     assert cfg.to_json() == {**saved, "patch_size": (16, 16, 16), "ct_window": (-160.0, 240.0)}
     assert cfg.method == "sgrs"
-    assert _method_fields(cfg) == _method_fields(TrainConfig(method="anchored-sgrs").validate())
+    assert _method_fields(cfg) == _method_fields(TrainConfig(method="sgrs-plus").validate())
     assert _config("--resume", "--iterations", "80", out=run).iterations == 80
+
+
+def test_our_recipes_former_name_is_read_as_todays(tmp_path):
+    """Runs, --config files and projects saved while our recipe was named "anchored-sgrs" read as
+    sgrs-plus; a new setting given under that name is refused with the methods of today."""
+    from napari_sgrs.project.folder import panel_config
+
+    assert TrainConfig.from_json({"method": "anchored-sgrs"}).method == "sgrs-plus"
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"method": "anchored-sgrs", "iterations": 5}))
+    assert read_config_file(f) == {"method": "sgrs-plus", "iterations": 5}
+    assert panel_config({"method": "anchored-sgrs"}).method == "sgrs-plus"
+    with pytest.raises(ConfigError, match="--method must be sgrs-plus, sgrs, mean-teacher or supervised"):
+        TrainConfig(method="anchored-sgrs").validate()
 
 
 def test_invalid_saved_settings_are_one_line_naming_the_file(tmp_path):

@@ -152,7 +152,7 @@ def test_volumes_smaller_than_patch_are_padded(tiny_cohort, tmp_path):
 @pytest.mark.parametrize("method, given, expected", [
     ("supervised", {}, (2, 2)),
     ("sgrs", {}, (4, 2)),                           # the paper's 2 + 2
-    ("anchored-sgrs", {}, (4, 2)),
+    ("sgrs-plus", {}, (4, 2)),
     ("mean-teacher", {}, (4, 2)),
     ("sgrs", {"batch_size": 6}, (6, 3)),
     ("sgrs", {"labeled_batch_size": 3}, (5, 3)),

@@ -36,7 +36,7 @@ def test_the_panel_starts_from_the_devices_preset(make_napari_viewer, monkeypatc
     if not gpu:
         assert "preview setting" in widget.gpu_label.text()
     # the methods by name; the default is ours, and the paper preset sets SGRS-Net
-    assert (widget.method_combo.currentText(), settings.method) == ("Anchored SGRS (ours)", "anchored-sgrs")
+    assert (widget.method_combo.currentText(), settings.method) == ("SGRS+ (ours)", "sgrs-plus")
     widget.choose_preset("paper")
     assert _boxes(widget) == (PRESETS["paper"]["iterations"], PRESETS["paper"]["patch_size"],
                               PRESETS["paper"]["base_filters"])

@@ -271,9 +271,9 @@ def test_the_panel_starts_sgrs_train_with_a_settings_file_not_options(tiny_cohor
     _sgrs(cmd)
     saved = run.read_config()
     assert {k: saved[k] for k in PANEL_SETTINGS if k not in ("batch_size", "labeled_batch_size")} == \
-        dict(method="anchored-sgrs", iterations=2, patch_size=[16, 16, 16], base_filters=2, device="cpu", seed=5,
+        dict(method="sgrs-plus", iterations=2, patch_size=[16, 16, 16], base_filters=2, device="cpu", seed=5,
              ignore_index=IGNORE_INDEX, checkpoint_every=1, val_every=None)
-    ours = METHOD_DEFAULTS["anchored-sgrs"]  # the method's, as the engine's defaults
+    ours = METHOD_DEFAULTS["sgrs-plus"]  # the method's, as the engine's defaults
     assert (saved["lr"], saved["region_weighting"], saved["pseudo_views"]) == \
         (TrainConfig.lr, ours["region_weighting"], ours["pseudo_views"])
 
