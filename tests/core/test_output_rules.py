@@ -304,7 +304,6 @@ TRAIN_OPTIONS = [
     (["--iterations", "-5"], "--iterations must be >= 1, got -5"),
     (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
     (["--method", "supervised", "--batch-size", "1"], "--batch-size 1 with patch [16, 16, 16]"),
-    (["--labeled-batch-size", "1", "--batch-size", "3"], "--labeled-batch-size 1 with patch"),
     (["--batch-size", "1"], "--batch-size must be >= 2 for sgrs-plus"),
     (["--labeled-batch-size", "0"], "--labeled-batch-size must be >= 1, got 0"),
     (["--tau", "nan"], "--tau must be a finite number, got nan"),
