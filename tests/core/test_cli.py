@@ -218,7 +218,7 @@ def test_loss_defaults_flags_and_the_paper_preset():
     --preset paper giving the paper's whole recipe (SGRS-Net, --method sgrs)."""
     ours = _train_config([])
     assert ours.method == "sgrs-plus"
-    assert (ours.pseudo_views, ours.region_weighting, ours.lr_schedule) == ("mix", "voxels", "poly")
+    assert (ours.pseudo_views, ours.region_weighting, ours.lr_schedule) == ("mix", "voxels", "constant")
     assert (ours.batch_size, ours.labeled_batch_size) == (4, 2)  # the paper's 2 + 2
     assert _train_config(["--pseudo-views", "both"]).pseudo_views == "both"
     assert _train_config(["--region-weighting", "terms"]).region_weighting == "terms"

@@ -27,11 +27,12 @@ ROOT = Path(__file__).parents[2]
 
 #: Every setting's default before settings.py (TrainConfig in train.py, with the CLI's rule for
 #: mean-teacher's weight): a default may change only on purpose, here and in the CHANGELOG. Issue
-#: 20 renamed the default method (our recipe) from sgrs to sgrs-plus; its settings are those of before.
+#: 20 renamed the default method (our recipe) from sgrs to sgrs-plus; its settings are those of before
+#: but the constant lr its controls chose (and the batch, gate and anchor: test_the_defaults_of_issue_20).
 DEFAULTS_BEFORE = dict(
     method="sgrs-plus", iterations=15000, patch_size=None, base_filters=16, batch_size=None,
     labeled_batch_size=None,
-    seed=1337, device="auto", lr=0.01, lr_schedule="poly", momentum=0.9, weight_decay=1e-4, tau=0.296,
+    seed=1337, device="auto", lr=0.01, lr_schedule="constant", momentum=0.9, weight_decay=1e-4, tau=0.296,
     tau_auto=False, tau_error_rate=0.45, mix_alpha=0.75, unsup_weight=None, rampup_fraction=0.4, ema_decay=0.99,
     use_mix=True, use_regions=True, normalization="zscore", ct_window=(-160.0, 240.0), ignore_index=255,
     num_classes=None, val_fraction=0.2, val_every=None, checkpoint_every=100, log_every=10, reference_compat=False,
@@ -43,7 +44,7 @@ DEFAULTS_BEFORE = dict(
 #: A valid value other than the default for every setting (the resume test goes through all).
 OTHER = dict(
     method="mean-teacher", iterations=7, patch_size=(32, 16, 16), base_filters=4, batch_size=8, labeled_batch_size=3,
-    seed=5, device="cpu", lr=0.02, lr_schedule="constant", momentum=0.8, weight_decay=1e-3, tau=0.2,
+    seed=5, device="cpu", lr=0.02, lr_schedule="poly", momentum=0.8, weight_decay=1e-3, tau=0.2,
     tau_auto=True, tau_error_rate=0.4, mix_alpha=0.5, unsup_weight=0.3, rampup_fraction=0.2, ema_decay=0.9,
     use_mix=False, use_regions=False, normalization="ct", ct_window=(-100.0, 100.0), ignore_index=200,
     num_classes=3, val_fraction=0.3, val_every=3, checkpoint_every=5, log_every=2, reference_compat=True,
@@ -90,6 +91,20 @@ def test_defaults_are_those_of_before_on_every_path():
     cli = _config()
     assert cli == TrainConfig().validate() == TrainConfig.from_preset(None).validate()
     assert (cli.batch_size, cli.labeled_batch_size, cli.unsup_weight) == (4, 2, 1.0)  # the paper's 2 + 2
+
+
+def test_the_defaults_of_issue_20():
+    """What the controls of issue 20 decided (docs/experiments/2026-11-30-controls.md): the paper's
+    2 + 2 batch, no gate and no anchor (settings that no longer exist), the paper's constant lr; the
+    mixed view only, voxel-weighted regions and our engine's details stay. The baselines keep poly."""
+    ours = TrainConfig().validate()
+    assert ours.method == "sgrs-plus" and (ours.labeled_batch_size, ours.batch_size) == (2, 4)
+    assert ours.lr_schedule == "constant"
+    assert (ours.pseudo_views, ours.region_weighting, ours.teacher_mode, ours.dice_form, ours.foreground_fraction,
+            ours.flips, ours.volume_draw, ours.rampup_stair) == ("mix", "voxels", "eval", "foreground", 0.33, "all",
+                                                               "random", 1)
+    assert "gate" not in SETTINGS and "pseudo_anchor" not in SETTINGS
+    assert TrainConfig(method="supervised").validate().lr_schedule == "poly"
 
 
 def test_mean_teachers_weight_is_the_same_from_the_cli_and_the_python_api():
@@ -448,7 +463,8 @@ def test_a_run_saved_by_0_2_as_sgrs_resumes_with_the_recipe_it_saved(tmp_path):
     saved = {k: v for k, v in CONFIG_0_2.items() if k not in ("gate", "pseudo_anchor")}
     assert cfg.to_json() == {**saved, "patch_size": (16, 16, 16), "ct_window": (-160.0, 240.0)}
     assert cfg.method == "sgrs"
-    assert _method_fields(cfg) == _method_fields(TrainConfig(method="sgrs-plus").validate())
+    # our recipe of then, as saved: today's but for the poly lr the controls of issue 20 removed
+    assert _method_fields(cfg) == {**_method_fields(TrainConfig(method="sgrs-plus").validate()), "lr_schedule": "poly"}
     assert _config("--resume", "--iterations", "80", out=run).iterations == 80
 
 
