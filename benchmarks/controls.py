@@ -1,31 +1,34 @@
 """The controls of issue #20 item 4: what each part of our recipe buys, against the baselines a
 reviewer asks for, on cohorts made for this test, at several seeds, at the LAST checkpoint.
 
-Variants (one training each, except supervised-x2):
+Variants (one training each, except supervised-x2), for the code of today:
 
 - ``supervised``: labels only.
-- ``supervised-x2``: supervised with the anchor's compute: a second supervised network (its own
-  seed) trained beside ``supervised`` and the two ensembled (mean of the probabilities).
-- ``anchor-pseudo``: the anchor alone as the pseudo-label source: the student learns the labels and,
-  on the unlabeled patches, the label-only network's hard label, with no regions, no mix and no gate.
-- ``sgrs``: SGRS-Net as published (``--method sgrs``: the paper's step, defects fixed), at the
-  paper's 2 + 2 batch.
-- ``ours``: Anchored SGRS at 2 + 2 without the gate (OURS below).
-- ``ours-no-<part>``: ours with one part set back to the paper's choice: ``anchor`` (pseudo_anchor
-  off), ``voxels`` (region_weighting all-voxels), ``mixview`` (pseudo_views both), ``poly``
-  (lr_schedule constant); ``ours-paper-engine``: the paper's Dice forms, teacher mode, ramp stairs,
-  uniform crops, flips and volume draw at once; ``ours-4+2-gate``: the defaults before.
+- ``supervised-x2``: supervised with a second network's compute: a second supervised network (its
+  own seed) trained beside ``supervised`` and the two ensembled (mean of the probabilities).
+- ``sgrs``: SGRS-Net as published (``--method sgrs``: the paper's step, defects fixed), 2 + 2.
+- ``sgrs-plus``: our recipe, the default (``--method sgrs-plus``).
+- ``sgrs-plus-<part>``: ours with one part set back to the paper's choice (``mixview``: pseudo_views
+  both; ``voxels``: region_weighting all-voxels; ``engine``: the paper's Dice forms, teacher mode, ramp
+  stairs, uniform crops, flips and volume draw at once), or ``sgrs-plus-poly`` (the poly lr it had).
 - any ``base[key=value,...]`` as in compare_methods.py.
+
+Issue 20's runs (benchmarks/out/controls/, RULE.md) were made before the gate and the label-only
+anchor were removed, by the script as it ran then (``benchmarks/out/controls/controls_as_run.py.txt``,
+with napari_sgrs of commit 62aa2fd): its variants ``ours`` (the anchor, poly, 2 + 2, no gate),
+``anchor-pseudo`` (the anchor alone as the pseudo-label source) and ``ours-no-anchor`` need that code.
 
 Each training runs in its own process (``OMP_NUM_THREADS=1``, ``--jobs`` at a time) and writes
 ``results/<cohort>__<variant>__s<seed>.json``; a run whose result exists is skipped, so an
 interrupted benchmark resumes. ``--summary`` writes ``summary.md``: mean +- sd per cohort, and the
-paired difference of each variant to a reference (default ``ours``) over every (cohort, seed) pair
+paired difference of each variant to a reference (default ``sgrs-plus``) over every (cohort, seed) pair
 with a 95 % t interval.
 
-    python benchmarks/controls.py --out benchmarks/out/controls/select --cohorts \
-        blobA:blob:2:500 blobB:blob:2:501 vessel:vessel:2:502 three:blob:3:503 --seeds 0 1 2
-    python benchmarks/controls.py --out benchmarks/out/controls/select --summary
+    python benchmarks/controls.py --out OUT --cohorts selA:blob:2:600 selB:blob:2:601 sel3:blob:3:603 \
+        --iterations 300 --filters 4
+    python benchmarks/controls.py --out OUTV --cohorts selV:vessel:2:602 --shape 48 48 48 \
+        --iterations 600 --filters 8
+    python benchmarks/controls.py --out OUT --summary
 """
 
 from __future__ import annotations
@@ -44,27 +47,18 @@ import numpy as np
 
 from napari_sgrs.core.settings import PAPER_CODE_TAU
 
-PAPER_BATCH = dict(batch_size=4, labeled_batch_size=2)  # the paper's 2 labeled + 2 unlabeled patches
-#: "ours": Anchored SGRS at the paper's 2 + 2 batch and without the teacher-Dice gate, both decided
-#: before these runs (docs/experiments/2026-11-30-controls.md: the 4 + 2 batch fails item 5's speed
-#: rule, the gate measured no effect at its cost); the ablations set one part back to the paper's.
-OURS = dict(method="anchored-sgrs", gate="none", **PAPER_BATCH)
 #: the paper's engine details that our engine changes (settings.METHOD_DEFAULTS), as one group
 PAPER_ENGINE = dict(dice_form="paper", teacher_mode="train", rampup_stair=150, foreground_fraction=0.0,
                     flips="one-in-plane", volume_draw="permutation", tau=PAPER_CODE_TAU)
 VARIANTS = {
-    "supervised": dict(method="supervised", batch_size=2),
-    "supervised-x2": dict(method="supervised", batch_size=2),
-    "anchor-pseudo": dict(OURS, use_mix=False, use_regions=False),
-    "sgrs": dict(method="sgrs", **PAPER_BATCH),
-    "ours": OURS,
-    "ours-no-anchor": dict(OURS, pseudo_anchor="off"),
-    "ours-no-voxels": dict(OURS, region_weighting="all-voxels"),
-    "ours-no-mixview": dict(OURS, pseudo_views="both"),
-    "ours-no-poly": dict(OURS, lr_schedule="constant"),
-    "ours-paper-engine": dict(OURS, **PAPER_ENGINE),
-    # the defaults before this benchmark: 4 + 2 with the gate
-    "ours-4+2-gate": dict(method="anchored-sgrs", gate="teacher-dice", batch_size=6, labeled_batch_size=4),
+    "supervised": dict(method="supervised"),
+    "supervised-x2": dict(method="supervised"),
+    "sgrs": dict(method="sgrs"),
+    "sgrs-plus": dict(method="sgrs-plus"),
+    "sgrs-plus-mixview": dict(method="sgrs-plus", pseudo_views="both"),
+    "sgrs-plus-voxels": dict(method="sgrs-plus", region_weighting="all-voxels"),
+    "sgrs-plus-engine": dict(method="sgrs-plus", **PAPER_ENGINE),
+    "sgrs-plus-poly": dict(method="sgrs-plus", lr_schedule="poly"),
 }
 ENSEMBLE_SEED_OFFSET = 7919  # the second supervised network's seed: seed + this
 
@@ -112,20 +106,9 @@ def load_cohort(root: Path):
                       json_path=root / "cohort.json", seed=d["seed"])
 
 
-def _anchor_alone(teacher_logits, anchor, u_noisy):
-    """anchor-pseudo's pseudo label: the label-only network's hard label, the teacher left out."""
-    import torch
-
-    from napari_sgrs.core import sgrs as S
-
-    with torch.no_grad():
-        return S.hard_label(anchor(u_noisy))
-
-
 def train_run(variant: str, seed: int, cohort, args, run: Path) -> float:
     import shutil
 
-    from napari_sgrs.core import steps
     from napari_sgrs.core.io import find_cases
     from napari_sgrs.core.train import TrainConfig, train
 
@@ -135,8 +118,6 @@ def train_run(variant: str, seed: int, cohort, args, run: Path) -> float:
     kwargs.update(overrides)
     if run.exists():
         shutil.rmtree(run)
-    if variant.startswith("anchor-pseudo"):
-        steps._pseudo_label = _anchor_alone  # this process trains this run only
     t0 = time.time()
     train(TrainConfig(**kwargs), find_cases(cohort.images_tr, cohort.labels_tr), run)
     return time.time() - t0
@@ -298,7 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--filters", type=int, default=8)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summary", action="store_true")
-    p.add_argument("--reference", nargs="+", default=["ours", "supervised"])
+    p.add_argument("--reference", nargs="+", default=["sgrs-plus", "supervised"])
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cohort", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
