@@ -40,13 +40,17 @@ VARIANTS = {
 }
 
 
-def parse_variant(variant: str) -> dict:
-    """A named variant, or ``base[key=value,key=value]`` (e.g. ``sgrs[tau=0.2]``,
-    ``sgrs-plus[pseudo_views=both]``, ``supervised[batch_size=2]``) to override TrainConfig fields."""
+def parse_variant(variant: str, variants: dict | None = None) -> dict:
+    """A named variant of ``variants`` (default: this script's), or ``base[key=value,key=value]``
+    (e.g. ``sgrs[tau=0.2]``, ``sgrs-plus[pseudo_views=both]``, ``supervised[batch_size=2]``) to
+    override TrainConfig fields."""
     import ast
 
+    variants = VARIANTS if variants is None else variants
     name, _, rest = variant.partition("[")
-    overrides = dict(VARIANTS[name])
+    if name not in variants:
+        raise SystemExit(f"unknown variant {name!r}; use one of {', '.join(variants)}")
+    overrides = dict(variants[name])
     for item in filter(None, rest.rstrip("]").split(",")):
         key, _, value = item.partition("=")
         try:

@@ -64,19 +64,10 @@ ENSEMBLE_SEED_OFFSET = 7919  # the second supervised network's seed: seed + this
 
 
 def parse_variant(variant: str) -> dict:
-    import ast
+    """A variant of VARIANTS, or ``base[key=value,...]`` (compare_methods.parse_variant)."""
+    from compare_methods import parse_variant as parse  # this folder is on sys.path: run as a script
 
-    name, _, rest = variant.partition("[")
-    if name not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; use one of {', '.join(VARIANTS)}")
-    overrides = dict(VARIANTS[name])
-    for item in filter(None, rest.rstrip("]").split(",")):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            overrides[key.strip()] = value.strip()
-    return overrides
+    return parse(variant, VARIANTS)
 
 
 def parse_cohort(text: str) -> dict:
