@@ -17,7 +17,7 @@ if bash "$(dirname "$0")/system_deps.sh" install; then
     exit 2
   fi
   rm -rf "$project"
-  echo "no display: running the napari loop by itself under Xvfb, with the preview setting (about 2.5 min on 2 idle CPU cores, longer when other programs share them)"
+  echo "no display: running the napari loop by itself under Xvfb, with the preview setting (about 2 min on 2 idle CPU cores, longer when other programs share them)"
   xvfb-run -a -s "-screen 0 1600x1000x24" "$PY" -m napari_sgrs._napari.demo_app \
     --headless-screenshot "$OUT/screenshot.png" --panel-screenshot "$OUT/panel.png" --project "$project" || exit 1
   echo "done: open $OUT/screenshot.png (the viewer at the worst pseudo label, with its regions) and" \
