@@ -113,7 +113,6 @@ def main(argv=None) -> int:
 
     from napari_sgrs.core.demo import make_demo_cohort
     from napari_sgrs.core.io import find_cases
-    from napari_sgrs.core.settings import TrainConfig
 
     step_fn, ema_fn = _restatement()
     tmp = Path(tempfile.mkdtemp(prefix="sgrs-side-by-side-"))

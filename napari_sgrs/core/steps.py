@@ -109,4 +109,3 @@ StepFunction = Callable[..., StepOutput]
 #: The step of each method (TrainConfig.method), looked up when a trainer is set up.
 STEPS: dict[str, StepFunction] = {"supervised": supervised_step, "mean-teacher": mean_teacher_step,
                                   "sgrs": sgrs_step, "sgrs-plus": sgrs_step}
-
